@@ -1,0 +1,1 @@
+"""Compiler service: checkpoint → optimized ONNX build in the shared store."""

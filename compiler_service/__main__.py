@@ -1,0 +1,81 @@
+"""python -m compiler_service: the compiler (gRPC API + one compile worker)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import socket
+import sys
+from pathlib import Path
+
+from compiler_service.jobs import JobStore
+from compiler_service.pipeline import CompilePipeline
+from compiler_service.servicer import CompilerServicer
+from compiler_service.worker import CompileWorker
+from shared import config, redis_conn
+from shared.grpc_server import add_health_and_reflection, bind, create_server, set_serving
+from shared.proto_gen.llamaship.compiler.v1 import compiler_pb2, compiler_pb2_grpc
+from shared.store import BuildStore
+from shared.telemetry import setup_logging, start_metrics_server
+
+log = logging.getLogger("llamaship.compiler")
+SERVICE = compiler_pb2.DESCRIPTOR.services_by_name["Compiler"].full_name
+
+
+async def serve(settings: config.Settings) -> None:
+    store = BuildStore(settings.store).ensure()
+    work_dir = Path(settings.work_dir) if settings.work_dir else store.root / ".work"
+    work_dir.mkdir(parents=True, exist_ok=True)
+    r = redis_conn.client(settings.redis_url)
+    await redis_conn.wait_ready(r, settings.redis_url)
+    jobs = JobStore(r)
+    worker = CompileWorker(jobs, CompilePipeline(store, r, work_dir), f"{socket.gethostname()}-{os.getpid()}",
+                           settings.job_lease_s, settings.max_attempts)
+    recovered = await jobs.recover(settings.max_attempts)
+    if recovered:
+        log.warning("recovered %d job(s) left by a compiler that stopped", len(recovered))
+
+    server = create_server()
+    compiler_pb2_grpc.add_CompilerServicer_to_server(CompilerServicer(jobs), server)
+    health = add_health_and_reflection(server, [SERVICE])
+    port = bind(server, settings.host, settings.compiler_port)
+    await server.start()
+    await set_serving(health, [SERVICE], True)
+    metrics_port = start_metrics_server(settings.host, settings.metrics_port)
+    log.info("compiler listening on %s:%d (store %s)%s", settings.host, port, store.root,
+             f", metrics on :{metrics_port}" if metrics_port else "")
+    print(f"LLAMASHIP_READY compiler {settings.host}:{port}", flush=True)
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    tasks = [asyncio.create_task(worker.run()), asyncio.create_task(worker.recover_loop())]
+    await asyncio.wait([asyncio.create_task(stop.wait()), *tasks], return_when=asyncio.FIRST_COMPLETED)
+    for t in tasks:
+        if t.done() and t.exception():
+            log.error("background task failed", exc_info=t.exception())
+    log.info("shutting down")
+    await set_serving(health, [SERVICE], False)
+    for t in tasks:
+        t.cancel()  # a running job's builder is killed; its lease lapses and it is re-run
+    await asyncio.gather(*tasks, return_exceptions=True)
+    await server.stop(grace=3)
+    await r.aclose()
+
+
+def main(argv: list[str] | None = None) -> int:
+    settings = config.parse_service_args("llamaship-compiler", "Compiler service.", config.COMPILER, argv)
+    setup_logging("compiler", settings.log_level)
+    try:
+        asyncio.run(serve(settings))
+    except RuntimeError as exc:
+        log.error("%s", exc)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

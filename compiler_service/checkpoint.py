@@ -1,0 +1,126 @@
+"""Checkpoint checks before any heavy work, and the content hash that identifies a source."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from shared.store import sha256_file
+
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM",)
+ROADMAP_ARCHITECTURES = {
+    "Llama4ForCausalLM": "Llama 4 (mixture-of-experts) text models are on the roadmap, not supported yet",
+    "Llama4ForConditionalGeneration": "Llama 4 (mixture-of-experts) models are on the roadmap, not supported yet",
+}
+TOKENIZER_FILES = ("tokenizer.json",)
+
+
+class CheckpointError(ValueError):
+    """The directory is not a checkpoint the compiler can take; the message says why."""
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    path: Path
+    architecture: str
+    config: dict
+    weight_files: tuple[Path, ...]
+    parameters: int
+
+    @property
+    def num_layers(self) -> int:
+        return int(self.config.get("num_hidden_layers", 0))
+
+    @property
+    def max_position_embeddings(self) -> int:
+        return int(self.config.get("max_position_embeddings", 0))
+
+
+def _safetensors_header(path: Path) -> dict:
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise CheckpointError(f"corrupt safetensors file {path.name}: shorter than its 8-byte header length")
+        (n,) = struct.unpack("<Q", head)
+        if n <= 0 or 8 + n > size:
+            raise CheckpointError(f"corrupt safetensors file {path.name}: header length {n} does not fit a {size}-byte file")
+        try:
+            header = json.loads(f.read(n))
+        except ValueError:
+            raise CheckpointError(f"corrupt safetensors file {path.name}: header is not valid JSON") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"corrupt safetensors file {path.name}: header is not a JSON object")
+    end = 0
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            start, stop = info["data_offsets"]
+        except (KeyError, TypeError, ValueError):
+            raise CheckpointError(f"corrupt safetensors file {path.name}: tensor {name} has no data offsets") from None
+        end = max(end, int(stop))
+    if 8 + n + end != size:
+        raise CheckpointError(
+            f"corrupt safetensors file {path.name}: tensors need {8 + n + end} bytes but the file has {size} (truncated?)"
+        )
+    return header
+
+
+def inspect(path: str | Path) -> Checkpoint:
+    """Check that `path` is a Hugging Face Llama checkpoint the builder can take."""
+    p = Path(path)
+    if not p.exists():
+        raise CheckpointError(f"checkpoint path {p} does not exist (it must be visible to the compiler)")
+    if not p.is_dir():
+        raise CheckpointError(f"checkpoint path {p} is not a directory")
+    cfg_path = p / "config.json"
+    if not cfg_path.is_file():
+        raise CheckpointError(f"{p} is not a Hugging Face checkpoint: it has no config.json")
+    try:
+        config = json.loads(cfg_path.read_text())
+    except ValueError as exc:
+        raise CheckpointError(f"{p}/config.json is not valid JSON: {exc}") from None
+    archs = config.get("architectures") or []
+    arch = archs[0] if archs else ""
+    if arch in ROADMAP_ARCHITECTURES:
+        raise CheckpointError(f"architecture {arch} cannot be compiled: {ROADMAP_ARCHITECTURES[arch]}")
+    if arch not in SUPPORTED_ARCHITECTURES:
+        raise CheckpointError(
+            f"architecture {arch or '(none in config.json)'} is not supported; supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
+        )
+    weights = tuple(sorted(p.glob("*.safetensors")))
+    if not weights:
+        if list(p.glob("*.bin")) or list(p.glob("*.pt")):
+            raise CheckpointError(f"{p} has only pickle weights (.bin/.pt); Llamaship accepts safetensors only")
+        raise CheckpointError(f"{p} has no *.safetensors weights")
+    missing = [f for f in TOKENIZER_FILES if not (p / f).is_file()]
+    if missing:
+        raise CheckpointError(f"{p} has no {', '.join(missing)} (the serving replicas tokenize with it)")
+    params = 0
+    for w in weights:
+        for name, info in _safetensors_header(w).items():
+            if name != "__metadata__":
+                n = 1
+                for d in info.get("shape", []):
+                    n *= int(d)
+                params += n
+    return Checkpoint(p.resolve(), arch, config, weights, params)
+
+
+def content_hash(path: Path, progress: Callable[[float], None] | None = None) -> str:
+    """sha256 over every visible file's relative path and sha256, in sorted order."""
+    files = sorted(f for f in path.rglob("*") if f.is_file() and not any(part.startswith(".") for part in f.relative_to(path).parts))
+    total = sum(f.stat().st_size for f in files) or 1
+    done = 0
+    h = hashlib.sha256()
+    for f in files:
+        h.update(str(f.relative_to(path)).encode() + b"\0" + sha256_file(f).encode() + b"\n")
+        done += f.stat().st_size
+        if progress:
+            progress(done / total)
+    return h.hexdigest()

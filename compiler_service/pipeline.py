@@ -1,0 +1,237 @@
+"""The compile pipeline: validate → hash → build → configure → verify → publish.
+
+Each stage reports progress through a callback; heavy stages run in a child process (builder)
+or a worker thread (hashing, verification), never on the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import shutil
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Awaitable, Callable
+
+from shared import catalog
+from shared.store import BuildStore, Manifest
+from compiler_service import checkpoint as ckpt
+from compiler_service import recipes
+from compiler_service.builder_runner import BuildCancelled, run_builder
+from compiler_service.jobs import JobRequest
+
+log = logging.getLogger("llamaship.compiler.pipeline")
+BUILD_FORMAT = 1
+DEFAULT_MAX_SEQ = 4096
+DEFAULT_MAX_BATCH = 32
+
+Progress = Callable[[str, float, str], Awaitable[None]]
+
+
+class CompileError(ValueError):
+    """The job cannot succeed; the message is the one-line reason shown to the user."""
+
+
+@dataclass
+class Outcome:
+    build_id: str
+    reused: bool
+    manifest: Manifest
+
+
+def tool_versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for pkg in ("llamaship", "onnxruntime-genai", "onnxruntime", "onnx", "transformers", "torch"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            pass
+    return out
+
+
+def build_id_for(source_sha: str, req: JobRequest, versions: dict[str, str]) -> str:
+    key = json.dumps(
+        {
+            "source": source_sha,
+            "recipe": req.recipe,
+            "pool": req.target_pool,
+            "max_seq": req.max_sequence_length,
+            "max_batch": req.max_batch,
+            "builder": versions.get("onnxruntime-genai", ""),
+            "format": BUILD_FORMAT,
+        },
+        sort_keys=True,
+    )
+    return hashlib.sha256(key.encode()).hexdigest()[:20]
+
+
+def normalize(req: JobRequest) -> JobRequest:
+    if not req.model_name or not all(c.isalnum() or c in "-_.:" for c in req.model_name):
+        raise CompileError(f"model name {req.model_name!r} must be non-empty and use only letters, digits, - _ . :")
+    req.target_pool = req.target_pool or "cpu"
+    req.max_sequence_length = req.max_sequence_length or DEFAULT_MAX_SEQ
+    req.max_batch = req.max_batch or DEFAULT_MAX_BATCH
+    if req.max_sequence_length < 16 or req.max_batch < 1:
+        raise CompileError("max_sequence_length must be >= 16 and max_batch >= 1")
+    try:
+        recipes.get(req.recipe, req.target_pool)
+    except recipes.RecipeError as exc:
+        raise CompileError(str(exc)) from None
+    return req
+
+
+def configure(build_dir: Path, context_length: int) -> None:
+    """Set the runtime's context limit to what the request asked for (within the model's)."""
+    cfg_path = build_dir / "genai_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["model"]["context_length"] = context_length
+    cfg["search"]["max_length"] = context_length
+    cfg_path.write_text(json.dumps(cfg, indent=4))
+
+
+def inspect_graph(build_dir: Path, recipe: recipes.Recipe) -> dict:
+    """Check the graph has symbolic batch/sequence dims and the fused kernels; summarize it."""
+    import onnx
+
+    model = onnx.load(str(build_dir / "model.onnx"), load_external_data=False)
+    dims = {i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in model.graph.input}
+    ids = dims.get("input_ids", [])
+    if len(ids) != 2 or not all(isinstance(d, str) and d for d in ids):
+        raise CompileError(f"built graph has static input_ids dims {ids}; batch and sequence must be symbolic")
+    ops = Counter(n.op_type for n in model.graph.node)
+    if not ops.get("GroupQueryAttention"):
+        raise CompileError("built graph has no fused GroupQueryAttention kernel")
+    quantized = sorted(n.name for n in model.graph.node if n.op_type == "MatMulNBits")
+    float_matmuls = sorted(n.name for n in model.graph.node if n.op_type == "MatMul")
+    if not recipe.quantize_attention and any("/attn/" in n for n in quantized):
+        raise CompileError("recipe keeps attention in float but the builder quantized attention projections")
+    return {
+        "ops": dict(sorted(ops.items())),
+        "inputs": dims.get("input_ids"),
+        "quantized_matmuls": quantized,
+        "float_matmuls": float_matmuls,
+    }
+
+
+def smoke_test(build_dir: Path) -> None:
+    """Load the build the way serving will and decode a few tokens."""
+    import onnxruntime_genai as og
+
+    model = og.Model(str(build_dir))
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=8, do_sample=False)
+    gen = og.Generator(model, params)
+    gen.append_tokens([1, 2, 3])
+    while not gen.is_done():
+        gen.generate_next_token()
+
+
+class CompilePipeline:
+    def __init__(self, store: BuildStore, redis, work_dir: Path):
+        self.store = store
+        self.r = redis
+        self.work_dir = work_dir
+
+    async def run(
+        self,
+        job_id: str,
+        req: JobRequest,
+        progress: Progress,
+        should_cancel: Callable[[], Awaitable[bool]],
+    ) -> Outcome:
+        req = normalize(req)
+        recipe = recipes.get(req.recipe, req.target_pool)
+
+        await progress("validate", 0.0, f"checking checkpoint {req.checkpoint_path}")
+        try:
+            source = await asyncio.to_thread(ckpt.inspect, req.checkpoint_path)
+        except ckpt.CheckpointError as exc:
+            raise CompileError(str(exc)) from None
+        context_length = min(req.max_sequence_length, source.max_position_embeddings or req.max_sequence_length)
+
+        await progress("hash", 0.0, "hashing checkpoint")
+        loop = asyncio.get_running_loop()
+        source_sha = await asyncio.to_thread(
+            ckpt.content_hash, source.path,
+            lambda f: asyncio.run_coroutine_threadsafe(progress("hash", f, "hashing checkpoint"), loop),
+        )
+        versions = tool_versions()
+        build_id = build_id_for(source_sha, req, versions)
+
+        if self.store.exists(build_id):
+            manifest = self.store.manifest(build_id)
+            await progress("publish", 0.5, f"identical build {build_id} exists; publishing it")
+            await self._publish_alias(req, manifest)
+            return Outcome(build_id, True, manifest)
+
+        staging = self.store.new_staging(build_id)
+        job_dir = self.work_dir / job_id
+        job_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            await progress("build", 0.0, f"running the GenAI model builder ({recipe.name})")
+            t0 = time.perf_counter()
+            await run_builder(
+                source.path, staging, job_dir / "cache",
+                recipes.builder_args(recipe, req.target_pool, source.num_layers),
+                source.num_layers, job_dir / "builder.log",
+                lambda f, msg: progress("build", f, msg), should_cancel,
+            )
+            build_seconds = time.perf_counter() - t0
+
+            await progress("configure", 0.0, f"context length {context_length}, max batch {req.max_batch}")
+            await asyncio.to_thread(configure, staging, context_length)
+
+            await progress("verify", 0.0, "checking graph shapes and fused kernels; smoke test")
+            graph = await asyncio.to_thread(inspect_graph, staging, recipe)
+            await asyncio.to_thread(smoke_test, staging)
+
+            if await should_cancel():
+                raise BuildCancelled("cancelled before publishing")
+            await progress("publish", 0.0, "hashing files and publishing atomically")
+            manifest = Manifest(
+                build_id=build_id,
+                model_name=req.model_name,
+                source_path=str(source.path),
+                source_sha256=source_sha,
+                recipe=recipe.name,
+                recipe_details={
+                    "description": recipe.description,
+                    "builder_precision": recipe.precision,
+                    "builder_args": recipes.builder_args(recipe, req.target_pool, source.num_layers),
+                    "build_seconds": round(build_seconds, 3),
+                    "graph": graph,
+                },
+                target_pool=req.target_pool,
+                execution_provider=recipes.POOLS[req.target_pool].execution_provider,
+                context_length=context_length,
+                max_batch=req.max_batch,
+                tool_versions=versions,
+                architecture=source.architecture,
+                parameters=source.parameters,
+            )
+            manifest = await asyncio.to_thread(self.store.publish, staging, manifest)
+            await self._publish_alias(req, manifest)
+            return Outcome(build_id, False, manifest)
+        finally:
+            self.store.discard_staging(staging)
+            shutil.rmtree(job_dir / "cache", ignore_errors=True)
+
+    async def _publish_alias(self, req: JobRequest, manifest: Manifest) -> None:
+        await catalog.publish_alias(
+            self.r,
+            catalog.Alias(
+                name=req.model_name,
+                build_id=manifest.build_id,
+                pool=manifest.target_pool,
+                recipe=manifest.recipe,
+                context_length=manifest.context_length,
+                max_batch=manifest.max_batch,
+                published_at=time.time(),
+            ),
+        )

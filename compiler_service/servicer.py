@@ -1,0 +1,50 @@
+"""gRPC servicer of the compiler: converts protos, calls the job store, converts back."""
+
+from __future__ import annotations
+
+from typing import AsyncIterator
+
+import grpc
+
+from compiler_service.convert import job_to_proto, request_from_proto
+from compiler_service.jobs import JobStore
+from compiler_service.pipeline import CompileError, normalize
+from shared.errors import InvalidArgument
+from shared.proto_gen.llamaship.compiler.v1 import compiler_pb2 as pb
+from shared.proto_gen.llamaship.compiler.v1 import compiler_pb2_grpc as pb_grpc
+
+
+class CompilerServicer(pb_grpc.CompilerServicer):
+    def __init__(self, jobs: JobStore):
+        self.jobs = jobs
+
+    async def SubmitCompile(self, request: pb.CompileRequest, context: grpc.aio.ServicerContext) -> pb.CompileJob:
+        req = request_from_proto(request)
+        if not req.checkpoint_path:
+            raise InvalidArgument("checkpoint_path: required")
+        try:
+            normalize(req)
+        except CompileError as exc:
+            raise InvalidArgument(str(exc)) from None
+        return job_to_proto(await self.jobs.create(req))
+
+    async def WatchCompile(self, request: pb.WatchCompileRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[pb.CompileEvent]:
+        job = await self.jobs.get(request.job_id)
+        if job.terminal:
+            yield pb.CompileEvent(job=job_to_proto(job))
+            return
+        last_id = "0-0"  # replay the job's history first: a watcher sees every stage
+        while not job.terminal:
+            for last_id, snapshot in await self.jobs.events(request.job_id, last_id, block_ms=5000):
+                job = snapshot
+                yield pb.CompileEvent(job=job_to_proto(job))
+                if job.terminal:
+                    break
+            else:
+                job = await self.jobs.get(request.job_id)  # the event stream may have been trimmed
+
+    async def CancelCompile(self, request: pb.CancelCompileRequest, context: grpc.aio.ServicerContext) -> pb.CompileJob:
+        return job_to_proto(await self.jobs.cancel(request.job_id))
+
+    async def GetCompile(self, request: pb.GetCompileRequest, context: grpc.aio.ServicerContext) -> pb.CompileJob:
+        return job_to_proto(await self.jobs.get(request.job_id))

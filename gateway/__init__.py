@@ -1,0 +1,1 @@
+"""Gateway: the one front door (validation, Redis queueing, routing, streaming, compile jobs)."""

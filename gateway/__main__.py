@@ -1,0 +1,68 @@
+"""python -m gateway: the front door."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+
+import grpc
+
+from gateway.gen_queue import GenerationQueue
+from gateway.servicer import GatewayServicer
+from shared import config, redis_conn
+from shared.grpc_server import add_health_and_reflection, bind, create_server, set_serving
+from shared.proto_gen.llamaship.compiler.v1 import compiler_pb2_grpc
+from shared.proto_gen.llamaship.gateway.v1 import gateway_pb2, gateway_pb2_grpc
+from shared.telemetry import setup_logging, start_metrics_server
+
+log = logging.getLogger("llamaship.gateway")
+SERVICE = gateway_pb2.DESCRIPTOR.services_by_name["Gateway"].full_name
+
+
+async def serve(settings: config.Settings) -> None:
+    r = redis_conn.client(settings.redis_url)
+    await redis_conn.wait_ready(r, settings.redis_url)
+    channel = grpc.aio.insecure_channel(settings.compiler_address)
+    queue = GenerationQueue(r, settings.queue_max_depth, settings.queue_timeout_s)
+    servicer = GatewayServicer(r, queue, compiler_pb2_grpc.CompilerStub(channel), settings.replica_stale_s)
+
+    server = create_server()
+    gateway_pb2_grpc.add_GatewayServicer_to_server(servicer, server)
+    health = add_health_and_reflection(server, [SERVICE])
+    port = bind(server, settings.host, settings.gateway_port)
+    await server.start()
+    await set_serving(health, [SERVICE], True)
+    metrics_port = start_metrics_server(settings.host, settings.metrics_port)
+    if settings.host not in ("127.0.0.1", "localhost", "::1"):
+        log.warning("gateway listens on %s without authentication; API keys are not configured", settings.host)
+    log.info("gateway listening on %s:%d (compiler at %s)%s", settings.host, port, settings.compiler_address,
+             f", metrics on :{metrics_port}" if metrics_port else "")
+    print(f"LLAMASHIP_READY gateway {settings.host}:{port}", flush=True)
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("shutting down: finishing open streams")
+    await set_serving(health, [SERVICE], False)
+    await server.stop(grace=10)
+    await channel.close()
+    await r.aclose()
+
+
+def main(argv: list[str] | None = None) -> int:
+    settings = config.parse_service_args("llamaship-gateway", "Gateway: the one front door.", config.GATEWAY, argv)
+    setup_logging("gateway", settings.log_level)
+    try:
+        asyncio.run(serve(settings))
+    except RuntimeError as exc:
+        log.error("%s", exc)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,68 @@
+"""The gateway's side of the Redis generation queue: enqueue, relay responses, cancel."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import AsyncIterator
+
+import redis.asyncio as aioredis
+
+from shared import redis_keys as keys
+from shared.errors import ResourceExhausted, Unavailable
+from shared.generation import Chunk, GenRequest
+
+
+class GenerationQueue:
+    def __init__(self, r: aioredis.Redis, max_depth: int, wait_timeout_s: float):
+        self.r = r
+        self.max_depth = max_depth
+        self.wait_timeout_s = wait_timeout_s
+
+    async def depth(self, pool: str) -> int:
+        return await self.r.xlen(keys.gen_queue(pool))
+
+    async def enqueue(self, req: GenRequest, pool: str) -> str:
+        depth = await self.depth(pool)
+        if depth >= self.max_depth:
+            raise ResourceExhausted(
+                f"the {pool} pool's queue is full ({depth} waiting); retry later", retry_after_s=1.0
+            )
+        req.enqueued_at = time.time()
+        return await self.r.xadd(keys.gen_queue(pool), {"req": req.to_json()})
+
+    async def responses(self, request_id: str, pool: str, entry_id: str) -> AsyncIterator[Chunk]:
+        """Yield the request's chunks until its end or error chunk."""
+        key = keys.response_stream(request_id)
+        last = "0-0"
+        started = False
+        waited_since = time.monotonic()
+        while True:
+            resp = await self.r.xread({key: last}, block=1000, count=256)
+            if not resp:
+                if not started and time.monotonic() - waited_since > self.wait_timeout_s:
+                    await self.withdraw(pool, entry_id)
+                    raise Unavailable(
+                        f"no {pool} replica took the request within {self.wait_timeout_s:.0f}s; it may be retried"
+                    )
+                continue
+            for _stream, entries in resp:
+                for last, fields in entries:
+                    started = True
+                    chunk = Chunk.from_fields(fields)
+                    yield chunk
+                    if chunk.kind in ("end", "error"):
+                        await self.r.delete(key)
+                        return
+
+    async def cancel(self, request_id: str) -> None:
+        """Tell the replica (now or when it picks the request up) to stop. Idempotent."""
+        await self.r.set(keys.cancel_flag(request_id), "1", ex=keys.CANCEL_TTL_S)
+
+    async def withdraw(self, pool: str, entry_id: str) -> None:
+        """Remove a request that no replica has taken yet."""
+        await self.r.xdel(keys.gen_queue(pool), entry_id)
+
+    async def abandon(self, request_id: str, pool: str, entry_id: str) -> None:
+        await asyncio.gather(self.cancel(request_id), self.withdraw(pool, entry_id))
+        await self.r.expire(keys.response_stream(request_id), 60)

@@ -1,0 +1,149 @@
+"""gRPC servicer of the gateway: converts protos, calls the queue/catalog/compiler, converts back."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+import uuid
+from typing import AsyncIterator
+
+import grpc
+import redis.asyncio as aioredis
+
+from gateway import metrics
+from gateway.gen_queue import GenerationQueue
+from shared import catalog
+from shared import redis_keys as keys
+from shared.errors import InvalidArgument, NotFound, Unavailable, from_code_name
+from shared.generation import FINISH_EOS, FINISH_LENGTH, FINISH_STOP, GenRequest, validate
+from shared.proto_gen.llamaship.compiler.v1 import compiler_pb2, compiler_pb2_grpc
+from shared.proto_gen.llamaship.gateway.v1 import gateway_pb2 as pb
+from shared.proto_gen.llamaship.gateway.v1 import gateway_pb2_grpc as pb_grpc
+from shared.telemetry import request_id_var
+
+log = logging.getLogger("llamaship.gateway")
+FINISH_TO_PROTO = {FINISH_LENGTH: pb.FINISH_REASON_LENGTH, FINISH_EOS: pb.FINISH_REASON_EOS, FINISH_STOP: pb.FINISH_REASON_STOP}
+MAX_REQUEST_ID = 128
+
+
+def request_from_proto(m: pb.GenerateRequest, request_id: str) -> GenRequest:
+    for name in ("temperature", "top_p"):
+        if m.HasField(name) and not math.isfinite(getattr(m, name)):
+            raise InvalidArgument(f"{name}: must be finite")
+    return GenRequest(
+        request_id=request_id,
+        model=m.model,
+        prompt=m.prompt,
+        max_tokens=m.max_tokens,
+        temperature=m.temperature if m.HasField("temperature") else 0.0,
+        top_p=m.top_p if m.HasField("top_p") else 1.0,
+        top_k=m.top_k if m.HasField("top_k") else 0,
+        seed=m.seed if m.HasField("seed") else None,
+        stop=list(m.stop),
+    )
+
+
+def _request_id(m: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> str:
+    rid = m.request_id or dict(context.invocation_metadata() or ()).get("x-request-id", "")
+    if len(rid) > MAX_REQUEST_ID or any(c.isspace() for c in rid):
+        raise InvalidArgument("request_id: at most 128 characters, no spaces")
+    return rid or uuid.uuid4().hex
+
+
+class GatewayServicer(pb_grpc.GatewayServicer):
+    def __init__(self, r: aioredis.Redis, queue: GenerationQueue, compiler: compiler_pb2_grpc.CompilerStub,
+                 replica_stale_s: float):
+        self.r = r
+        self.queue = queue
+        self.compiler = compiler
+        self.replica_stale_s = replica_stale_s
+
+    async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[pb.GenerateChunk]:
+        rid = _request_id(request, context)
+        request_id_var.set(rid)
+        req = request_from_proto(request, rid)
+        if not req.model:
+            raise InvalidArgument("model: required")
+        alias = await catalog.get_alias(self.r, req.model)
+        if alias is None:
+            raise NotFound(f"model {req.model!r} not found; `llamaship models` lists what is served")
+        validate(req, alias.context_length)
+        remaining = context.time_remaining()
+        if remaining is not None:
+            req.deadline = time.time() + remaining
+        if not await catalog.live_replicas(self.r, self.replica_stale_s, alias.pool):
+            raise Unavailable(f"no live replica in the {alias.pool} pool; the request may be retried")
+        t0 = time.perf_counter()
+        entry_id = await self.queue.enqueue(req, alias.pool)
+        metrics.REQUESTS.labels(alias.pool).inc()
+        finished = False
+        first = True
+        try:
+            async for chunk in self.queue.responses(rid, alias.pool, entry_id):
+                if chunk.kind == "error":
+                    finished = True
+                    raise from_code_name(chunk.error_code, chunk.error_message)
+                if first:
+                    metrics.TTFT.labels(alias.pool).observe(time.perf_counter() - t0)
+                    first = False
+                out = pb.GenerateChunk(request_id=rid, text=chunk.text, token_ids=chunk.token_ids, build_id=chunk.build_id)
+                if chunk.kind == "end":
+                    finished = True
+                    out.finish_reason = FINISH_TO_PROTO[chunk.finish_reason]
+                    out.usage.prompt_tokens = chunk.prompt_tokens
+                    out.usage.completion_tokens = chunk.completion_tokens
+                    metrics.TOKENS.labels(alias.pool).inc(chunk.completion_tokens)
+                if out.text or out.token_ids or chunk.kind == "end":
+                    yield out
+        except (asyncio.CancelledError, GeneratorExit):
+            log.info("client went away; cancelling the request")
+            raise
+        finally:
+            if not finished:
+                await asyncio.shield(self.queue.abandon(rid, alias.pool, entry_id))
+
+    async def CancelGeneration(self, request: pb.CancelGenerationRequest, context) -> pb.CancelGenerationResponse:
+        if not request.request_id:
+            raise InvalidArgument("request_id: required")
+        await self.queue.cancel(request.request_id)
+        found = bool(await self.r.exists(keys.response_stream(request.request_id)))
+        return pb.CancelGenerationResponse(found=found)
+
+    async def SubmitCompile(self, request: compiler_pb2.CompileRequest, context) -> compiler_pb2.CompileJob:
+        return await self._call_compiler(self.compiler.SubmitCompile, request, context)
+
+    async def CancelCompile(self, request: compiler_pb2.CancelCompileRequest, context) -> compiler_pb2.CompileJob:
+        return await self._call_compiler(self.compiler.CancelCompile, request, context)
+
+    async def WatchCompile(self, request: compiler_pb2.WatchCompileRequest, context) -> AsyncIterator[compiler_pb2.CompileEvent]:
+        call = self.compiler.WatchCompile(request)
+        try:
+            async for event in call:
+                yield event
+        except grpc.aio.AioRpcError as exc:
+            await context.abort(exc.code(), exc.details() or "compiler error")
+        finally:
+            call.cancel()
+
+    async def _call_compiler(self, method, request, context):
+        try:
+            return await method(request, timeout=30)
+        except grpc.aio.AioRpcError as exc:
+            code = exc.code()
+            if code == grpc.StatusCode.UNAVAILABLE:
+                raise Unavailable("the compiler service is unreachable; retry later") from None
+            await context.abort(code, exc.details() or "compiler error")
+
+    async def ListModels(self, request: pb.ListModelsRequest, context) -> pb.ListModelsResponse:
+        replicas = await catalog.live_replicas(self.r, self.replica_stale_s)
+        out = pb.ListModelsResponse()
+        for a in await catalog.list_aliases(self.r):
+            m = out.models.add(name=a.name, build_id=a.build_id, recipe=a.recipe, pool=a.pool,
+                               context_length=a.context_length, max_batch=a.max_batch, published_at=a.published_at)
+            for hb in replicas:
+                if a.name in hb.builds:
+                    m.replicas.add(replica_id=hb.replica_id, pool=hb.pool, address=hb.address,
+                                   build_id=hb.builds[a.name], slots=hb.slots, active=hb.active)
+        return out

@@ -1,0 +1,267 @@
+"""The `llamaship` command: run the stack, make the demo model, compile, generate, list models."""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+
+import grpc
+
+from llamaship.client import DEFAULT_GATEWAY, GatewayClient
+
+RECIPES = ("fp32", "fp16", "int8", "int4", "hybrid-int8")
+
+
+def _fail(message: str) -> int:
+    print(f"llamaship: {message}", file=sys.stderr)
+    return 1
+
+
+def _rpc_error(exc: grpc.RpcError) -> int:
+    return _fail(f"{exc.code().name}: {exc.details()}")
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    from llamaship.stack import Stack, StackConfig
+
+    cfg = StackConfig(
+        store=Path(args.store).resolve(), log_dir=Path(args.log_dir).resolve(), redis_url=args.redis_url,
+        host=args.host, gateway_port=args.gateway_port, compiler_port=args.compiler_port,
+        serving_ports=[args.serving_port + i if args.serving_port else 0 for i in range(args.replicas)],
+        slots=args.slots, metrics=True, echo_logs=args.verbose,
+    )
+    stack = Stack(cfg)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    print("llamaship: starting the stack…", flush=True)
+    try:
+        stack.start()
+    except RuntimeError as exc:
+        return _fail(str(exc))
+    print(f"  redis     {stack.redis_url}{' (embedded)' if not args.redis_url else ''}")
+    for name, proc in stack.procs.items():
+        if name != "redis":
+            print(f"  {name:<9} {proc.address}   log {proc.log_path}")
+    print(f"  store     {cfg.store}")
+    print(f"gateway ready at {stack.gateway_address} (no API keys: open on loopback only). Ctrl-C stops.", flush=True)
+    try:
+        while not stop.wait(1.0):
+            dead = [n for n, p in stack.procs.items() if not p.alive()]
+            if dead:
+                print(f"llamaship: {', '.join(dead)} exited; stopping the stack", file=sys.stderr)
+                return_code = 1
+                break
+        else:
+            return_code = 0
+    finally:
+        print("llamaship: stopping…", flush=True)
+        stack.stop()
+    if stop.is_set():
+        return_code = 0
+    print("llamaship: stopped")
+    return return_code
+
+
+def cmd_make_model(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from llamaship.demo_model import STAMP, DemoModelSpec, make_model
+
+    spec = DemoModelSpec()
+    out = Path(args.dir)
+    bar = None
+
+    def progress(step: int, total: int, loss: float) -> None:
+        nonlocal bar
+        if bar is None:
+            bar = tqdm(total=total, desc="training demo model", unit="step")
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss:.3f}")
+
+    t0 = time.time()
+    make_model(out, spec, force=args.force, progress=progress)
+    if bar is not None:
+        bar.close()
+        print(f"made {out} in {time.time() - t0:.0f}s")
+    else:
+        print(f"{out} already holds the demo model ({STAMP}); --force remakes it")
+    return 0
+
+
+def cmd_compile(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from shared.proto_gen.llamaship.compiler.v1 import compiler_pb2
+
+    bar = tqdm(total=100, desc="queued", unit="%", bar_format="{desc:<40} {bar} {n:.0f}%")
+    stage_weight = {"validate": (0, 2), "hash": (2, 8), "build": (10, 70), "configure": (80, 2), "verify": (82, 10),
+                    "publish": (92, 8), "done": (100, 0)}
+
+    def on_update(job: compiler_pb2.CompileJob) -> None:
+        start, span = stage_weight.get(job.stage, (bar.n, 0))
+        bar.n = min(100, start + span * job.progress)
+        bar.set_description_str(f"{job.stage}: {job.message}"[:40])
+        bar.refresh()
+
+    try:
+        with GatewayClient(args.gateway) as client:
+            job = client.compile(str(Path(args.dir).resolve()), args.name, args.recipe, args.pool,
+                                 on_update=on_update, wait_served=False,
+                                 max_sequence_length=args.max_seq_len, max_batch=args.max_batch)
+            if job.state == compiler_pb2.JOB_STATE_SUCCEEDED:
+                bar.set_description_str("waiting for a replica to serve it")
+                bar.refresh()
+                client.wait_served(args.name, job.build_id, timeout_s=args.serve_timeout)
+    except grpc.RpcError as exc:
+        bar.close()
+        return _rpc_error(exc)
+    except TimeoutError as exc:
+        bar.close()
+        return _fail(str(exc))
+    bar.close()
+    if job.state != compiler_pb2.JOB_STATE_SUCCEEDED:
+        return _fail(f"compile {compiler_pb2.JobState.Name(job.state).removeprefix('JOB_STATE_').lower()}: {job.message}")
+    print(f"{args.name} = build {job.build_id} ({args.recipe}{', reused' if job.reused else ''}) is served")
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    options = {}
+    if args.temperature is not None:
+        options["temperature"] = args.temperature
+    if args.top_p is not None:
+        options["top_p"] = args.top_p
+    if args.top_k is not None:
+        options["top_k"] = args.top_k
+    if args.seed is not None:
+        options["seed"] = args.seed
+    if args.stop:
+        options["stop"] = args.stop
+    try:
+        with GatewayClient(args.gateway) as client:
+            if not args.quiet:
+                sys.stdout.write(args.prompt)
+            out = client.generate(args.model, args.prompt, args.max_tokens,
+                                  on_text=None if args.quiet else (lambda t: (sys.stdout.write(t), sys.stdout.flush())),
+                                  **options)
+    except grpc.RpcError as exc:
+        print()
+        return _rpc_error(exc)
+    if args.quiet:
+        sys.stdout.write(out.text)
+    print()
+    if args.stats:
+        print(f"[{out.completion_tokens} tokens, finish {out.finish_reason}, build {out.build_id}, "
+              f"time to first token {out.time_to_first_token_s * 1000:.1f} ms, "
+              f"decode {out.decode_tokens_per_s:.1f} tokens/s]", file=sys.stderr)
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    try:
+        with GatewayClient(args.gateway) as client:
+            models = client.models()
+    except grpc.RpcError as exc:
+        return _rpc_error(exc)
+    if not models:
+        print("no models published yet (llamaship compile DIR --name N --recipe R)")
+        return 0
+    print(f"{'NAME':<20} {'BUILD':<22} {'RECIPE':<12} {'POOL':<5} {'CONTEXT':>7}  REPLICAS")
+    for m in models:
+        reps = ", ".join(f"{r.replica_id}@{r.address}" + ("" if r.build_id == m.build_id else f" (still {r.build_id})")
+                         for r in m.replicas) or "none"
+        print(f"{m.name:<20} {m.build_id:<22} {m.recipe:<12} {m.pool:<5} {m.context_length:>7}  {reps}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from llamaship.demo import run_demo
+
+    return run_demo(Path(args.workdir), args.recipe, args.prompt, args.max_tokens)
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from llamaship.bench import main as bench_main
+
+    return bench_main(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="llamaship", description="Llama checkpoints to production on ONNX Runtime.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def client_parser(name: str, help: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help, description=help)
+        p.add_argument("--gateway", metavar="HOST:PORT", default=None,
+                       help=f"gateway address [env LLAMASHIP_GATEWAY; default {DEFAULT_GATEWAY}]")
+        return p
+
+    p = sub.add_parser("up", help="run the whole stack on this machine until Ctrl-C",
+                       description="Start Redis (embedded unless --redis-url), the compiler, cpu serving replica(s) and "
+                                   "the gateway as processes on loopback; stop them all on Ctrl-C or SIGTERM.")
+    p.add_argument("--gateway-port", type=int, default=50051)
+    p.add_argument("--compiler-port", type=int, default=50052)
+    p.add_argument("--serving-port", type=int, default=50053, help="first replica's port (0 = any free port)")
+    p.add_argument("--replicas", type=int, default=1, help="cpu serving replicas to start")
+    p.add_argument("--slots", type=int, default=4, help="concurrent requests per replica")
+    p.add_argument("--store", default="./llamaship-store", help="shared build store directory")
+    p.add_argument("--redis-url", default=None, help="use this Redis instead of starting an embedded one")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--log-dir", default="./.llamaship/logs")
+    p.add_argument("-v", "--verbose", action="store_true", help="echo service logs to the terminal")
+    p.set_defaults(func=cmd_up)
+
+    p = sub.add_parser("make-model", help="write the small demo Llama checkpoint (cached)",
+                       description="Train a small LlamaForCausalLM (grouped-query attention, byte-level BPE "
+                                   "tokenizer) on Python's standard-library sources; deterministic and cached.")
+    p.add_argument("dir")
+    p.add_argument("--force", action="store_true", help="remake even if DIR already holds it")
+    p.set_defaults(func=cmd_make_model)
+
+    p = client_parser("compile", "compile a checkpoint, publish it, and wait until it is served")
+    p.add_argument("dir", help="checkpoint directory visible to the compiler")
+    p.add_argument("--name", required=True, help="model name to publish under")
+    p.add_argument("--recipe", default="fp32", choices=RECIPES)
+    p.add_argument("--pool", default="cpu", help="target hardware pool (cpu, cuda)")
+    p.add_argument("--max-seq-len", type=int, default=0, help="context limit (default 4096, capped by the model)")
+    p.add_argument("--max-batch", type=int, default=0, help="max batch (default 32)")
+    p.add_argument("--serve-timeout", type=float, default=120.0)
+    p.set_defaults(func=cmd_compile)
+
+    p = client_parser("generate", "stream a completion")
+    p.add_argument("model")
+    p.add_argument("prompt")
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=None, help="0 (default) is greedy")
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    p.add_argument("--stats", action="store_true", help="print time to first token and tokens/s to stderr")
+    p.add_argument("-q", "--quiet", action="store_true", help="print only the completion, at the end")
+    p.set_defaults(func=cmd_generate)
+
+    p = client_parser("models", "list model names, their builds and the replicas serving them")
+    p.set_defaults(func=cmd_models)
+
+    p = sub.add_parser("demo", help="the end-to-end demo (what `make demo` runs)")
+    p.add_argument("--workdir", default="./.llamaship/demo")
+    p.add_argument("--recipe", default="fp32", choices=RECIPES)
+    p.add_argument("--prompt", default="def read_config(path):\n    ")
+    p.add_argument("--max-tokens", type=int, default=96)
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

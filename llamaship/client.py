@@ -1,0 +1,124 @@
+"""A small synchronous client of the gateway, used by the CLI, the tests and the benchmark."""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
+
+import grpc
+
+from shared.proto_gen.llamaship.compiler.v1 import compiler_pb2
+from shared.proto_gen.llamaship.gateway.v1 import gateway_pb2, gateway_pb2_grpc
+
+DEFAULT_GATEWAY = "127.0.0.1:50051"
+TERMINAL = (compiler_pb2.JOB_STATE_SUCCEEDED, compiler_pb2.JOB_STATE_FAILED, compiler_pb2.JOB_STATE_CANCELLED)
+
+
+def gateway_address(explicit: str | None = None) -> str:
+    return explicit or os.environ.get("LLAMASHIP_GATEWAY") or DEFAULT_GATEWAY
+
+
+@dataclass
+class Completion:
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    finish_reason: str = ""
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    build_id: str = ""
+    request_id: str = ""
+    time_to_first_token_s: float = 0.0
+    total_s: float = 0.0
+    chunk_times_s: list[float] = field(default_factory=list)
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        decode_time = self.total_s - self.time_to_first_token_s
+        return (len(self.token_ids) - 1) / decode_time if decode_time > 0 and len(self.token_ids) > 1 else 0.0
+
+
+class GatewayClient:
+    def __init__(self, address: str | None = None):
+        self.address = gateway_address(address)
+        self.channel = grpc.insecure_channel(self.address)
+        self.stub = gateway_pb2_grpc.GatewayStub(self.channel)
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def __enter__(self) -> "GatewayClient":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def stream(self, model: str, prompt: str, max_tokens: int = 64, timeout: float | None = None,
+               **options) -> Iterator[gateway_pb2.GenerateChunk]:
+        req = gateway_pb2.GenerateRequest(model=model, prompt=prompt, max_tokens=max_tokens, **options)
+        return self.stub.Generate(req, timeout=timeout)
+
+    def generate(self, model: str, prompt: str, max_tokens: int = 64, on_text: Callable[[str], None] | None = None,
+                 timeout: float | None = None, **options) -> Completion:
+        out = Completion()
+        t0 = time.perf_counter()
+        for chunk in self.stream(model, prompt, max_tokens, timeout=timeout, **options):
+            now = time.perf_counter() - t0
+            if chunk.token_ids and not out.token_ids:
+                out.time_to_first_token_s = now
+            if chunk.token_ids:
+                out.chunk_times_s.append(now)
+            out.text += chunk.text
+            out.token_ids.extend(chunk.token_ids)
+            out.request_id = chunk.request_id
+            out.build_id = chunk.build_id or out.build_id
+            if on_text and chunk.text:
+                on_text(chunk.text)
+            if chunk.finish_reason:
+                out.finish_reason = gateway_pb2.FinishReason.Name(chunk.finish_reason).removeprefix("FINISH_REASON_").lower()
+                out.prompt_tokens = chunk.usage.prompt_tokens
+                out.completion_tokens = chunk.usage.completion_tokens
+        out.total_s = time.perf_counter() - t0
+        return out
+
+    def models(self) -> list[gateway_pb2.ModelInfo]:
+        return list(self.stub.ListModels(gateway_pb2.ListModelsRequest(), timeout=10).models)
+
+    def submit_compile(self, checkpoint: str, name: str, recipe: str, pool: str = "cpu", max_sequence_length: int = 0,
+                       max_batch: int = 0) -> compiler_pb2.CompileJob:
+        req = compiler_pb2.CompileRequest(checkpoint_path=checkpoint, model_name=name, recipe=recipe, target_pool=pool,
+                                          max_sequence_length=max_sequence_length, max_batch=max_batch)
+        return self.stub.SubmitCompile(req, timeout=30)
+
+    def watch_compile(self, job_id: str) -> Iterator[compiler_pb2.CompileJob]:
+        for event in self.stub.WatchCompile(compiler_pb2.WatchCompileRequest(job_id=job_id)):
+            yield event.job
+
+    def cancel_compile(self, job_id: str) -> compiler_pb2.CompileJob:
+        return self.stub.CancelCompile(compiler_pb2.CancelCompileRequest(job_id=job_id), timeout=10)
+
+    def wait_served(self, name: str, build_id: str, timeout_s: float = 120.0) -> gateway_pb2.ModelInfo:
+        """Wait until at least one replica serves `build_id` under `name`."""
+        deadline = time.time() + timeout_s
+        while True:
+            for m in self.models():
+                if m.name == name and any(r.build_id == build_id for r in m.replicas):
+                    return m
+            if time.time() > deadline:
+                raise TimeoutError(f"no replica serves {name} = {build_id} after {timeout_s:.0f}s")
+            time.sleep(0.2)
+
+    def compile(self, checkpoint: str, name: str, recipe: str, pool: str = "cpu",
+                on_update: Callable[[compiler_pb2.CompileJob], None] | None = None, wait_served: bool = True,
+                **limits) -> compiler_pb2.CompileJob:
+        """Submit, follow to the end, and (on success) wait until the build is served."""
+        job = self.submit_compile(checkpoint, name, recipe, pool, **limits)
+        for job in self.watch_compile(job.job_id):
+            if on_update:
+                on_update(job)
+            if job.state in TERMINAL:
+                break
+        if job.state == compiler_pb2.JOB_STATE_SUCCEEDED and wait_served:
+            self.wait_served(name, job.build_id)
+        return job

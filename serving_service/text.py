@@ -1,0 +1,89 @@
+"""Tokenization as the checkpoint's Hugging Face tokenizer does it, incremental detokenization
+and stop strings. Uses the `tokenizers` library only (no transformers in the serving image)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from tokenizers import Tokenizer
+
+
+class PromptTokenizer:
+    """Encodes prompts with the build's tokenizer.json, special tokens (BOS) included."""
+
+    def __init__(self, build_dir: Path):
+        self.tokenizer = Tokenizer.from_file(str(build_dir / "tokenizer.json"))
+        self.bos_id: int | None = None
+        cfg_path = build_dir / "tokenizer_config.json"
+        cfg = json.loads(cfg_path.read_text()) if cfg_path.is_file() else {}
+        bos = cfg.get("bos_token")
+        if isinstance(bos, dict):
+            bos = bos.get("content")
+        if cfg.get("add_bos_token") and bos is not None:
+            bos_id = self.tokenizer.token_to_id(bos)
+            # tokenizer.json normally adds BOS in its post-processor; add it here when it doesn't,
+            # as transformers does for add_bos_token=True.
+            if bos_id is not None and self.tokenizer.encode("a").ids[:1] != [bos_id]:
+                self.bos_id = bos_id
+
+    def encode(self, prompt: str) -> list[int]:
+        ids = self.tokenizer.encode(prompt).ids
+        if self.bos_id is not None:
+            ids = [self.bos_id, *ids]
+        return ids
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+
+class IncrementalDetokenizer:
+    """Turns a growing list of token ids into text deltas that concatenate to the full text.
+
+    Decodes a short window that starts a few tokens back (so that tokenizers which merge or
+    strip leading spaces render the boundary right) and holds back text that ends in an
+    incomplete UTF-8 sequence until the next token completes it.
+    """
+
+    def __init__(self, tok: PromptTokenizer, prompt_ids: list[int], context_tokens: int = 5):
+        self.tok = tok
+        self.ids = list(prompt_ids[-context_tokens:])
+        self.prefix_offset = 0
+        self.read_offset = len(self.ids)
+
+    def push(self, token_id: int) -> str:
+        self.ids.append(token_id)
+        prefix = self.tok.decode(self.ids[self.prefix_offset : self.read_offset])
+        full = self.tok.decode(self.ids[self.prefix_offset :])
+        if len(full) > len(prefix) and not full.endswith("\ufffd"):
+            self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
+            return full[len(prefix) :]
+        return ""
+
+
+class StopMatcher:
+    """Finds stop strings across deltas; holds back a tail that may be the start of one."""
+
+    def __init__(self, stops: list[str]):
+        self.stops = [s for s in stops if s]
+        self.pending = ""
+
+    def push(self, delta: str) -> tuple[str, bool]:
+        """Returns (text safe to emit, stopped)."""
+        buf = self.pending + delta
+        hits = [i for i in (buf.find(s) for s in self.stops) if i >= 0]
+        if hits:
+            self.pending = ""
+            return buf[: min(hits)], True
+        hold = 0
+        for s in self.stops:
+            for k in range(min(len(s) - 1, len(buf)), hold, -1):
+                if buf.endswith(s[:k]):
+                    hold = k
+                    break
+        self.pending = buf[len(buf) - hold :] if hold else ""
+        return buf[: len(buf) - hold], False
+
+    def flush(self) -> str:
+        out, self.pending = self.pending, ""
+        return out

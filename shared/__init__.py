@@ -1,0 +1,4 @@
+"""What the Llamaship services share: config, store, Redis keys, stubs, errors, telemetry.
+
+Nothing here imports a service package.
+"""

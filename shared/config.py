@@ -1,0 +1,174 @@
+"""Every Llamaship setting, declared once: name, type, default, help.
+
+Each service picks the settings it uses. A setting `foo_bar` is read, last one winning, from its
+default, the environment variable `LLAMASHIP_FOO_BAR`, and the command-line flag `--foo-bar`
+(services whose port differs share the flag `--port`, with per-service env vars). Values are
+validated at start-up; a bad one stops the service with a message naming the flag and env var.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+from urllib.parse import urlparse
+
+
+class ConfigError(ValueError):
+    """A setting has a value the service cannot start with."""
+
+
+def _port(value: int) -> None:
+    if not 0 <= value <= 65535:
+        raise ValueError("must be a TCP port in 0..65535 (0 = pick a free one / disabled)")
+
+
+def _positive(value: int | float) -> None:
+    if value <= 0:
+        raise ValueError("must be > 0")
+
+
+def _non_negative(value: int | float) -> None:
+    if value < 0:
+        raise ValueError("must be >= 0")
+
+
+def _redis_url(value: str) -> None:
+    if value and urlparse(value).scheme not in ("redis", "rediss", "unix"):
+        raise ValueError("must be a redis://, rediss:// or unix:// URL")
+
+
+def _pool(value: str) -> None:
+    from shared.pools import POOLS
+
+    if value not in POOLS:
+        raise ValueError(f"must be one of {', '.join(POOLS)}")
+
+
+def _log_level(value: str) -> None:
+    if value.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+        raise ValueError("must be DEBUG, INFO, WARNING or ERROR")
+
+
+@dataclass(frozen=True)
+class Setting:
+    name: str
+    type: type
+    default: Any
+    help: str
+    flag: str | None = None
+    check: Callable[[Any], None] | None = None
+
+    @property
+    def env(self) -> str:
+        return "LLAMASHIP_" + self.name.upper()
+
+    @property
+    def cli_flag(self) -> str:
+        return self.flag or "--" + self.name.replace("_", "-")
+
+
+_DECLARED = [
+    # Shared by every service
+    Setting("redis_url", str, "redis://127.0.0.1:6379/0", "Redis server holding queues, jobs and aliases.", check=_redis_url),
+    Setting("store", str, "./llamaship-store", "Shared build store directory (compiler writes, serving reads)."),
+    Setting("host", str, "127.0.0.1", "Address the gRPC server binds to."),
+    Setting("log_level", str, "INFO", "Log level: DEBUG, INFO, WARNING, ERROR.", check=_log_level),
+    Setting("metrics_port", int, 0, "Prometheus /metrics HTTP port; 0 disables it.", check=_port),
+    # Gateway
+    Setting("gateway_port", int, 50051, "Gateway gRPC port.", flag="--port", check=_port),
+    Setting("compiler_address", str, "127.0.0.1:50052", "Compiler gRPC address the gateway proxies compile jobs to."),
+    Setting("queue_max_depth", int, 256, "Requests waiting per pool before Generate answers RESOURCE_EXHAUSTED.", check=_positive),
+    Setting("queue_timeout_s", float, 120.0, "Seconds a request may wait for a replica before UNAVAILABLE.", check=_positive),
+    Setting("replica_stale_s", float, 10.0, "A replica whose heartbeat is older than this is treated as gone.", check=_positive),
+    # Compiler
+    Setting("compiler_port", int, 50052, "Compiler gRPC port.", flag="--port", check=_port),
+    Setting("work_dir", str, "", "Scratch directory for builds in progress (default: <store>/.work)."),
+    Setting("job_lease_s", float, 30.0, "A running job whose worker stopped renewing its lease for this long is re-run.", check=_positive),
+    Setting("max_attempts", int, 2, "Times a compile job is started before it is marked failed.", check=_positive),
+    # Serving
+    Setting("serving_port", int, 50053, "Serving replica gRPC port.", flag="--port", check=_port),
+    Setting("pool", str, "cpu", "Hardware pool this replica serves: cpu or cuda.", check=_pool),
+    Setting("slots", int, 4, "Requests a replica runs at once; it takes work from the queue only when a slot is free.", check=_positive),
+    Setting("threads", int, 0, "Intra-op threads per ONNX Runtime session; 0 lets ONNX Runtime choose.", check=_non_negative),
+    Setting("replica_id", str, "", "Stable name of this replica (default: pool-host-pid)."),
+    Setting("advertise_address", str, "", "Address other services reach this replica at (default: host:port)."),
+]
+
+SETTINGS: dict[str, Setting] = {s.name: s for s in _DECLARED}
+
+COMMON = ("redis_url", "store", "host", "log_level", "metrics_port")
+GATEWAY = (*COMMON, "gateway_port", "compiler_address", "queue_max_depth", "queue_timeout_s", "replica_stale_s")
+COMPILER = (*COMMON, "compiler_port", "work_dir", "job_lease_s", "max_attempts")
+SERVING = (*COMMON, "serving_port", "pool", "slots", "threads", "replica_id", "advertise_address")
+
+
+class Settings:
+    """Typed, validated values of the settings one service uses (attribute per setting)."""
+
+    def __init__(self, values: dict[str, Any]):
+        self.__dict__.update(values)
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+    def __repr__(self) -> str:
+        return f"Settings({self.__dict__!r})"
+
+
+def _convert(setting: Setting, raw: Any, source: str) -> Any:
+    try:
+        if setting.type is bool and isinstance(raw, str):
+            if raw.lower() in ("1", "true", "yes", "on"):
+                return True
+            if raw.lower() in ("0", "false", "no", "off", ""):
+                return False
+            raise ValueError("must be true or false")
+        return setting.type(raw)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{source}: {raw!r} is not a valid {setting.type.__name__} ({exc})") from None
+
+
+def add_arguments(parser: argparse.ArgumentParser, names: Sequence[str]) -> None:
+    for name in names:
+        s = SETTINGS[name]
+        parser.add_argument(
+            s.cli_flag,
+            dest=name,
+            default=None,
+            metavar=s.type.__name__.upper(),
+            help=f"{s.help} [env {s.env}; default {s.default!r}]",
+        )
+
+
+def resolve(names: Sequence[str], cli: argparse.Namespace | dict | None = None, env: dict | None = None) -> Settings:
+    """Defaults < environment < command line; each value converted and checked."""
+    env = os.environ if env is None else env
+    given = vars(cli) if isinstance(cli, argparse.Namespace) else dict(cli or {})
+    values: dict[str, Any] = {}
+    for name in names:
+        s = SETTINGS[name]
+        value, source = s.default, "default"
+        if s.env in env:
+            value, source = _convert(s, env[s.env], f"environment variable {s.env}"), s.env
+        if given.get(name) is not None:
+            value, source = _convert(s, given[name], f"flag {s.cli_flag}"), s.cli_flag
+        if s.check is not None:
+            try:
+                s.check(value)
+            except ValueError as exc:
+                raise ConfigError(f"{s.cli_flag} / {s.env} = {value!r} (from {source}): {exc}") from None
+        values[name] = value
+    return Settings(values)
+
+
+def parse_service_args(prog: str, description: str, names: Sequence[str], argv: Sequence[str] | None = None) -> Settings:
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    add_arguments(parser, names)
+    args = parser.parse_args(argv)
+    try:
+        return resolve(names, args)
+    except ConfigError as exc:
+        parser.error(str(exc))
+        raise  # unreachable: parser.error exits

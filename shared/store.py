@@ -1,0 +1,166 @@
+"""The shared build store: one directory per build, addressed by build id, with manifest.json.
+
+Layout under the store root:
+    builds/<build_id>/manifest.json   + the build's files (model.onnx, genai_config.json, ...)
+    .staging/<build_id>-<nonce>/      builds being published (never read by serving)
+
+Publishing is atomic: files are written aside in .staging, hashed into the manifest, verified,
+then renamed into builds/ in one step, so a reader sees a whole build or none.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+import uuid
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+from shared.errors import NotFound
+
+MANIFEST = "manifest.json"
+MANIFEST_VERSION = 1
+_CHUNK = 1 << 20
+
+
+class StoreError(RuntimeError):
+    """The store holds something that is not a whole, valid build."""
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    path: str
+    sha256: str
+    size: int
+
+
+@dataclass
+class Manifest:
+    build_id: str
+    model_name: str
+    source_path: str
+    source_sha256: str
+    recipe: str
+    recipe_details: dict[str, Any]
+    target_pool: str
+    execution_provider: str
+    context_length: int
+    max_batch: int
+    tool_versions: dict[str, str]
+    files: list[FileEntry] = field(default_factory=list)
+    created_at: float = 0.0
+    architecture: str = ""
+    parameters: int = 0
+    manifest_version: int = MANIFEST_VERSION
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> "Manifest":
+        data = json.loads(text)
+        data["files"] = [FileEntry(**f) for f in data.get("files", [])]
+        known = set(cls.__dataclass_fields__)
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(f.size for f in self.files)
+
+
+class BuildStore:
+    def __init__(self, root: str | Path):
+        self.root = Path(root).resolve()
+        self.builds = self.root / "builds"
+        self.staging_root = self.root / ".staging"
+
+    def ensure(self) -> "BuildStore":
+        self.builds.mkdir(parents=True, exist_ok=True)
+        self.staging_root.mkdir(parents=True, exist_ok=True)
+        return self
+
+    def path(self, build_id: str) -> Path:
+        if not build_id or "/" in build_id or build_id.startswith("."):
+            raise NotFound(f"invalid build id {build_id!r}")
+        return self.builds / build_id
+
+    def exists(self, build_id: str) -> bool:
+        return (self.path(build_id) / MANIFEST).is_file()
+
+    def manifest(self, build_id: str) -> Manifest:
+        path = self.path(build_id) / MANIFEST
+        if not path.is_file():
+            raise NotFound(f"build {build_id} is not in the store at {self.root}")
+        return Manifest.from_json(path.read_text())
+
+    def list(self) -> Iterator[Manifest]:
+        if not self.builds.is_dir():
+            return
+        for d in sorted(self.builds.iterdir()):
+            if (d / MANIFEST).is_file():
+                yield Manifest.from_json((d / MANIFEST).read_text())
+
+    def new_staging(self, build_id: str) -> Path:
+        self.ensure()
+        path = self.staging_root / f"{build_id}-{uuid.uuid4().hex[:8]}"
+        path.mkdir()
+        return path
+
+    def publish(self, staging: Path, manifest: Manifest) -> Manifest:
+        """Hash the staged files into the manifest, verify, and move the build into place.
+
+        If the same build id was published meanwhile, the staged copy is dropped and the
+        existing build is returned (builds with one id are identical by construction).
+        """
+        staging = Path(staging)
+        entries = []
+        for f in sorted(p for p in staging.rglob("*") if p.is_file() and p.name != MANIFEST):
+            entries.append(FileEntry(str(f.relative_to(staging)), sha256_file(f), f.stat().st_size))
+        if not entries:
+            raise StoreError(f"nothing to publish in {staging}")
+        manifest.files = entries
+        manifest.created_at = manifest.created_at or time.time()
+        tmp = staging / (MANIFEST + ".tmp")
+        tmp.write_text(manifest.to_json())
+        os.replace(tmp, staging / MANIFEST)
+        self.verify_dir(staging, manifest, full=False)
+        final = self.path(manifest.build_id)
+        try:
+            os.rename(staging, final)
+        except OSError:
+            if self.exists(manifest.build_id):
+                shutil.rmtree(staging, ignore_errors=True)
+                return self.manifest(manifest.build_id)
+            raise
+        return manifest
+
+    def verify(self, build_id: str, *, full: bool = True) -> Manifest:
+        manifest = self.manifest(build_id)
+        self.verify_dir(self.path(build_id), manifest, full=full)
+        return manifest
+
+    @staticmethod
+    def verify_dir(directory: Path, manifest: Manifest, *, full: bool) -> None:
+        for entry in manifest.files:
+            path = directory / entry.path
+            if not path.is_file():
+                raise StoreError(f"build {manifest.build_id}: {entry.path} is missing")
+            if path.stat().st_size != entry.size:
+                raise StoreError(f"build {manifest.build_id}: {entry.path} has the wrong size")
+            if full and sha256_file(path) != entry.sha256:
+                raise StoreError(f"build {manifest.build_id}: {entry.path} does not match its sha256")
+
+    def discard_staging(self, staging: Path) -> None:
+        shutil.rmtree(staging, ignore_errors=True)
