@@ -1,0 +1,118 @@
+"""Bad input gets a clear error with the right status code and changes nothing."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import sysconfig
+from pathlib import Path
+
+import grpc
+import pytest
+
+from shared.proto_gen.llamaship.compiler.v1 import compiler_pb2
+
+pytestmark = pytest.mark.integration
+PROMPT = "import os\n"
+
+
+def _status(fn):
+    with pytest.raises(grpc.RpcError) as info:
+        fn()
+    return info.value.code(), info.value.details()
+
+
+@pytest.mark.parametrize(
+    "kwargs, code, field",
+    [
+        (dict(model="no-such-model", prompt=PROMPT, max_tokens=4), grpc.StatusCode.NOT_FOUND, "no-such-model"),
+        (dict(model="demo", prompt="", max_tokens=4), grpc.StatusCode.INVALID_ARGUMENT, "prompt"),
+        (dict(model="demo", prompt=PROMPT, max_tokens=0), grpc.StatusCode.INVALID_ARGUMENT, "max_tokens"),
+        (dict(model="demo", prompt=PROMPT, max_tokens=-3), grpc.StatusCode.INVALID_ARGUMENT, "max_tokens"),
+        (dict(model="demo", prompt=PROMPT, max_tokens=5000), grpc.StatusCode.INVALID_ARGUMENT, "max_tokens"),
+        (dict(model="demo", prompt=PROMPT, max_tokens=4, temperature=-0.5), grpc.StatusCode.INVALID_ARGUMENT, "temperature"),
+        (dict(model="demo", prompt=PROMPT, max_tokens=4, temperature=math.nan), grpc.StatusCode.INVALID_ARGUMENT, "temperature"),
+        (dict(model="demo", prompt=PROMPT, max_tokens=4, temperature=math.inf), grpc.StatusCode.INVALID_ARGUMENT, "temperature"),
+        (dict(model="demo", prompt=PROMPT, max_tokens=4, top_p=0.0), grpc.StatusCode.INVALID_ARGUMENT, "top_p"),
+        (dict(model="demo", prompt=PROMPT, max_tokens=4, top_p=1.5), grpc.StatusCode.INVALID_ARGUMENT, "top_p"),
+        (dict(model="demo", prompt=PROMPT, max_tokens=4, top_k=-1), grpc.StatusCode.INVALID_ARGUMENT, "top_k"),
+        (dict(model="", prompt=PROMPT, max_tokens=4), grpc.StatusCode.INVALID_ARGUMENT, "model"),
+    ],
+)
+def test_generate_rejects(client, fp32_build, kwargs, code, field):
+    got, details = _status(lambda: client.generate(**kwargs))
+    assert got == code
+    assert field in details
+    assert "Traceback" not in details
+    assert client.generate("demo", PROMPT, 4).completion_tokens == 4
+
+
+def test_prompt_longer_than_context_is_rejected(client, fp32_build):
+    text = (Path(sysconfig.get_paths()["stdlib"]) / "argparse.py").read_text()
+    got, details = _status(lambda: client.generate("demo", text, 4))
+    assert got == grpc.StatusCode.INVALID_ARGUMENT
+    assert "prompt" in details and "context length 4096" in details
+    assert client.generate("demo", PROMPT, 4).completion_tokens == 4
+
+
+def test_unknown_recipe_is_rejected_at_submit(client, demo_model):
+    got, details = _status(lambda: client.submit_compile(str(demo_model), "x", "int3"))
+    assert got == grpc.StatusCode.INVALID_ARGUMENT and "int3" in details
+
+
+def test_cancel_of_unknown_request_is_idempotent(client):
+    from shared.proto_gen.llamaship.gateway.v1 import gateway_pb2
+
+    for _ in range(2):
+        assert not client.stub.CancelGeneration(gateway_pb2.CancelGenerationRequest(request_id="nope")).found
+
+
+def _truncate_weights(ckpt: Path) -> None:
+    f = ckpt / "model.safetensors"
+    data = f.read_bytes()
+    f.write_bytes(data[: len(data) // 2])
+
+
+def _llama4(ckpt: Path) -> None:
+    cfg = json.loads((ckpt / "config.json").read_text())
+    cfg["architectures"] = ["Llama4ForCausalLM"]
+    cfg["model_type"] = "llama4_text"
+    (ckpt / "config.json").write_text(json.dumps(cfg))
+
+
+def _not_a_checkpoint(ckpt: Path) -> None:
+    for f in ckpt.iterdir():
+        f.unlink()
+    (ckpt / "notes.txt").write_text("hello")
+
+
+def _pickle_only(ckpt: Path) -> None:
+    (ckpt / "model.safetensors").rename(ckpt / "pytorch_model.bin")
+
+
+@pytest.mark.parametrize(
+    "damage, reason",
+    [
+        (None, "does not exist"),
+        (_not_a_checkpoint, "no config.json"),
+        (_truncate_weights, "corrupt safetensors file model.safetensors"),
+        (_llama4, "Llama4ForCausalLM"),
+        (_pickle_only, "safetensors only"),
+    ],
+    ids=["missing-path", "not-a-checkpoint", "corrupt-safetensors", "llama4-architecture", "pickle-weights"],
+)
+def test_compile_failure_says_why_and_publishes_nothing(client, stack, scratch_checkpoint, damage, reason):
+    path = scratch_checkpoint
+    if damage is None:
+        shutil.rmtree(path)
+    else:
+        damage(path)
+    builds_before = sorted(p.name for p in (stack.cfg.store / "builds").iterdir())
+    name = f"broken-{path.parent.name[-12:]}".replace("_", "-")
+    job = client.compile(str(path), name, "fp32")
+    assert job.state == compiler_pb2.JOB_STATE_FAILED
+    assert reason in job.message
+    assert name not in {m.name for m in client.models()}
+    assert sorted(p.name for p in (stack.cfg.store / "builds").iterdir()) == builds_before
+    assert client.generate("demo", PROMPT, 4).completion_tokens == 4
