@@ -34,14 +34,17 @@ class CompilerServicer(pb_grpc.CompilerServicer):
             yield pb.CompileEvent(job=job_to_proto(job))
             return
         last_id = "0-0"  # replay the job's history first: a watcher sees every stage
-        while not job.terminal:
-            for last_id, snapshot in await self.jobs.events(request.job_id, last_id, block_ms=5000):
-                job = snapshot
-                yield pb.CompileEvent(job=job_to_proto(job))
+        while True:
+            events = await self.jobs.events(request.job_id, last_id, block_ms=5000)
+            for last_id, snapshot in events:
+                yield pb.CompileEvent(job=job_to_proto(snapshot))
+                if snapshot.terminal:
+                    return
+            if not events:  # quiet for a while: the event stream may have been trimmed
+                job = await self.jobs.get(request.job_id)
                 if job.terminal:
-                    break
-            else:
-                job = await self.jobs.get(request.job_id)  # the event stream may have been trimmed
+                    yield pb.CompileEvent(job=job_to_proto(job))
+                    return
 
     async def CancelCompile(self, request: pb.CancelCompileRequest, context: grpc.aio.ServicerContext) -> pb.CompileJob:
         return job_to_proto(await self.jobs.cancel(request.job_id))

@@ -114,11 +114,12 @@ class GatewayClient:
                 **limits) -> compiler_pb2.CompileJob:
         """Submit, follow to the end, and (on success) wait until the build is served."""
         job = self.submit_compile(checkpoint, name, recipe, pool, **limits)
-        for job in self.watch_compile(job.job_id):
-            if on_update:
-                on_update(job)
-            if job.state in TERMINAL:
-                break
+        while job.state not in TERMINAL:  # a watch cut short (compiler restart) is resumed
+            for job in self.watch_compile(job.job_id):
+                if on_update:
+                    on_update(job)
+                if job.state in TERMINAL:
+                    break
         if job.state == compiler_pb2.JOB_STATE_SUCCEEDED and wait_served:
             self.wait_served(name, job.build_id)
         return job
