@@ -13,23 +13,31 @@ from shared.errors import ResourceExhausted, Unavailable
 from shared.generation import Chunk, GenRequest
 
 
+_BOUNDED_XADD = """
+if redis.call('XLEN', KEYS[1]) >= tonumber(ARGV[1]) then return false end
+return redis.call('XADD', KEYS[1], '*', 'req', ARGV[2])
+"""
+
+
 class GenerationQueue:
     def __init__(self, r: aioredis.Redis, max_depth: int, wait_timeout_s: float):
         self.r = r
         self.max_depth = max_depth
         self.wait_timeout_s = wait_timeout_s
+        self._bounded_xadd = r.register_script(_BOUNDED_XADD)
 
     async def depth(self, pool: str) -> int:
         return await self.r.xlen(keys.gen_queue(pool))
 
     async def enqueue(self, req: GenRequest, pool: str) -> str:
-        depth = await self.depth(pool)
-        if depth >= self.max_depth:
-            raise ResourceExhausted(
-                f"the {pool} pool's queue is full ({depth} waiting); retry later", retry_after_s=1.0
-            )
+        """Append the request unless the pool's queue is full (checked and added atomically)."""
         req.enqueued_at = time.time()
-        return await self.r.xadd(keys.gen_queue(pool), {"req": req.to_json()})
+        entry_id = await self._bounded_xadd(keys=[keys.gen_queue(pool)], args=[self.max_depth, req.to_json()])
+        if entry_id is None:
+            raise ResourceExhausted(
+                f"the {pool} pool's queue is full ({self.max_depth} requests); retry later", retry_after_s=1.0
+            )
+        return entry_id
 
     async def responses(self, request_id: str, pool: str, entry_id: str) -> AsyncIterator[Chunk]:
         """Yield the request's chunks until its end or error chunk."""

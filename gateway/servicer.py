@@ -66,14 +66,14 @@ class GatewayServicer(pb_grpc.GatewayServicer):
         req = request_from_proto(request, rid)
         if not req.model:
             raise InvalidArgument("model: required")
-        alias = await catalog.get_alias(self.r, req.model)
+        alias, replicas = await catalog.alias_and_replicas(self.r, req.model, self.replica_stale_s)
         if alias is None:
             raise NotFound(f"model {req.model!r} not found; `llamaship models` lists what is served")
         validate(req, alias.context_length)
         remaining = context.time_remaining()
         if remaining is not None:
             req.deadline = time.time() + remaining
-        if not await catalog.live_replicas(self.r, self.replica_stale_s, alias.pool):
+        if not [hb for hb in replicas if hb.pool == alias.pool]:
             raise Unavailable(f"no live replica in the {alias.pool} pool; the request may be retried")
         t0 = time.perf_counter()
         entry_id = await self.queue.enqueue(req, alias.pool)

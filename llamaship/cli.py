@@ -188,6 +188,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     from llamaship.bench import main as bench_main
 
+    if args.update_readme is None:
+        args.update_readme = not args.quick
     return bench_main(args)
 
 
@@ -248,6 +250,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = client_parser("models", "list model names, their builds and the replicas serving them")
     p.set_defaults(func=cmd_models)
+
+    p = sub.add_parser("bench", help="benchmark PyTorch, direct ONNX Runtime GenAI and the whole stack",
+                       description="Measure time to first token, inter-token latency, decode and aggregate tokens/s, "
+                                   "peak RSS, build size and compile time per recipe, against the machine's memory "
+                                   "bandwidth limit; write JSON (every sample), Markdown and PNG charts.")
+    p.add_argument("--quick", action="store_true", help="demo model only, few samples: under two minutes")
+    p.add_argument("--large", action="store_true", help="also a Llama-3.2-1B-shaped checkpoint (random weights)")
+    p.add_argument("--recipes", nargs="+", choices=RECIPES, default=None)
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="cuda benchmarks the cuda pool")
+    p.add_argument("--threads", type=int, default=0, help="threads for every contender (default: min(cores, 2))")
+    p.add_argument("--out", default="bench/results", help="report directory")
+    p.add_argument("--cache", default="./.llamaship/bench", help="checkpoints and builds are kept here")
+    p.add_argument("--update-readme", action=argparse.BooleanOptionalAction, default=None,
+                   help="put the table and charts into README.md (default: on for full runs, off for --quick)")
+    p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("demo", help="the end-to-end demo (what `make demo` runs)")
     p.add_argument("--workdir", default="./.llamaship/demo")

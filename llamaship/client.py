@@ -31,7 +31,7 @@ class Completion:
     request_id: str = ""
     time_to_first_token_s: float = 0.0
     total_s: float = 0.0
-    chunk_times_s: list[float] = field(default_factory=list)
+    chunk_times_s: list[float] = field(default_factory=list)  # arrival time of every token
 
     @property
     def decode_tokens_per_s(self) -> float:
@@ -67,8 +67,7 @@ class GatewayClient:
             now = time.perf_counter() - t0
             if chunk.token_ids and not out.token_ids:
                 out.time_to_first_token_s = now
-            if chunk.token_ids:
-                out.chunk_times_s.append(now)
+            out.chunk_times_s.extend([now] * len(chunk.token_ids))  # tokens that arrived together
             out.text += chunk.text
             out.token_ids.extend(chunk.token_ids)
             out.request_id = chunk.request_id

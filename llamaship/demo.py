@@ -36,12 +36,12 @@ def direct_timing(build_dir: Path, prompt: str, max_tokens: int) -> tuple[float,
 
 def run_demo(workdir: Path, recipe: str, prompt: str, max_tokens: int) -> int:
     from llamaship.client import GatewayClient
-    from llamaship.demo_model import make_model
+    from llamaship.demo_model import DEFAULT_DIR, make_model
     from llamaship.stack import Stack, StackConfig
     from shared.store import BuildStore
 
     workdir = workdir.resolve()
-    model_dir = workdir / "demo-model"
+    model_dir = DEFAULT_DIR
     print(f"[1/4] demo model in {model_dir} (trained once, then cached)", flush=True)
     t0 = time.time()
     make_model(model_dir, progress=lambda s, n, loss: print(f"      step {s}/{n} loss {loss:.3f}", flush=True) if s % 50 == 0 else None)

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Callable
 
 STAMP = ".llamaship-make-model.json"
+DEFAULT_DIR = Path(__file__).resolve().parent.parent / ".llamaship" / "demo" / "demo-model"
 BOS, EOS, PAD = "<s>", "</s>", "<pad>"
 
 

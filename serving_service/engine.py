@@ -27,6 +27,7 @@ from shared.store import BuildStore, Manifest
 from serving_service.text import IncrementalDetokenizer, PromptTokenizer, StopMatcher
 
 log = logging.getLogger("llamaship.serving.engine")
+MAX_TOKENS_PER_CHUNK = 64
 
 
 @dataclass
@@ -191,23 +192,31 @@ class Engine:
         finish = FINISH_LENGTH
         try:
             thread.start()
-            while True:
-                kind, value = await queue.get()
-                if kind == "error":
-                    raise value
-                if kind == "done":
-                    break
-                produced += 1
-                if value in loaded.eos_ids:
-                    finish = FINISH_EOS
-                    yield Chunk("tokens", token_ids=[value], build_id=loaded.build_id)
-                    break
-                text, stopped = stops.push(detok.push(value))
-                if stopped:
-                    finish = FINISH_STOP
-                    yield Chunk("tokens", text=text, token_ids=[value], build_id=loaded.build_id)
-                    break
-                yield Chunk("tokens", text=text, token_ids=[value], build_id=loaded.build_id)
+            done = False
+            while not done:
+                # Take every token already decoded, so a slow reader gets them in one chunk.
+                items = [await queue.get()]
+                while not queue.empty() and len(items) < MAX_TOKENS_PER_CHUNK:
+                    items.append(queue.get_nowait())
+                text, ids = "", []
+                for kind, value in items:
+                    if kind == "error":
+                        raise value
+                    if kind == "done":
+                        done = True
+                        break
+                    produced += 1
+                    ids.append(value)
+                    if value in loaded.eos_ids:
+                        finish, done = FINISH_EOS, True
+                        break
+                    delta, stopped = stops.push(detok.push(value))
+                    text += delta
+                    if stopped:
+                        finish, done = FINISH_STOP, True
+                        break
+                if ids:
+                    yield Chunk("tokens", text=text, token_ids=ids, build_id=loaded.build_id)
             tail = stops.flush() if finish != FINISH_STOP else ""
             yield Chunk(
                 "end", text=tail, finish_reason=finish, prompt_tokens=len(prompt_ids),

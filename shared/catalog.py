@@ -79,10 +79,23 @@ async def remove_heartbeat(r: aioredis.Redis, replica_id: str) -> None:
     await r.hdel(keys.REPLICAS, replica_id)
 
 
+async def alias_and_replicas(r: aioredis.Redis, name: str, stale_after_s: float) -> tuple[Alias | None, list[ReplicaHeartbeat]]:
+    """The alias of `name` and the live replicas, in one round trip."""
+    async with r.pipeline(transaction=False) as pipe:
+        pipe.hget(keys.ALIASES, name)
+        pipe.hgetall(keys.REPLICAS)
+        raw_alias, raw_replicas = await pipe.execute()
+    return (Alias.from_json(raw_alias) if raw_alias else None), _live(raw_replicas, stale_after_s, None)
+
+
 async def live_replicas(r: aioredis.Redis, stale_after_s: float, pool: str | None = None) -> list[ReplicaHeartbeat]:
+    return _live(await r.hgetall(keys.REPLICAS), stale_after_s, pool)
+
+
+def _live(raw_replicas: dict[str, str], stale_after_s: float, pool: str | None) -> list[ReplicaHeartbeat]:
     now = time.time()
     out = []
-    for raw in (await r.hgetall(keys.REPLICAS)).values():
+    for raw in raw_replicas.values():
         hb = ReplicaHeartbeat.from_json(raw)
         if now - hb.ts <= stale_after_s and (pool is None or hb.pool == pool):
             out.append(hb)

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-DEMO_MODEL_DIR = ROOT / ".llamaship" / "demo" / "demo-model"
+from llamaship.demo_model import DEFAULT_DIR as DEMO_MODEL_DIR  # noqa: E402
 
 
 @pytest.fixture(scope="session")

@@ -47,10 +47,13 @@ def test_greedy_stream_equals_transformers(client, fp32_build, reference):
     assert out.finish_reason in ("length", "eos")
 
 
-def test_chunks_stream_one_token_at_a_time(client, fp32_build):
-    chunks = list(client.stream("demo", PROMPT, 16))
-    assert len(chunks) >= 16
-    assert chunks[-1].finish_reason != 0 and chunks[-1].usage.completion_tokens == 16
+def test_tokens_stream_in_chunks_as_they_are_produced(client, fp32_build):
+    chunks = list(client.stream("demo", PROMPT, 200))
+    body = [c for c in chunks if c.token_ids]
+    # a chunk carries the tokens decoded since the last one (at most 64), never the whole answer
+    assert len(body) >= 4 and all(1 <= len(c.token_ids) <= 64 for c in body)
+    assert sum(len(c.token_ids) for c in chunks) == 200
+    assert chunks[-1].finish_reason != 0 and chunks[-1].usage.completion_tokens == 200
     assert all(c.finish_reason == 0 for c in chunks[:-1])
     assert len({c.request_id for c in chunks}) == 1
 

@@ -30,7 +30,7 @@ def test_running_stream_finishes_on_its_build_and_next_request_uses_the_new_one(
             ids.extend(chunk.token_ids)
             build_ids.add(chunk.build_id)
             finish = chunk.finish_reason or finish
-            time.sleep(0.02)  # a slow client: the stream outlives the next compile
+            time.sleep(0.03 * len(chunk.token_ids))  # a slow client: the stream outlives the next compile
         result.update(text=text, ids=ids, build_ids=build_ids, finish=finish)
 
     t = threading.Thread(target=slow_reader)
@@ -63,16 +63,19 @@ def test_swap_mid_decode_keeps_the_running_sequence_on_the_old_build(stack, fp32
 
     async def run():
         await engine.load("m", fp32_build)
-        reference = [c async for c in engine.stream(GenRequest("r0", "m", PROMPT, 64))]
-        stream = engine.stream(GenRequest("r1", "m", PROMPT, 64))
-        got = [await stream.__anext__() for _ in range(3)]
+        reference = [c async for c in engine.stream(GenRequest("r0", "m", PROMPT, 1500))]
+        stream = engine.stream(GenRequest("r1", "m", PROMPT, 1500))
+        got = [await stream.__anext__()]
+        old = engine.builds["m"]
         await engine.load("m", hybrid.build_id)
+        assert old.active == 1 and engine.builds["m"] is not old  # swapped while r1 still runs on old
         got += [c async for c in stream]
         after = [c async for c in engine.stream(GenRequest("r2", "m", PROMPT, 4))]
         return reference, got, after
 
     reference, got, after = asyncio.run(run())
-    assert [c.token_ids for c in got] == [c.token_ids for c in reference]
+    flat = lambda chunks: [t for c in chunks for t in c.token_ids]  # noqa: E731
+    assert len(flat(got)) == 1500 and flat(got) == flat(reference)
     assert {c.build_id for c in got} == {fp32_build}
     assert {c.build_id for c in after} == {hybrid.build_id}
     assert engine.active == 0

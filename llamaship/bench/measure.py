@@ -1,0 +1,237 @@
+"""Measurements: memory bandwidth, PyTorch eager, direct onnxruntime-genai, the whole stack."""
+
+from __future__ import annotations
+
+import os
+import statistics
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+
+@dataclass
+class Run:
+    """One generation: time to first token and the times of every later token (seconds)."""
+
+    ttft_s: float
+    token_times_s: list[float] = field(default_factory=list)  # from request start, first token included
+
+    @property
+    def itl_s(self) -> list[float]:
+        t = self.token_times_s
+        return [b - a for a, b in zip(t, t[1:])]
+
+    @property
+    def decode_tps(self) -> float:
+        t = self.token_times_s
+        return (len(t) - 1) / (t[-1] - t[0]) if len(t) > 1 and t[-1] > t[0] else 0.0
+
+
+def pct(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    s = sorted(values)
+    k = (len(s) - 1) * q
+    lo, hi = int(k), min(int(k) + 1, len(s) - 1)
+    return s[lo] + (s[hi] - s[lo]) * (k - lo)
+
+
+def summarize(runs: list[Run]) -> dict:
+    ttft = [r.ttft_s for r in runs]
+    itl = [x for r in runs for x in r.itl_s]
+    return {
+        "ttft_ms_p50": pct(ttft, 0.5) * 1e3,
+        "ttft_ms_p99": pct(ttft, 0.99) * 1e3,
+        "itl_ms_p50": pct(itl, 0.5) * 1e3,
+        "itl_ms_p99": pct(itl, 0.99) * 1e3,
+        "itl_ms_var": statistics.pvariance([x * 1e3 for x in itl]) if len(itl) > 1 else 0.0,
+        "decode_tps": statistics.median([r.decode_tps for r in runs]) if runs else 0.0,
+        "samples": len(runs),
+    }
+
+
+def memory_bandwidth_gbs(threads: int, gib: float = 1.0, reps: int = 5) -> float:
+    """Read bandwidth: the best of `reps` sums over a tensor much larger than any cache."""
+    import torch
+
+    prev = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        x = torch.ones(int(gib * (1 << 30)) // 4, dtype=torch.float32)
+        x.sum()
+        best = min(_timed(lambda: x.sum()) for _ in range(reps))
+        return x.numel() * 4 / best / 1e9
+    finally:
+        torch.set_num_threads(prev)
+
+
+def _timed(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def peak_rss_mb(pid: int) -> float:
+    """VmHWM (peak resident set) of a process, in MB."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return float("nan")
+
+
+# -- onnxruntime-genai, called directly -------------------------------------------------------
+class DirectOG:
+    def __init__(self, build_dir: Path, threads: int):
+        import json
+
+        import onnxruntime_genai as og
+
+        self.og = og
+        config = og.Config(str(build_dir))
+        config.overlay(json.dumps({"model": {"decoder": {"session_options": {"intra_op_num_threads": threads}}}}))
+        self.model = og.Model(config)
+
+    def run(self, prompt_ids: list[int], max_new: int) -> Run:
+        og = self.og
+        params = og.GeneratorParams(self.model)
+        params.set_search_options(max_length=len(prompt_ids) + max_new, do_sample=False)
+        t0 = time.perf_counter()
+        gen = og.Generator(self.model, params)
+        gen.append_tokens(prompt_ids)
+        times = []
+        while not gen.is_done():
+            gen.generate_next_token()
+            times.append(time.perf_counter() - t0)
+        return Run(times[0], times)
+
+
+# -- PyTorch eager (transformers generate) ----------------------------------------------------
+class TorchEager:
+    def __init__(self, checkpoint: Path, dtype: str, threads: int):
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        torch.set_num_threads(threads)
+        self.torch = torch
+        self.model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=getattr(torch, dtype)).eval()
+
+    def run(self, prompt_ids: list[int], max_new: int) -> Run:
+        from transformers.generation.streamers import BaseStreamer
+
+        times: list[float] = []
+        t0 = time.perf_counter()
+
+        class Timing(BaseStreamer):
+            first = True
+
+            def put(self, value):  # the first call carries the prompt
+                if self.first:
+                    self.first = False
+                    return
+                times.append(time.perf_counter() - t0)
+
+            def end(self):
+                pass
+
+        with self.torch.no_grad():
+            self.model.generate(self.torch.tensor([prompt_ids]), max_new_tokens=max_new, min_new_tokens=max_new,
+                                do_sample=False, streamer=Timing(), pad_token_id=0)
+        return Run(times[0], times)
+
+
+def bf16_supported() -> bool:
+    import torch
+
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+# -- the whole stack ----------------------------------------------------------------------------
+def stack_run(client, model: str, prompt: str, max_new: int) -> Run:
+    out = client.generate(model, prompt, max_new)
+    return Run(out.time_to_first_token_s, out.chunk_times_s)
+
+
+def concurrent_tps(client_factory, model: str, prompt: str, max_new: int, concurrency: int, rounds: int = 1) -> dict:
+    """Aggregate completion tokens/s with `concurrency` clients streaming at once."""
+    tokens = [0] * concurrency
+    errors: list[str] = []
+
+    def worker(i: int) -> None:
+        c = client_factory()
+        try:
+            for _ in range(rounds):
+                tokens[i] += c.generate(model, prompt, max_new).completion_tokens
+        except Exception as exc:  # noqa: BLE001 - reported
+            errors.append(f"{type(exc).__name__}: {exc}")
+        finally:
+            c.close()
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(concurrency)]
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - t0
+    return {"concurrency": concurrency, "tokens": sum(tokens), "wall_s": wall,
+            "aggregate_tps": sum(tokens) / wall if wall else 0.0, "errors": errors}
+
+
+# -- bytes each decoded token must read ---------------------------------------------------------
+def onnx_weight_bytes(build_dir: Path) -> dict:
+    """Bytes of initializers read per decode step: everything but the gathered embedding table
+    and the rotary caches (read one row per step)."""
+    import onnx
+    from onnx.external_data_helper import uses_external_data
+
+    model = onnx.load(str(build_dir / "model.onnx"), load_external_data=False)
+    total = gathered = 0
+    for init in model.graph.initializer:
+        if uses_external_data(init):
+            size = int(next((e.value for e in init.external_data if e.key == "length"), 0))
+        else:
+            size = len(init.raw_data) or onnx.numpy_helper.to_array(init).nbytes
+        total += size
+        if "embed_tokens" in init.name or init.name in ("cos_cache", "sin_cache"):
+            gathered += size
+    return {"total_bytes": total, "per_token_bytes": total - gathered}
+
+
+def torch_weight_bytes(checkpoint: Path, dtype_bytes: int) -> int:
+    import json
+    import struct
+
+    params = 0
+    embed = 0
+    for f in sorted(checkpoint.glob("*.safetensors")):
+        with open(f, "rb") as fh:
+            (n,) = struct.unpack("<Q", fh.read(8))
+            header = json.loads(fh.read(n))
+        for name, info in header.items():
+            if name == "__metadata__":
+                continue
+            count = 1
+            for d in info["shape"]:
+                count *= d
+            params += count
+            if "embed_tokens" in name:
+                embed = count
+    cfg = json.loads((checkpoint / "config.json").read_text())
+    # tied: lm_head reads the embedding matrix once per token; untied: the gather reads one row
+    read = params if cfg.get("tie_word_embeddings") else params - embed
+    return read * dtype_bytes
+
+
+def as_dict(obj) -> dict:
+    return asdict(obj)
+
+
+def threads_default() -> int:
+    return max(1, min(os.cpu_count() or 1, 2))

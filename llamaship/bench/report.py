@@ -1,0 +1,261 @@
+"""Derived figures (roofline, stack overhead, article claims, targets), Markdown and charts."""
+
+from __future__ import annotations
+
+import math
+import re
+import shutil
+from pathlib import Path
+
+README_START, README_END = "<!-- bench:start -->", "<!-- bench:end -->"
+
+# The article's claims: (id, text, claimed figure as a fraction, how we measure it)
+CLAIMS = [
+    ("ort_vs_pytorch_throughput", "ONNX Runtime reaches 92% of PyTorch throughput", 0.92,
+     "direct ORT fp32 decode tokens/s ÷ PyTorch eager fp32 decode tokens/s"),
+    ("latency_variance_reduction", "60% lower latency variance", 0.60,
+     "1 − var(inter-token latency, ORT fp32) ÷ var(inter-token latency, PyTorch fp32)"),
+    ("hybrid_int8_latency_reduction", "25–35% lower latency from hybrid INT8", 0.30,
+     "1 − inter-token p50 (hybrid-int8) ÷ inter-token p50 (fp32), direct ORT"),
+    ("static_padding_cost", "20–30% padding cost for short prompts with static shapes", 0.25,
+     "time to first token of the short prompt padded to the long length ÷ unpadded − 1"),
+    ("fused_gqa_attention_speedup", "up to 40% faster attention with fused GQA", 0.40,
+     "not measured: the builder always fuses GQA on CPU, so there is no unfused build to compare"),
+]
+
+
+def _safe_div(a: float, b: float) -> float:
+    return a / b if b and not math.isnan(b) else float("nan")
+
+
+def evaluate(report: dict) -> None:
+    """Add roofline fractions, stack overhead, claims and targets to the report (in place)."""
+    bw = report["bandwidth_gbs"] * 1e9
+    for model in report["models"].values():
+        for dtype, pt in model["pytorch"].items():
+            pt["roofline_tps"] = _safe_div(bw, pt["bytes_per_token"])
+            pt["roofline_fraction"] = _safe_div(pt["short"]["decode_tps"], pt["roofline_tps"])
+        for r in model["recipes"].values():
+            if "error" in r:
+                continue
+            r["roofline_tps"] = _safe_div(bw, r["per_token_bytes"])
+            r["roofline_fraction"] = _safe_div(r["direct"]["short"]["decode_tps"], r["roofline_tps"])
+            r["overhead"] = {
+                "ttft_ms_added_p50": r["stack"]["short"]["ttft_ms_p50"] - r["direct"]["short"]["ttft_ms_p50"],
+                "itl_ms_added_p50": r["stack"]["short"]["itl_ms_p50"] - r["direct"]["short"]["itl_ms_p50"],
+                "decode_tps_ratio": _safe_div(r["stack"]["short"]["decode_tps"], r["direct"]["short"]["decode_tps"]),
+            }
+            c = {x["concurrency"]: x["aggregate_tps"] for x in r["concurrency"]}
+            r["concurrency_scaling_16_vs_1"] = _safe_div(c.get(16, float("nan")), c.get(1, float("nan")))
+    report["claims"] = _claims(report)
+    report["targets"] = _targets(report)
+
+
+def _first_model(report: dict) -> tuple[str, dict]:
+    name = "llama-125m" if "llama-125m" in report["models"] else next(iter(report["models"]))
+    return name, report["models"][name]
+
+
+def _claims(report: dict) -> list[dict]:
+    name, model = _first_model(report)
+    rec, pt = model["recipes"], model["pytorch"].get("float32", {})
+    fp32, hybrid = rec.get("fp32", {}), rec.get("hybrid-int8", {})
+    measured = {
+        "ort_vs_pytorch_throughput": _safe_div(fp32.get("direct", {}).get("short", {}).get("decode_tps", math.nan),
+                                               pt.get("short", {}).get("decode_tps", math.nan)),
+        "latency_variance_reduction": 1 - _safe_div(fp32.get("direct", {}).get("short", {}).get("itl_ms_var", math.nan),
+                                                    pt.get("short", {}).get("itl_ms_var", math.nan)),
+        "hybrid_int8_latency_reduction": 1 - _safe_div(hybrid.get("direct", {}).get("short", {}).get("itl_ms_p50", math.nan),
+                                                       fp32.get("direct", {}).get("short", {}).get("itl_ms_p50", math.nan)),
+        "static_padding_cost": _safe_div(fp32.get("direct_padded", {}).get("ttft_ms_p50", math.nan),
+                                         fp32.get("direct", {}).get("short", {}).get("ttft_ms_p50", math.nan)) - 1,
+        "fused_gqa_attention_speedup": math.nan,
+    }
+    return [{"id": cid, "claim": text, "claimed": claimed, "measured": measured[cid],
+             "ratio": _safe_div(measured[cid], claimed), "how": how, "model": name}
+            for cid, text, claimed, how in CLAIMS]
+
+
+def _targets(report: dict) -> list[dict]:
+    out = []
+    for mname, model in report["models"].items():
+        pt_fp32 = model["pytorch"].get("float32", {}).get("short", {}).get("decode_tps", math.nan)
+        for recipe, r in model["recipes"].items():
+            if "error" in r:
+                continue
+            ov = r["overhead"]
+            out.append(_t(mname, recipe, "whole stack ≥ 95% of direct decode tokens/s", ov["decode_tps_ratio"], 0.95))
+            out.append(_t(mname, recipe, "whole stack adds ≤ 5 ms time to first token", ov["ttft_ms_added_p50"], 5.0,
+                          higher_is_better=False))
+            if recipe == "int4":
+                out.append(_t(mname, recipe, "int4 decode ≥ 5× PyTorch eager fp32 (batch 1)",
+                              _safe_div(r["direct"]["short"]["decode_tps"], pt_fp32), 5.0))
+            if recipe in ("int8", "int4"):
+                out.append(_t(mname, recipe, f"{recipe} decode ≥ 70% of the bandwidth limit", r["roofline_fraction"], 0.70))
+            out.append(_t(mname, recipe, "aggregate tokens/s at concurrency 16 ≥ 2× concurrency 1",
+                          r["concurrency_scaling_16_vs_1"], 2.0))
+    return out
+
+
+def _t(model: str, recipe: str, target: str, value: float, goal: float, higher_is_better: bool = True) -> dict:
+    met = (value >= goal) if higher_is_better else (value <= goal)
+    return {"model": model, "recipe": recipe, "target": target, "value": value, "goal": goal,
+            "met": bool(met) if not math.isnan(value) else False}
+
+
+def _f(x: float, digits: int = 1) -> str:
+    return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"
+
+
+def markdown(report: dict, chart_prefix: str = "") -> str:
+    meta = report["meta"]
+    lines = [
+        f"# Llamaship bench — {meta['date']} on {meta['host']}",
+        "",
+        f"{meta['platform']}, {meta['cpu_count']} cores, {meta['threads']} threads for every contender, "
+        f"device {meta['device']}{', quick run' if meta['quick'] else ''}. "
+        f"Memory read bandwidth: **{report['bandwidth_gbs']:.1f} GB/s**. {meta['weights_note']}.",
+        f"Versions: {', '.join(f'{k} {v}' for k, v in meta['versions'].items())}.",
+        "",
+    ]
+    for mname, model in report["models"].items():
+        pt = model["prompt_tokens"]
+        lines += [f"## {mname}", "",
+                  f"Prompts: short {pt['short']} tokens, long {pt['long']} tokens; greedy; batch 1 unless noted.", "",
+                  "| contender | recipe | TTFT short p50/p99 ms | TTFT long p50/p99 ms | ITL p50/p99 ms | ITL var | "
+                  "decode tok/s | roofline | agg tok/s c=1/4/16 | build MB | compile s |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
+        for dtype, p in model["pytorch"].items():
+            s, l = p["short"], p["long"]
+            lines.append(f"| PyTorch eager | {dtype} | {_f(s['ttft_ms_p50'])}/{_f(s['ttft_ms_p99'])} | "
+                         f"{_f(l['ttft_ms_p50'])}/{_f(l['ttft_ms_p99'])} | {_f(s['itl_ms_p50'], 2)}/{_f(s['itl_ms_p99'], 2)} | "
+                         f"{_f(s['itl_ms_var'], 3)} | {_f(s['decode_tps'])} | {_f(p['roofline_fraction'] * 100, 0)}% | — | — | — |")
+        for recipe, r in model["recipes"].items():
+            if "error" in r:
+                lines.append(f"| — | {recipe} | compile failed: {r['error']} |")
+                continue
+            agg = "/".join(_f(c["aggregate_tps"], 0) for c in r["concurrency"])
+            for label, d in (("ORT GenAI direct", r["direct"]), ("Llamaship stack", r["stack"])):
+                s, l = d["short"], d["long"]
+                lines.append(
+                    f"| {label} | {recipe} | {_f(s['ttft_ms_p50'])}/{_f(s['ttft_ms_p99'])} | "
+                    f"{_f(l['ttft_ms_p50'])}/{_f(l['ttft_ms_p99'])} | {_f(s['itl_ms_p50'], 2)}/{_f(s['itl_ms_p99'], 2)} | "
+                    f"{_f(s['itl_ms_var'], 3)} | {_f(s['decode_tps'])} | "
+                    + (f"{_f(r['roofline_fraction'] * 100, 0)}% of {_f(r['roofline_tps'], 0)} | — | "
+                       f"{r['build_bytes'] / 1e6:.1f} | {_f(r['compile_s'])} |" if label.startswith("ORT") else
+                       f"— | {agg} | — | — |"))
+        lines += ["", "Stack overhead (whole stack − direct, p50): "
+                  + "; ".join(f"{rc}: +{_f(r['overhead']['ttft_ms_added_p50'], 2)} ms TTFT, "
+                              f"+{_f(r['overhead']['itl_ms_added_p50'], 3)} ms/token, "
+                              f"{_f(r['overhead']['decode_tps_ratio'] * 100, 0)}% of direct decode"
+                              for rc, r in model["recipes"].items() if "error" not in r), ""]
+    lines += ["## The article's claims, measured", "",
+              "| claim | claimed | measured | ratio | how |", "|---|---|---|---|---|"]
+    for c in report["claims"]:
+        lines.append(f"| {c['claim']} | {c['claimed'] * 100:.0f}% | {_f(c['measured'] * 100, 0)}% | "
+                     f"{_f(c['ratio'], 2)} | {c['how']} ({c['model']}) |")
+    lines += ["", "## Targets", "", "| model | recipe | target | measured | met |", "|---|---|---|---|---|"]
+    for t in report["targets"]:
+        lines.append(f"| {t['model']} | {t['recipe']} | {t['target']} | {_f(t['value'], 2)} | "
+                     f"{'✅' if t['met'] else '❌'} |")
+    lines += ["", "## Peak RSS (MB)", "", " · ".join(f"{k}: {_f(v, 0)}" for k, v in report["peak_rss_mb"].items()), ""]
+    if report.get("charts"):
+        lines += ["## Charts", ""] + [f"![{Path(c).stem}]({chart_prefix}{Path(c).name})" for c in report["charts"]]
+    return "\n".join(lines) + "\n"
+
+
+def charts(report: dict, base: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    base.mkdir(parents=True, exist_ok=True)
+    out = []
+    mname, model = _first_model(report)
+
+    # 1. latency distributions: inter-token latency per contender
+    labels, data = [], []
+    for dtype, p in model["pytorch"].items():
+        labels.append(f"PyTorch {dtype}")
+        data.append([x * 1e3 for r in p["raw"]["short"] for x in _itl(r)])
+    for recipe, r in model["recipes"].items():
+        if "error" in r:
+            continue
+        for label, key in (("direct", "direct"), ("stack", "stack")):
+            labels.append(f"{recipe} {label}")
+            data.append([x * 1e3 for run in r["raw"][key]["short"] for x in _itl(run)])
+    fig, ax = plt.subplots(figsize=(10, 4.5))
+    ax.boxplot([d or [0] for d in data], showfliers=True)
+    ax.set_xticks(range(1, len(labels) + 1), labels, rotation=30, ha="right")
+    ax.set_ylabel("inter-token latency (ms)")
+    ax.set_yscale("log")
+    ax.set_title(f"Inter-token latency distribution — {mname}, batch 1")
+    fig.tight_layout()
+    out.append(_save(fig, base / "latency.png"))
+
+    # 2. tokens/s vs concurrency, whole stack
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    for recipe, r in model["recipes"].items():
+        if "error" in r:
+            continue
+        xs = [c["concurrency"] for c in r["concurrency"]]
+        ax.plot(xs, [c["aggregate_tps"] for c in r["concurrency"]], marker="o", label=recipe)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("concurrent streams")
+    ax.set_ylabel("aggregate tokens/s (whole stack)")
+    ax.set_title(f"Throughput vs concurrency — {mname}")
+    ax.legend()
+    fig.tight_layout()
+    out.append(_save(fig, base / "concurrency.png"))
+
+    # 3. roofline fraction per recipe and model
+    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    names = list(report["models"])
+    recipes = [rc for rc in next(iter(report["models"].values()))["recipes"]]
+    width = 0.8 / max(len(recipes) + 1, 1)
+    for i, rc in enumerate(["PyTorch fp32", *recipes]):
+        vals = []
+        for mn in names:
+            mm = report["models"][mn]
+            v = (mm["pytorch"].get("float32", {}).get("roofline_fraction", math.nan) if i == 0
+                 else mm["recipes"].get(rc, {}).get("roofline_fraction", math.nan))
+            vals.append(0 if math.isnan(v) else v * 100)
+        ax.bar([j + i * width for j in range(len(names))], vals, width, label=rc)
+    ax.axhline(70, color="k", linestyle="--", linewidth=1, label="target 70%")
+    ax.set_xticks([j + width * len(recipes) / 2 for j in range(len(names))], names)
+    ax.set_ylabel("% of bandwidth ÷ bytes-per-token")
+    ax.set_title(f"Decode speed vs the memory-bandwidth limit ({report['bandwidth_gbs']:.0f} GB/s)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    out.append(_save(fig, base / "roofline.png"))
+    return out
+
+
+def _itl(run: dict) -> list[float]:
+    t = run["token_times_s"]
+    return [b - a for a, b in zip(t, t[1:])]
+
+
+def _save(fig, path: Path) -> Path:
+    fig.savefig(path, dpi=110)
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    return path
+
+
+def update_readme(readme: Path, report: dict, chart_files: list[Path], latest_dir: Path) -> None:
+    """Put the latest table and charts into the README between the bench markers."""
+    latest_dir.mkdir(parents=True, exist_ok=True)
+    for c in chart_files:
+        shutil.copy(c, latest_dir / c.name)
+    body = markdown({**report, "charts": [c.name for c in chart_files]}, chart_prefix="bench/latest/")
+    body = re.sub(r"^# .*\n", "", body).replace("\n## ", "\n### ")
+    text = readme.read_text()
+    block = f"{README_START}\n### Latest run: {report['meta']['date']} on {report['meta']['host']}\n{body}{README_END}"
+    if README_START in text:
+        text = re.sub(re.escape(README_START) + ".*?" + re.escape(README_END), lambda _: block, text, flags=re.S)
+    else:
+        text += f"\n## Benchmark\n\n{block}\n"
+    readme.write_text(text)

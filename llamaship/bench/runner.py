@@ -1,0 +1,199 @@
+"""`llamaship bench`: every contender on the same machine, same threads, in one run."""
+
+from __future__ import annotations
+
+import datetime as dt
+import gc
+import json
+import os
+import platform
+import socket
+import sys
+import sysconfig
+import time
+from pathlib import Path
+
+from tqdm import tqdm
+
+from llamaship.bench import measure as m
+from llamaship.bench.models import bench_checkpoint
+
+ROOT = Path(__file__).resolve().parents[2]
+CPU_RECIPES = ("fp32", "int8", "hybrid-int8", "int4")
+CUDA_RECIPES = ("fp16", "int4")
+
+
+class Plan:
+    def __init__(self, quick: bool, large: bool, recipes: list[str] | None, device: str):
+        self.quick = quick
+        self.device = device
+        self.models = ["demo"] if quick else ["demo", "llama-125m"] + (["llama-3.2-1b"] if large else [])
+        self.recipes = list(recipes or (CUDA_RECIPES if device == "cuda" else CPU_RECIPES))
+        self.short_tokens = 16
+        self.long_tokens = 256 if quick else 512
+        self.new_tokens = 32 if quick else 128
+        self.reps_short = 3 if quick else 10
+        self.reps_long = 2 if quick else 5
+        self.concurrency = (1, 4, 16)
+        self.conc_tokens = 16 if quick else 64
+        self.torch_reps = 2 if quick else 3
+
+
+def prompt_text(tokenizer, n_tokens: int) -> str:
+    """Source text whose encoding (BOS included) is about n_tokens long."""
+    text = (Path(sysconfig.get_paths()["stdlib"]) / "argparse.py").read_text()
+    ids = tokenizer.tokenizer.encode(text, add_special_tokens=False).ids[: n_tokens - 1]
+    return tokenizer.decode(ids)
+
+
+def run_bench(plan: Plan, out_dir: Path, cache: Path, threads: int) -> dict:
+    from llamaship.client import GatewayClient
+    from llamaship.stack import Stack, StackConfig
+    from serving_service.text import PromptTokenizer
+    from shared.store import BuildStore
+
+    stamp = dt.datetime.now().strftime("%Y-%m-%dT%H%M%S")
+    report: dict = {
+        "meta": {
+            "date": stamp, "host": socket.gethostname(), "platform": platform.platform(),
+            "cpu_count": os.cpu_count(), "threads": threads, "device": plan.device, "quick": plan.quick,
+            "python": sys.version.split()[0], "versions": _versions(),
+            "weights_note": "llama-* checkpoints have random weights (decode speed does not depend on values); "
+                            "demo is the trained demo model",
+            "plan": {k: v for k, v in vars(plan).items()},
+        },
+        "models": {},
+    }
+    steps = len(plan.models) * (len(plan.recipes) + 2) + 1
+    bar = tqdm(total=steps, desc="bench", unit="step")
+    bar.set_postfix_str("memory bandwidth")
+    report["bandwidth_gbs"] = m.memory_bandwidth_gbs(threads)
+    bar.update(1)
+
+    cfg = StackConfig(store=cache / "store", log_dir=out_dir / "logs", env={"LLAMASHIP_THREADS": str(threads)},
+                      slots=16)
+    with Stack(cfg) as stack:
+        client = GatewayClient(stack.gateway_address)
+        store = BuildStore(cfg.store)
+        for model_name in plan.models:
+            bar.set_postfix_str(f"{model_name}: checkpoint")
+            ckpt = bench_checkpoint(model_name, cache / "checkpoints")
+            tok = PromptTokenizer(ckpt)
+            prompts = {"short": prompt_text(tok, plan.short_tokens), "long": prompt_text(tok, plan.long_tokens)}
+            entry: dict = {"checkpoint": str(ckpt), "prompt_tokens": {k: len(tok.encode(v)) for k, v in prompts.items()},
+                           "pytorch": {}, "recipes": {}}
+            report["models"][model_name] = entry
+            bar.update(1)
+
+            bar.set_postfix_str(f"{model_name}: PyTorch eager")
+            dtypes = ["float32"] + (["bfloat16"] if m.bf16_supported() else [])
+            for dtype in dtypes:
+                eager = m.TorchEager(ckpt, dtype, threads)
+                ids = {k: tok.encode(v) for k, v in prompts.items()}
+                eager.run(ids["short"], 4)
+                runs = {k: [eager.run(ids[k], plan.new_tokens) for _ in range(plan.torch_reps)] for k in ids}
+                entry["pytorch"][dtype] = {
+                    "short": m.summarize(runs["short"]), "long": m.summarize(runs["long"]),
+                    "bytes_per_token": m.torch_weight_bytes(ckpt, 4 if dtype == "float32" else 2),
+                    "raw": {k: [m.as_dict(r) for r in v] for k, v in runs.items()},
+                }
+                del eager
+                gc.collect()
+            bar.update(1)
+
+            for recipe in plan.recipes:
+                bar.set_postfix_str(f"{model_name}: {recipe}")
+                name = f"bench-{model_name}-{recipe}".replace(".", "-")
+                t0 = time.perf_counter()
+                job = client.compile(str(ckpt), name, recipe, plan.device)
+                compile_s = time.perf_counter() - t0
+                if not job.build_id:
+                    entry["recipes"][recipe] = {"error": job.message}
+                    bar.update(1)
+                    continue
+                build_dir = store.path(job.build_id)
+                manifest = store.manifest(job.build_id)
+                entry["recipes"][recipe] = _measure_recipe(plan, client, stack, name, build_dir, tok, prompts, threads)
+                entry["recipes"][recipe].update({
+                    "build_id": job.build_id, "compile_s": compile_s, "reused_build": job.reused,
+                    "build_bytes": manifest.total_bytes, **m.onnx_weight_bytes(build_dir),
+                })
+                bar.update(1)
+        report["peak_rss_mb"] = {n: m.peak_rss_mb(p.popen.pid) for n, p in stack.procs.items()}
+        report["peak_rss_mb"]["bench (PyTorch + direct ORT)"] = m.peak_rss_mb(os.getpid())
+        client.close()
+    bar.close()
+    return report
+
+
+def _measure_recipe(plan: Plan, client, stack, name: str, build_dir: Path, tok, prompts: dict, threads: int) -> dict:
+    from llamaship.client import GatewayClient
+
+    direct = m.DirectOG(build_dir, threads)
+    ids = {k: tok.encode(v) for k, v in prompts.items()}
+    direct.run(ids["short"], 4)
+    d_runs = {"short": [direct.run(ids["short"], plan.new_tokens) for _ in range(plan.reps_short)],
+              "long": [direct.run(ids["long"], plan.new_tokens) for _ in range(plan.reps_long)]}
+    pad_to = plan.long_tokens
+    padded_ids = [0] * (pad_to - len(ids["short"])) + ids["short"]
+    p_runs = [direct.run(padded_ids, plan.new_tokens) for _ in range(plan.reps_long)]
+    del direct
+    gc.collect()
+
+    m.stack_run(client, name, prompts["short"], 4)
+    s_runs = {"short": [m.stack_run(client, name, prompts["short"], plan.new_tokens) for _ in range(plan.reps_short)],
+              "long": [m.stack_run(client, name, prompts["long"], plan.new_tokens) for _ in range(plan.reps_long)]}
+    conc = [m.concurrent_tps(lambda: GatewayClient(stack.gateway_address), name, prompts["short"], plan.conc_tokens, c)
+            for c in plan.concurrency]
+    return {
+        "direct": {k: m.summarize(v) for k, v in d_runs.items()},
+        "direct_padded": {"pad_to": pad_to, **m.summarize(p_runs)},
+        "stack": {k: m.summarize(v) for k, v in s_runs.items()},
+        "concurrency": conc,
+        "raw": {
+            "direct": {k: [m.as_dict(r) for r in v] for k, v in d_runs.items()},
+            "direct_padded": [m.as_dict(r) for r in p_runs],
+            "stack": {k: [m.as_dict(r) for r in v] for k, v in s_runs.items()},
+        },
+    }
+
+
+def _versions() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for pkg in ("onnxruntime-genai", "onnxruntime", "torch", "transformers", "grpcio", "redis"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            pass
+    return out
+
+
+def main(args) -> int:
+    from llamaship.bench import report as rep
+
+    if args.device == "cuda":
+        import onnxruntime_genai as og
+
+        if not og.is_cuda_available():
+            print("llamaship bench: --device cuda needs onnxruntime-genai-cuda and a GPU "
+                  "(pip install -e '.[cuda]')", file=sys.stderr)
+            return 1
+    plan = Plan(args.quick, args.large, args.recipes, args.device)
+    out_dir = Path(args.out).resolve()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    cache = Path(args.cache).resolve()
+    report = run_bench(plan, out_dir, cache, args.threads or m.threads_default())
+    rep.evaluate(report)
+    base = out_dir / f"{report['meta']['date']}-{report['meta']['host']}"
+    charts = rep.charts(report, base)
+    report["charts"] = [str(c.relative_to(out_dir)) for c in charts]
+    base.with_suffix(".json").write_text(json.dumps(report, indent=1, default=float))
+    markdown = rep.markdown(report, chart_prefix=base.name + "/")
+    base.with_suffix(".md").write_text(markdown)
+    if args.update_readme:
+        rep.update_readme(ROOT / "README.md", report, charts, ROOT / "bench" / "latest")
+    print(markdown)
+    print(f"\nreport: {base.with_suffix('.md')}\nraw samples: {base.with_suffix('.json')}")
+    return 0
