@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import signal
 import socket
 import sys
 from pathlib import Path
@@ -18,7 +17,8 @@ from shared import config, redis_conn
 from shared.grpc_server import add_health_and_reflection, bind, create_server, set_serving
 from shared.proto_gen.llamaship.compiler.v1 import compiler_pb2, compiler_pb2_grpc
 from shared.store import BuildStore
-from shared.telemetry import setup_logging, start_metrics_server
+from shared.service import run_service, shutdown_event
+from shared.telemetry import start_metrics_server
 
 log = logging.getLogger("llamaship.compiler")
 SERVICE = compiler_pb2.DESCRIPTOR.services_by_name["Compiler"].full_name
@@ -48,10 +48,7 @@ async def serve(settings: config.Settings) -> None:
              f", metrics on :{metrics_port}" if metrics_port else "")
     print(f"LLAMASHIP_READY compiler {settings.host}:{port}", flush=True)
 
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+    stop = shutdown_event()
     tasks = [asyncio.create_task(worker.run()), asyncio.create_task(worker.recover_loop())]
     await asyncio.wait([asyncio.create_task(stop.wait()), *tasks], return_when=asyncio.FIRST_COMPLETED)
     for t in tasks:
@@ -67,14 +64,7 @@ async def serve(settings: config.Settings) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    settings = config.parse_service_args("llamaship-compiler", "Compiler service.", config.COMPILER, argv)
-    setup_logging("compiler", settings.log_level)
-    try:
-        asyncio.run(serve(settings))
-    except RuntimeError as exc:
-        log.error("%s", exc)
-        return 1
-    return 0
+    return run_service("compiler", "Compiler service.", config.COMPILER, serve, argv)
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Awaitable, Callable
 
 from shared import catalog
+from shared.service import package_versions
 from shared.store import BuildStore, Manifest
 from compiler_service import checkpoint as ckpt
 from compiler_service import recipes
@@ -44,15 +45,7 @@ class Outcome:
 
 
 def tool_versions() -> dict[str, str]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {}
-    for pkg in ("llamaship", "onnxruntime-genai", "onnxruntime", "onnx", "transformers", "torch"):
-        try:
-            out[pkg] = version(pkg)
-        except PackageNotFoundError:
-            pass
-    return out
+    return package_versions(("llamaship", "onnxruntime-genai", "onnxruntime", "onnx", "transformers", "torch"))
 
 
 def build_id_for(source_sha: str, req: JobRequest, versions: dict[str, str]) -> str:

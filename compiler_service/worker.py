@@ -70,6 +70,11 @@ class CompileWorker:
 
         try:
             outcome = await self.pipeline.run(job_id, job.request, progress, should_cancel)
+        except asyncio.CancelledError:
+            # This compiler is shutting down: hand the job to the next one instead of waiting for the lease.
+            renew.cancel()
+            await asyncio.shield(self.jobs.requeue(job, "re-queued: the compiler running it shut down"))
+            raise
         except BuildCancelled:
             job.state, job.stage, job.message = CANCELLED, "cancelled", "cancelled while building; nothing published"
         except (CompileError, BuildFailed) as exc:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import signal
 import sys
 
 import grpc
@@ -15,7 +14,8 @@ from shared import config, redis_conn
 from shared.grpc_server import add_health_and_reflection, bind, create_server, set_serving
 from shared.proto_gen.llamaship.compiler.v1 import compiler_pb2_grpc
 from shared.proto_gen.llamaship.gateway.v1 import gateway_pb2, gateway_pb2_grpc
-from shared.telemetry import setup_logging, start_metrics_server
+from shared.service import run_service, shutdown_event
+from shared.telemetry import start_metrics_server
 
 log = logging.getLogger("llamaship.gateway")
 SERVICE = gateway_pb2.DESCRIPTOR.services_by_name["Gateway"].full_name
@@ -41,10 +41,7 @@ async def serve(settings: config.Settings) -> None:
              f", metrics on :{metrics_port}" if metrics_port else "")
     print(f"LLAMASHIP_READY gateway {settings.host}:{port}", flush=True)
 
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+    stop = shutdown_event()
     await stop.wait()
     log.info("shutting down: finishing open streams")
     await set_serving(health, [SERVICE], False)
@@ -54,14 +51,7 @@ async def serve(settings: config.Settings) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    settings = config.parse_service_args("llamaship-gateway", "Gateway: the one front door.", config.GATEWAY, argv)
-    setup_logging("gateway", settings.log_level)
-    try:
-        asyncio.run(serve(settings))
-    except RuntimeError as exc:
-        log.error("%s", exc)
-        return 1
-    return 0
+    return run_service("gateway", "Gateway: the one front door.", config.GATEWAY, serve, argv)
 
 
 if __name__ == "__main__":

@@ -46,7 +46,8 @@ def cmd_up(args: argparse.Namespace) -> int:
     print(f"  redis     {stack.redis_url}{' (embedded)' if not args.redis_url else ''}")
     for name, proc in stack.procs.items():
         if name != "redis":
-            print(f"  {name:<9} {proc.address}   log {proc.log_path}")
+            metrics = stack.metrics_ports.get(name)
+            print(f"  {name:<13} grpc {proc.address}   metrics http://{cfg.host}:{metrics}/metrics   log {proc.log_path}")
     print(f"  store     {cfg.store}")
     print(f"gateway ready at {stack.gateway_address} (no API keys: open on loopback only). Ctrl-C stops.", flush=True)
     try:

@@ -63,6 +63,7 @@ class Stack:
         self.procs: dict[str, Proc] = {}
         self.redis_url = cfg.redis_url or ""
         self.ports: dict[str, int] = {}
+        self.metrics_ports: dict[str, int] = {}
 
     # -- lifecycle -------------------------------------------------------------------------
     def start(self, timeout_s: float = 60.0) -> "Stack":
@@ -118,7 +119,8 @@ class Stack:
         port = port or free_port(self.cfg.host)
         args = [sys.executable, "-m", module, "--port", str(port), *(extra or [])]
         if self.cfg.metrics:
-            args += ["--metrics-port", str(free_port(self.cfg.host))]
+            self.metrics_ports[name] = free_port(self.cfg.host)
+            args += ["--metrics-port", str(self.metrics_ports[name])]
         log_path = self.cfg.log_dir / f"{name}.log"
         popen = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=self.service_env(),
                                  text=True, bufsize=1, start_new_session=True)

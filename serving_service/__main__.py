@@ -6,7 +6,6 @@ import asyncio
 import contextlib
 import logging
 import os
-import signal
 import socket
 import sys
 
@@ -14,7 +13,8 @@ from shared import catalog, config, redis_conn
 from shared.grpc_server import add_health_and_reflection, bind, create_server, set_serving
 from shared.proto_gen.llamaship.serving.v1 import serving_pb2, serving_pb2_grpc
 from shared.store import BuildStore
-from shared.telemetry import setup_logging, start_metrics_server
+from shared.service import run_service, shutdown_event
+from shared.telemetry import start_metrics_server
 from serving_service import metrics
 from serving_service.build_watcher import BuildWatcher
 from serving_service.engine import Engine
@@ -63,10 +63,7 @@ async def serve(settings: config.Settings) -> None:
             with contextlib.suppress(Exception):
                 await heartbeat()
 
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+    stop = shutdown_event()
     tasks = [asyncio.create_task(c) for c in (worker.run(), watcher.follow(), heartbeat_loop())]
     done, _ = await asyncio.wait([asyncio.create_task(stop.wait()), *tasks], return_when=asyncio.FIRST_COMPLETED)
     for t in done:
@@ -83,14 +80,7 @@ async def serve(settings: config.Settings) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    settings = config.parse_service_args("llamaship-serving", "Serving replica for one hardware pool.", config.SERVING, argv)
-    setup_logging("serving", settings.log_level)
-    try:
-        asyncio.run(serve(settings))
-    except RuntimeError as exc:
-        log.error("%s", exc)
-        return 1
-    return 0
+    return run_service("serving", "Serving replica for one hardware pool.", config.SERVING, serve, argv)
 
 
 if __name__ == "__main__":

@@ -92,20 +92,29 @@ class QueueWorker:
                 await self._write(resp_key, Chunk("error", error_code="DEADLINE_EXCEEDED",
                                                   error_message="deadline passed while queued"))
                 return
-            metrics.QUEUE_WAIT.labels(self.engine.pool).observe(max(0.0, time.time() - req.enqueued_at))
+            pool = self.engine.pool
+            metrics.QUEUE_WAIT.labels(pool).observe(max(0.0, time.time() - req.enqueued_at))
+            started = time.perf_counter()
+            outcome = "cancelled"
             stream = self.engine.stream(req)
             try:
                 async for chunk in stream:
-                    if task is not None:
+                    if task is not None and getattr(task, "starting", False):
                         task.starting = False  # type: ignore[attr-defined]
+                        metrics.TTFT.labels(pool).observe(time.perf_counter() - started)
+                    metrics.TOKENS.labels(pool).inc(len(chunk.token_ids))
                     chunk.replica_id = self.replica_id
                     cancelled = await self._write(resp_key, chunk, check_cancel=cancel_key)
+                    if chunk.kind == "end":
+                        outcome = chunk.finish_reason
                     if cancelled:
                         log.info("client cancelled; stopping generation")
                         break
             finally:
                 await stream.aclose()
+                metrics.REQUESTS.labels(pool, outcome).inc()
         except LlamashipError as exc:
+            metrics.REQUESTS.labels(self.engine.pool, exc.code.name.lower()).inc()
             await self._write(resp_key, Chunk("error", error_code=exc.code.name, error_message=exc.message,
                                               replica_id=self.replica_id))
         except Exception as exc:  # noqa: BLE001 - reported to the client as INTERNAL, logged here

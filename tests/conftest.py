@@ -51,7 +51,7 @@ def stack(tmp_path_factory, demo_model):
     from llamaship.stack import Stack, StackConfig
 
     base = tmp_path_factory.mktemp("stack")
-    cfg = StackConfig(store=base / "store", log_dir=base / "logs", slots=4,
+    cfg = StackConfig(store=base / "store", log_dir=base / "logs", slots=4, metrics=True,
                       env={"LLAMASHIP_JOB_LEASE_S": "6", "LLAMASHIP_QUEUE_TIMEOUT_S": "30"})
     s = Stack(cfg).start()
     yield s

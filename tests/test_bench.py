@@ -31,7 +31,7 @@ def report(tmp_path_factory, demo_model):
 def test_every_contender_and_metric_is_present(report):
     data, _, _, _ = report
     plan = data["meta"]["plan"]
-    assert data["bandwidth_gbs"] > 0
+    assert len(data["bandwidth_samples_gbs"]) == 2 and data["bandwidth_gbs"] == max(data["bandwidth_samples_gbs"]) > 0
     demo = data["models"]["demo"]
     assert demo["prompt_tokens"]["short"] < demo["prompt_tokens"]["long"]
     assert "float32" in demo["pytorch"]
@@ -51,6 +51,10 @@ def test_every_contender_and_metric_is_present(report):
         for c in r["concurrency"]:
             assert not c["errors"] and c["tokens"] == c["concurrency"] * plan["conc_tokens"]
         assert r["build_bytes"] > r["per_token_bytes"] > 0 and r["compile_s"] > 0
+        cpu = r["cpu_ms_per_token"]
+        assert cpu["direct"]["bench (direct ORT)"] > 0
+        assert {"serving-cpu-0", "gateway", "redis", "client (bench)"} <= set(cpu["stack"])
+        assert all(v >= 0 for v in cpu["stack"].values())
     assert {"gateway", "compiler", "serving-cpu-0", "redis"} <= set(data["peak_rss_mb"])
 
 

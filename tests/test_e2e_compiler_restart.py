@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import signal
-import time
 
 import pytest
 
@@ -12,7 +11,8 @@ from shared.proto_gen.llamaship.compiler.v1 import compiler_pb2
 pytestmark = pytest.mark.integration
 
 
-def test_job_running_when_compiler_dies_is_rerun_after_restart(tmp_path, demo_model):
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["killed", "terminated"])
+def test_job_running_when_compiler_dies_is_rerun_after_restart(tmp_path, demo_model, sig):
     from llamaship.client import GatewayClient
     from llamaship.stack import Stack, StackConfig
 
@@ -24,7 +24,7 @@ def test_job_running_when_compiler_dies_is_rerun_after_restart(tmp_path, demo_mo
                 break
         assert current.stage == "build", f"job never reached the build stage: {current}"
         compiler_port = stack.ports["compiler"]
-        stack.stop_process("compiler", signal.SIGKILL)
+        stack.stop_process("compiler", sig)
         stack.start_service("compiler", "compiler_service", compiler_port, 60)
         final = None
         for final in client.watch_compile(job.job_id):

@@ -130,3 +130,25 @@ def test_compile_of_identical_inputs_reuses_the_build(client, demo_model, fp32_b
     job = client.compile(str(demo_model), "demo", "fp32")
     assert job.state == compiler_pb2.JOB_STATE_SUCCEEDED
     assert job.reused and job.build_id == fp32_build
+
+
+def test_prometheus_metrics_count_the_work(client, stack, fp32_build):
+    import re
+    import urllib.request
+
+    client.generate("demo", PROMPT, 8)
+
+    def scrape(name: str) -> str:
+        port = stack.metrics_ports[name]
+        return urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+
+    def value(text: str, metric: str) -> float:
+        return sum(float(v) for v in re.findall(rf"^{metric}(?:{{[^}}]*}})? (\S+)$", text, re.M))
+
+    serving, gateway = scrape("serving-cpu-0"), scrape("gateway")
+    assert value(serving, "llamaship_serving_tokens_total") >= 8
+    assert value(serving, "llamaship_serving_time_to_first_token_seconds_count") >= 1
+    assert value(serving, "llamaship_serving_build_load_seconds_count") >= 1
+    assert value(gateway, "llamaship_gateway_requests_total") >= 1
+    assert value(gateway, "llamaship_gateway_tokens_total") >= 8
+    assert "process_cpu_seconds_total" in scrape("compiler")

@@ -83,6 +83,26 @@ def peak_rss_mb(pid: int) -> float:
     return float("nan")
 
 
+def cpu_seconds(pids: dict[str, int]) -> dict[str, float]:
+    """User + system CPU seconds each process has used so far."""
+    import psutil
+
+    out = {}
+    for name, pid in pids.items():
+        try:
+            t = psutil.Process(pid).cpu_times()
+            out[name] = t.user + t.system
+        except psutil.Error:
+            out[name] = float("nan")
+    return out
+
+
+def cpu_ms_per_token(before: dict[str, float], after: dict[str, float], runs: list[Run]) -> dict[str, float]:
+    """A CPU profile of a measurement: milliseconds of CPU each process spent per generated token."""
+    tokens = sum(len(r.token_times_s) for r in runs) or 1
+    return {name: (after[name] - before[name]) * 1e3 / tokens for name in before}
+
+
 # -- onnxruntime-genai, called directly -------------------------------------------------------
 class DirectOG:
     def __init__(self, build_dir: Path, threads: int):

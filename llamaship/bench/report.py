@@ -114,7 +114,9 @@ def markdown(report: dict, chart_prefix: str = "") -> str:
         "",
         f"{meta['platform']}, {meta['cpu_count']} cores, {meta['threads']} threads for every contender, "
         f"device {meta['device']}{', quick run' if meta['quick'] else ''}. "
-        f"Memory read bandwidth: **{report['bandwidth_gbs']:.1f} GB/s**. {meta['weights_note']}.",
+        f"Memory read bandwidth: **{report['bandwidth_gbs']:.1f} GB/s** (best of "
+        f"{', '.join(f'{b:.1f}' for b in report.get('bandwidth_samples_gbs', [report['bandwidth_gbs']]))} "
+        f"measured at start and end). {meta['weights_note']}.",
         f"Versions: {', '.join(f'{k} {v}' for k, v in meta['versions'].items())}.",
         "",
     ]
@@ -144,6 +146,17 @@ def markdown(report: dict, chart_prefix: str = "") -> str:
                     + (f"{_f(r['roofline_fraction'] * 100, 0)}% of {_f(r['roofline_tps'], 0)} | — | "
                        f"{r['build_bytes'] / 1e6:.1f} | {_f(r['compile_s'])} |" if label.startswith("ORT") else
                        f"— | {agg} | — | — |"))
+        procs = sorted({k for r in model["recipes"].values() if "error" not in r
+                        for k in r["cpu_ms_per_token"]["stack"]})
+        lines += ["", "CPU profile: milliseconds of CPU per generated token (short prompt), direct vs whole stack", "",
+                  "| recipe | direct ORT | " + " | ".join(f"stack: {p}" for p in procs) + " | stack total |",
+                  "|---|---|" + "---|" * (len(procs) + 1)]
+        for rc, r in model["recipes"].items():
+            if "error" in r:
+                continue
+            st = r["cpu_ms_per_token"]["stack"]
+            lines.append(f"| {rc} | {_f(sum(r['cpu_ms_per_token']['direct'].values()), 2)} | "
+                         + " | ".join(_f(st.get(p, math.nan), 2) for p in procs) + f" | {_f(sum(st.values()), 2)} |")
         lines += ["", "Stack overhead (whole stack − direct, p50): "
                   + "; ".join(f"{rc}: +{_f(r['overhead']['ttft_ms_added_p50'], 2)} ms TTFT, "
                               f"+{_f(r['overhead']['itl_ms_added_p50'], 3)} ms/token, "
