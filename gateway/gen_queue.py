@@ -9,6 +9,7 @@ from typing import AsyncIterator
 import redis.asyncio as aioredis
 
 from shared import redis_keys as keys
+from shared.catalog import ReplicaHeartbeat
 from shared.errors import ResourceExhausted, Unavailable
 from shared.generation import Chunk, GenRequest
 
@@ -20,10 +21,11 @@ return redis.call('XADD', KEYS[1], '*', 'req', ARGV[2])
 
 
 class GenerationQueue:
-    def __init__(self, r: aioredis.Redis, max_depth: int, wait_timeout_s: float):
+    def __init__(self, r: aioredis.Redis, max_depth: int, wait_timeout_s: float, replica_stale_s: float = 10.0):
         self.r = r
         self.max_depth = max_depth
         self.wait_timeout_s = wait_timeout_s
+        self.replica_stale_s = replica_stale_s
         self._bounded_xadd = r.register_script(_BOUNDED_XADD)
 
     async def depth(self, pool: str) -> int:
@@ -40,15 +42,25 @@ class GenerationQueue:
         return entry_id
 
     async def responses(self, request_id: str, pool: str, entry_id: str) -> AsyncIterator[Chunk]:
-        """Yield the request's chunks until its end or error chunk."""
+        """Yield the request's chunks until its end or error chunk.
+
+        While waiting, checks that the replica working on the request is alive: one that died
+        (no heartbeat) ends the stream with UNAVAILABLE instead of leaving the caller hanging.
+        """
         key = keys.response_stream(request_id)
         last = "0-0"
-        started = False
+        replica_id = ""
         waited_since = time.monotonic()
         while True:
             resp = await self.r.xread({key: last}, block=1000, count=256)
             if not resp:
-                if not started and time.monotonic() - waited_since > self.wait_timeout_s:
+                if not replica_id:
+                    replica_id = await self._consumer_of(pool, entry_id)
+                if replica_id and await self._replica_gone(replica_id):
+                    raise Unavailable(
+                        f"replica {replica_id} stopped while serving this request; it may be retried"
+                    )
+                if not replica_id and time.monotonic() - waited_since > self.wait_timeout_s:
                     await self.withdraw(pool, entry_id)
                     raise Unavailable(
                         f"no {pool} replica took the request within {self.wait_timeout_s:.0f}s; it may be retried"
@@ -56,12 +68,22 @@ class GenerationQueue:
                 continue
             for _stream, entries in resp:
                 for last, fields in entries:
-                    started = True
                     chunk = Chunk.from_fields(fields)
+                    replica_id = chunk.replica_id or replica_id
                     yield chunk
                     if chunk.kind in ("end", "error"):
                         await self.r.delete(key)
                         return
+
+    async def _consumer_of(self, pool: str, entry_id: str) -> str:
+        """The replica that took the queue entry, or "" while it waits."""
+        pending = await self.r.xpending_range(keys.gen_queue(pool), keys.GEN_GROUP, min=entry_id, max=entry_id,
+                                              count=1)
+        return pending[0]["consumer"] if pending else ""
+
+    async def _replica_gone(self, replica_id: str) -> bool:
+        raw = await self.r.hget(keys.REPLICAS, replica_id)
+        return raw is None or time.time() - ReplicaHeartbeat.from_json(raw).ts > self.replica_stale_s
 
     async def cancel(self, request_id: str) -> None:
         """Tell the replica (now or when it picks the request up) to stop. Idempotent."""

@@ -76,6 +76,7 @@ async def serve(settings: config.Settings) -> None:
     await catalog.remove_heartbeat(r, replica_id)
     await worker.drain(timeout_s=30)
     await server.stop(grace=5)
+    engine.close()
     await r.aclose()
 
 

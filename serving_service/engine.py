@@ -1,9 +1,9 @@
 """The replica's engine: the builds it has loaded, its slots, and token streaming.
 
-Each request decodes in its own worker thread (ONNX Runtime releases the GIL), handing tokens
-to the event loop as they are produced. A request keeps the build it started on: a hot swap
-replaces the name's entry for later requests only, and the old build is freed when its last
-stream ends.
+Each loaded build decodes in its own child process (serving_service.decode_worker), which
+hands tokens to the event loop as they are produced. A request keeps the build it started on: a
+hot swap replaces the name's entry for later requests only, and the old build's process stops
+when its last stream ends.
 """
 
 from __future__ import annotations
@@ -12,18 +12,16 @@ import asyncio
 import json
 import logging
 import random
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import AsyncIterator
 
-import onnxruntime_genai as og
-
 from shared.errors import InvalidArgument, NotFound, ResourceExhausted
 from shared.generation import FINISH_EOS, FINISH_LENGTH, FINISH_STOP, Chunk, GenRequest, validate
 from shared.pools import POOLS
 from shared.store import BuildStore, Manifest
+from serving_service.decode_worker import DecodeWorker
 from serving_service.text import IncrementalDetokenizer, PromptTokenizer, StopMatcher
 
 log = logging.getLogger("llamaship.serving.engine")
@@ -34,12 +32,13 @@ MAX_TOKENS_PER_CHUNK = 64
 class LoadedBuild:
     name: str
     manifest: Manifest
-    model: og.Model
+    worker: DecodeWorker
     tokenizer: PromptTokenizer
     eos_ids: frozenset[int]
     vocab_size: int
     load_seconds: float = 0.0
     active: int = 0
+    retired: bool = False  # replaced by a newer build: closes once its last stream ends
 
     @property
     def build_id(self) -> str:
@@ -49,40 +48,26 @@ class LoadedBuild:
     def context_length(self) -> int:
         return self.manifest.context_length
 
+    def close_if_idle(self) -> None:
+        if self.retired and self.active == 0:
+            self.worker.close()
 
-def load_build(store: BuildStore, name: str, build_id: str, pool: str, threads: int = 0) -> LoadedBuild:
-    """Verify a build from the store and load it into ONNX Runtime GenAI (blocking)."""
+
+async def load_build(store: BuildStore, name: str, build_id: str, pool: str, threads: int = 0) -> LoadedBuild:
+    """Verify a build from the store and start (load and warm) its decode worker."""
     t0 = time.perf_counter()
-    manifest = store.verify(build_id, full=True)
+    manifest = await asyncio.to_thread(store.verify, build_id, full=True)
     if manifest.target_pool != pool:
         raise InvalidArgument(f"build {build_id} targets pool {manifest.target_pool}, not {pool}")
     path = store.path(build_id)
-    config = og.Config(str(path))
-    provider = POOLS[pool].genai_provider
-    config.clear_providers()
-    if provider:
-        config.append_provider(provider)
-    if threads:
-        config.overlay(json.dumps({"model": {"decoder": {"session_options": {"intra_op_num_threads": threads}}}}))
-    model = og.Model(config)
     genai = json.loads((path / "genai_config.json").read_text())["model"]
     eos = genai.get("eos_token_id", [])
-    eos_ids = frozenset(eos if isinstance(eos, list) else [eos])
-    loaded = LoadedBuild(name, manifest, model, PromptTokenizer(path), eos_ids, int(genai["vocab_size"]))
-    warm(loaded)
+    tokenizer = await asyncio.to_thread(PromptTokenizer, path)
+    worker = await DecodeWorker.start(build_id, str(path), POOLS[pool].genai_provider, threads)
+    loaded = LoadedBuild(name, manifest, worker, tokenizer, frozenset(eos if isinstance(eos, list) else [eos]),
+                         int(genai["vocab_size"]))
     loaded.load_seconds = time.perf_counter() - t0
     return loaded
-
-
-def warm(loaded: LoadedBuild) -> None:
-    """Run one short generation so the first real request does not pay for lazy set-up."""
-    ids = loaded.tokenizer.encode("warm up")
-    params = og.GeneratorParams(loaded.model)
-    params.set_search_options(max_length=min(len(ids) + 2, loaded.context_length), do_sample=False)
-    gen = og.Generator(loaded.model, params)
-    gen.append_tokens(ids)
-    while not gen.is_done():
-        gen.generate_next_token()
 
 
 def _search_options(loaded: LoadedBuild, req: GenRequest, max_length: int) -> dict:
@@ -97,30 +82,6 @@ def _search_options(loaded: LoadedBuild, req: GenRequest, max_length: int) -> di
         "top_k": req.top_k or loaded.vocab_size,
         "random_seed": req.seed if req.seed is not None else random.getrandbits(31),
     }
-
-
-def _decode_thread(
-    loaded: LoadedBuild,
-    req: GenRequest,
-    prompt_ids: list[int],
-    loop: asyncio.AbstractEventLoop,
-    out: asyncio.Queue,
-    stop_flag: threading.Event,
-) -> None:
-    """Produce ("token", id) items, then ("done", None) or ("error", exc), onto `out`."""
-    put = lambda item: loop.call_soon_threadsafe(out.put_nowait, item)  # noqa: E731
-    try:
-        max_length = min(len(prompt_ids) + req.max_tokens, loaded.context_length)
-        params = og.GeneratorParams(loaded.model)
-        params.set_search_options(**_search_options(loaded, req, max_length))
-        gen = og.Generator(loaded.model, params)
-        gen.append_tokens(prompt_ids)
-        while not gen.is_done() and not stop_flag.is_set():
-            gen.generate_next_token()
-            put(("token", int(gen.get_next_tokens()[0])))
-        put(("done", None))
-    except BaseException as exc:  # noqa: BLE001 - handed to the event loop
-        put(("error", exc))
 
 
 @dataclass
@@ -145,8 +106,11 @@ class Engine:
             current = self.builds.get(name)
             if current is not None and current.build_id == build_id:
                 return None
-            loaded = await asyncio.to_thread(load_build, self.store, name, build_id, self.pool, self.threads)
+            loaded = await load_build(self.store, name, build_id, self.pool, self.threads)
             self.builds[name] = loaded
+            if current is not None:
+                current.retired = True
+                current.close_if_idle()
             log.info(
                 "serving %s = build %s (%s, loaded and warmed in %.2fs)%s",
                 name, build_id, loaded.manifest.recipe, loaded.load_seconds,
@@ -179,50 +143,52 @@ class Engine:
             raise ResourceExhausted(f"replica is running {self.active}/{self.slots} requests", retry_after_s=0.5)
         self.active += 1
         loaded.active += 1
-        loop = asyncio.get_running_loop()
-        queue: asyncio.Queue = asyncio.Queue()
-        stop_flag = threading.Event()
-        thread = threading.Thread(
-            target=_decode_thread, args=(loaded, req, prompt_ids, loop, queue, stop_flag), daemon=True,
-            name=f"decode-{req.request_id}",
-        )
+        max_length = min(len(prompt_ids) + req.max_tokens, loaded.context_length)
+        queue = loaded.worker.submit(req.request_id, prompt_ids, _search_options(loaded, req, max_length))
         detok = IncrementalDetokenizer(loaded.tokenizer, prompt_ids)
         stops = StopMatcher(req.stop)
         produced = 0
         finish = FINISH_LENGTH
+        worker_finished = False  # the worker said done/error: nothing left to cancel there
         try:
-            thread.start()
-            done = False
-            while not done:
+            while True:
                 # Take every token already decoded, so a slow reader gets them in one chunk.
                 items = [await queue.get()]
                 while not queue.empty() and len(items) < MAX_TOKENS_PER_CHUNK:
                     items.append(queue.get_nowait())
-                text, ids = "", []
+                text, ids, last = "", [], False
                 for kind, value in items:
                     if kind == "error":
+                        worker_finished = True
                         raise value
                     if kind == "done":
-                        done = True
+                        worker_finished = last = True
                         break
                     produced += 1
                     ids.append(value)
                     if value in loaded.eos_ids:
-                        finish, done = FINISH_EOS, True
+                        finish, last = FINISH_EOS, True
                         break
                     delta, stopped = stops.push(detok.push(value))
                     text += delta
                     if stopped:
-                        finish, done = FINISH_STOP, True
+                        finish, last = FINISH_STOP, True
                         break
                 if ids:
                     yield Chunk("tokens", text=text, token_ids=ids, build_id=loaded.build_id)
+                if last:
+                    break
             tail = stops.flush() if finish != FINISH_STOP else ""
             yield Chunk(
                 "end", text=tail, finish_reason=finish, prompt_tokens=len(prompt_ids),
                 completion_tokens=produced, build_id=loaded.build_id,
             )
         finally:
-            stop_flag.set()
+            loaded.worker.release(req.request_id, finished=worker_finished)
             self.active -= 1
             loaded.active -= 1
+            loaded.close_if_idle()
+
+    def close(self) -> None:
+        for loaded in self.builds.values():
+            loaded.worker.close()

@@ -71,6 +71,8 @@ def test_swap_mid_decode_keeps_the_running_sequence_on_the_old_build(stack, fp32
         assert old.active == 1 and engine.builds["m"] is not old  # swapped while r1 still runs on old
         got += [c async for c in stream]
         after = [c async for c in engine.stream(GenRequest("r2", "m", PROMPT, 4))]
+        assert old.worker.closed and not engine.builds["m"].worker.closed  # the old build's process is gone
+        engine.close()
         return reference, got, after
 
     reference, got, after = asyncio.run(run())

@@ -7,9 +7,11 @@ import gc
 import json
 import os
 import platform
+import shutil
 import socket
 import sys
 import sysconfig
+import tempfile
 import time
 from pathlib import Path
 
@@ -70,8 +72,9 @@ def run_bench(plan: Plan, out_dir: Path, cache: Path, threads: int) -> dict:
     bandwidth = [m.memory_bandwidth_gbs(threads)]
     bar.update(1)
 
-    cfg = StackConfig(store=cache / "store", log_dir=out_dir / "logs", env={"LLAMASHIP_THREADS": str(threads)},
-                      slots=16)
+    # A fresh store each run, so that compile times are real builds, not re-publications.
+    store_dir = Path(tempfile.mkdtemp(prefix="store-", dir=cache))
+    cfg = StackConfig(store=store_dir, log_dir=out_dir / "logs", env={"LLAMASHIP_THREADS": str(threads)}, slots=16)
     with Stack(cfg) as stack:
         client = GatewayClient(stack.gateway_address)
         store = BuildStore(cfg.store)
@@ -126,6 +129,7 @@ def run_bench(plan: Plan, out_dir: Path, cache: Path, threads: int) -> dict:
         report["bandwidth_gbs"] = max(bandwidth)
         report["peak_rss_mb"]["bench (PyTorch + direct ORT)"] = m.peak_rss_mb(os.getpid())
         client.close()
+    shutil.rmtree(store_dir, ignore_errors=True)
     bar.close()
     return report
 
@@ -190,6 +194,7 @@ def main(args) -> int:
     out_dir = Path(args.out).resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
     cache = Path(args.cache).resolve()
+    cache.mkdir(parents=True, exist_ok=True)
     report = run_bench(plan, out_dir, cache, args.threads or m.threads_default())
     rep.evaluate(report)
     base = out_dir / f"{report['meta']['date']}-{report['meta']['host']}"
