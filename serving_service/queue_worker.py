@@ -34,10 +34,11 @@ async def ensure_group(r: aioredis.Redis, pool: str) -> None:
 
 
 class QueueWorker:
-    def __init__(self, r: aioredis.Redis, engine: Engine, replica_id: str):
+    def __init__(self, r: aioredis.Redis, engine: Engine, replica_id: str, stream_interval_s: float = 0.0):
         self.r = r
         self.engine = engine
         self.replica_id = replica_id
+        self.stream_interval_s = stream_interval_s
         self.queue = keys.gen_queue(engine.pool)
         self.tasks: set[asyncio.Task] = set()
         self._wake = asyncio.Event()
@@ -110,6 +111,10 @@ class QueueWorker:
                     if cancelled:
                         log.info("client cancelled; stopping generation")
                         break
+                    if self.stream_interval_s:
+                        # Tokens decoded meanwhile travel together in the next chunk: fewer
+                        # messages per token for Redis, the gateway and the client.
+                        await asyncio.sleep(self.stream_interval_s)
             finally:
                 await stream.aclose()
                 metrics.REQUESTS.labels(pool, outcome).inc()

@@ -92,6 +92,7 @@ _DECLARED = [
     Setting("pool", str, "cpu", "Hardware pool this replica serves: cpu or cuda.", check=_pool),
     Setting("slots", int, 4, "Requests a replica runs at once; it takes work from the queue only when a slot is free.", check=_positive),
     Setting("threads", int, 0, "Intra-op threads per ONNX Runtime session; 0 lets ONNX Runtime choose.", check=_non_negative),
+    Setting("stream_interval_ms", float, 0.0, "Least time between two chunks of one stream; tokens decoded meanwhile share a chunk (the first token is never held). 0 sends each as soon as it exists.", check=_non_negative),
     Setting("replica_id", str, "", "Stable name of this replica (default: pool-host-pid)."),
     Setting("advertise_address", str, "", "Address other services reach this replica at (default: host:port)."),
 ]
@@ -101,7 +102,7 @@ SETTINGS: dict[str, Setting] = {s.name: s for s in _DECLARED}
 COMMON = ("redis_url", "store", "host", "log_level", "metrics_port")
 GATEWAY = (*COMMON, "gateway_port", "compiler_address", "queue_max_depth", "queue_timeout_s", "replica_stale_s")
 COMPILER = (*COMMON, "compiler_port", "work_dir", "job_lease_s", "max_attempts")
-SERVING = (*COMMON, "serving_port", "pool", "slots", "threads", "replica_id", "advertise_address")
+SERVING = (*COMMON, "serving_port", "pool", "slots", "threads", "stream_interval_ms", "replica_id", "advertise_address")
 
 
 class Settings:
