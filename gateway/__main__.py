@@ -25,7 +25,8 @@ async def serve(settings: config.Settings) -> None:
     r = redis_conn.client(settings.redis_url)
     await redis_conn.wait_ready(r, settings.redis_url)
     channel = grpc.aio.insecure_channel(settings.compiler_address)
-    queue = GenerationQueue(r, settings.queue_max_depth, settings.queue_timeout_s, settings.replica_stale_s)
+    queue = GenerationQueue(r, settings.queue_max_depth, settings.queue_timeout_s, settings.replica_stale_s,
+                            settings.failover_timeout_s)
     servicer = GatewayServicer(r, queue, compiler_pb2_grpc.CompilerStub(channel), settings.replica_stale_s)
 
     server = create_server()

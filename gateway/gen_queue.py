@@ -21,11 +21,13 @@ return redis.call('XADD', KEYS[1], '*', 'req', ARGV[2])
 
 
 class GenerationQueue:
-    def __init__(self, r: aioredis.Redis, max_depth: int, wait_timeout_s: float, replica_stale_s: float = 10.0):
+    def __init__(self, r: aioredis.Redis, max_depth: int, wait_timeout_s: float, replica_stale_s: float = 10.0,
+                 failover_timeout_s: float = 15.0):
         self.r = r
         self.max_depth = max_depth
         self.wait_timeout_s = wait_timeout_s
         self.replica_stale_s = replica_stale_s
+        self.failover_timeout_s = failover_timeout_s
         self._bounded_xadd = r.register_script(_BOUNDED_XADD)
 
     async def depth(self, pool: str) -> int:
@@ -44,32 +46,38 @@ class GenerationQueue:
     async def responses(self, request_id: str, pool: str, entry_id: str) -> AsyncIterator[Chunk]:
         """Yield the request's chunks until its end or error chunk.
 
-        While waiting, checks that the replica working on the request is alive: one that died
-        (no heartbeat) ends the stream with UNAVAILABLE instead of leaving the caller hanging.
+        While waiting, watches the replica working on the request. When it stops (no heartbeat),
+        another replica of the pool takes the request over and continues the same stream; if
+        none does within the failover timeout, the stream ends with UNAVAILABLE (retryable)
+        instead of leaving the caller hanging.
         """
         key = keys.response_stream(request_id)
         last = "0-0"
-        replica_id = ""
         waited_since = time.monotonic()
+        lost_since: float | None = None
         while True:
             resp = await self.r.xread({key: last}, block=1000, count=256)
             if not resp:
+                replica_id = await self._consumer_of(pool, entry_id)
                 if not replica_id:
-                    replica_id = await self._consumer_of(pool, entry_id)
-                if replica_id and await self._replica_gone(replica_id):
-                    raise Unavailable(
-                        f"replica {replica_id} stopped while serving this request; it may be retried"
-                    )
-                if not replica_id and time.monotonic() - waited_since > self.wait_timeout_s:
-                    await self.withdraw(pool, entry_id)
-                    raise Unavailable(
-                        f"no {pool} replica took the request within {self.wait_timeout_s:.0f}s; it may be retried"
-                    )
+                    if lost_since is None and time.monotonic() - waited_since > self.wait_timeout_s:
+                        await self.withdraw(pool, entry_id)
+                        raise Unavailable(
+                            f"no {pool} replica took the request within {self.wait_timeout_s:.0f}s; it may be retried"
+                        )
+                elif await self._replica_gone(replica_id):
+                    lost_since = lost_since or time.monotonic()
+                    if time.monotonic() - lost_since > self.failover_timeout_s:
+                        raise Unavailable(
+                            f"replica {replica_id} stopped while serving this request and no replica took it "
+                            f"over within {self.failover_timeout_s:.0f}s; it may be retried"
+                        )
+                else:
+                    lost_since = None
                 continue
             for _stream, entries in resp:
                 for last, fields in entries:
                     chunk = Chunk.from_fields(fields)
-                    replica_id = chunk.replica_id or replica_id
                     yield chunk
                     if chunk.kind in ("end", "error"):
                         await self.r.delete(key)

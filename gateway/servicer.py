@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 import math
 import time
 import uuid
@@ -70,6 +71,10 @@ class GatewayServicer(pb_grpc.GatewayServicer):
         if alias is None:
             raise NotFound(f"model {req.model!r} not found; `llamaship models` lists what is served")
         validate(req, alias.context_length)
+        if not req.greedy and req.seed is None:
+            # A fixed seed makes a sampled stream replayable: a replica that takes it over after
+            # a failure continues it exactly.
+            req.seed = secrets.randbits(31)
         remaining = context.time_remaining()
         if remaining is not None:
             req.deadline = time.time() + remaining

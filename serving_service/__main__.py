@@ -64,17 +64,20 @@ async def serve(settings: config.Settings) -> None:
                 await heartbeat()
 
     stop = shutdown_event()
-    tasks = [asyncio.create_task(c) for c in (worker.run(), watcher.follow(), heartbeat_loop())]
-    done, _ = await asyncio.wait([asyncio.create_task(stop.wait()), *tasks], return_when=asyncio.FIRST_COMPLETED)
+    intake = [asyncio.create_task(worker.run()), asyncio.create_task(watcher.follow()),
+              asyncio.create_task(worker.reclaim_loop(settings.replica_stale_s))]
+    beat = asyncio.create_task(heartbeat_loop())
+    done, _ = await asyncio.wait([asyncio.create_task(stop.wait()), *intake, beat], return_when=asyncio.FIRST_COMPLETED)
     for t in done:
-        if t in tasks and t.exception():
+        if t in (*intake, beat) and t.exception():
             log.error("background task failed", exc_info=t.exception())
     log.info("shutting down: no new work taken, finishing running streams")
     await set_serving(health, [SERVICE], False)
-    for t in tasks:
+    for t in intake:
         t.cancel()
+    await worker.drain(timeout_s=30)  # the heartbeat goes on meanwhile: gateways see this replica alive
+    beat.cancel()
     await catalog.remove_heartbeat(r, replica_id)
-    await worker.drain(timeout_s=30)
     await server.stop(grace=5)
     engine.close()
     await r.aclose()

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import AsyncIterator
 
-from shared.errors import InvalidArgument, NotFound, ResourceExhausted
+from shared.errors import InvalidArgument, NotFound, ResourceExhausted, Unavailable
 from shared.generation import FINISH_EOS, FINISH_LENGTH, FINISH_STOP, Chunk, GenRequest, validate
 from shared.pools import POOLS
 from shared.store import BuildStore, Manifest
@@ -127,12 +127,19 @@ class Engine:
     def has_free_slot(self) -> bool:
         return self.active < self.slots
 
-    async def stream(self, req: GenRequest) -> AsyncIterator[Chunk]:
+    async def stream(self, req: GenRequest, replay: list[int] | tuple = (), build_id: str = "") -> AsyncIterator[Chunk]:
         """Validate, tokenize and decode `req`, yielding token chunks and a final "end" chunk.
 
-        Closing the iterator (client gone, cancel) stops the decode thread within one token.
+        `replay` continues a request another replica started: its tokens are decoded again
+        (same build, same seed), checked one by one and not sent again, so the caller's stream
+        goes on exactly where it stopped. Closing the iterator (client gone, cancel) stops the
+        sequence within one decode step.
         """
         loaded = self.resolve(req.model)
+        if build_id and loaded.build_id != build_id:
+            raise Unavailable(
+                f"the request started on build {build_id}, which this replica no longer serves; it may be retried"
+            )
         validate(req, loaded.context_length)
         prompt_ids = loaded.tokenizer.encode(req.prompt)
         if len(prompt_ids) >= loaded.context_length:
@@ -165,12 +172,17 @@ class Engine:
                         worker_finished = last = True
                         break
                     produced += 1
-                    ids.append(value)
+                    if produced <= len(replay):
+                        if value != replay[produced - 1]:
+                            raise Unavailable("the stream cannot be continued exactly on this replica; it may be retried")
+                    else:
+                        ids.append(value)
                     if value in loaded.eos_ids:
                         finish, last = FINISH_EOS, True
                         break
                     delta, stopped = stops.push(detok.push(value))
-                    text += delta
+                    if produced > len(replay):  # replayed text was sent by the replica that stopped
+                        text += delta
                     if stopped:
                         finish, last = FINISH_STOP, True
                         break

@@ -11,3 +11,4 @@ QUEUE_WAIT = Histogram("llamaship_serving_queue_wait_seconds", "Time a request w
                        buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 30))
 BUILD_LOAD = Histogram("llamaship_serving_build_load_seconds", "Verify + load + warm time of a build", ["pool"],
                        buckets=(0.1, 0.5, 1, 2, 5, 10, 30, 60, 120))
+FAILOVERS = Counter("llamaship_serving_failovers_total", "Requests continued after their replica stopped", ["pool"])

@@ -15,6 +15,7 @@ import time
 import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
+from shared import catalog
 from shared import redis_keys as keys
 from shared.errors import LlamashipError
 from shared.generation import Chunk, GenRequest
@@ -33,12 +34,24 @@ async def ensure_group(r: aioredis.Redis, pool: str) -> None:
             raise
 
 
+# Append only while this replica owns the stream; report a cancel flag in the same round trip.
+_GUARDED_XADD = """
+if redis.call('GET', KEYS[2]) ~= ARGV[1] then return 2 end
+redis.call('XADD', KEYS[1], '*', 'c', ARGV[2])
+redis.call('EXPIRE', KEYS[1], tonumber(ARGV[3]))
+redis.call('EXPIRE', KEYS[2], tonumber(ARGV[3]))
+if redis.call('EXISTS', KEYS[3]) == 1 then return 1 end
+return 0
+"""
+
+
 class QueueWorker:
     def __init__(self, r: aioredis.Redis, engine: Engine, replica_id: str, stream_interval_s: float = 0.0):
         self.r = r
         self.engine = engine
         self.replica_id = replica_id
         self.stream_interval_s = stream_interval_s
+        self._guarded_xadd = r.register_script(_GUARDED_XADD)
         self.queue = keys.gen_queue(engine.pool)
         self.tasks: set[asyncio.Task] = set()
         self._wake = asyncio.Event()
@@ -73,7 +86,7 @@ class QueueWorker:
         if self.tasks:
             await asyncio.wait(list(self.tasks), timeout=timeout_s)
 
-    async def _handle(self, entry_id: str, fields: dict[str, str]) -> None:
+    async def _handle(self, entry_id: str, fields: dict[str, str], resume: bool = False) -> None:
         task = asyncio.current_task()
         try:
             req = GenRequest.from_json(fields["req"])
@@ -85,19 +98,32 @@ class QueueWorker:
         resp_key = keys.response_stream(req.request_id)
         cancel_key = keys.cancel_flag(req.request_id)
         try:
-            if await self.r.exists(cancel_key):
+            async with self.r.pipeline(transaction=False) as pipe:
+                pipe.set(keys.stream_owner(req.request_id), self.replica_id, ex=keys.RESPONSE_TTL_S)
+                pipe.exists(cancel_key)
+                _, cancelled_early = await pipe.execute()
+            if cancelled_early:
                 log.info("skipping request cancelled while queued")
                 return
             if req.deadline is not None and time.time() > req.deadline:
                 log.info("dropping request whose deadline passed while queued")
-                await self._write(resp_key, Chunk("error", error_code="DEADLINE_EXCEEDED",
-                                                  error_message="deadline passed while queued"))
+                await self._write(req.request_id, Chunk("error", error_code="DEADLINE_EXCEEDED",
+                                                        error_message="deadline passed while queued"))
                 return
             pool = self.engine.pool
-            metrics.QUEUE_WAIT.labels(pool).observe(max(0.0, time.time() - req.enqueued_at))
+            delivered: list[int] = []
+            if resume:
+                delivered, build_id, ended = await self._already_written(resp_key)
+                if ended:
+                    return
+                log.warning("continuing a request whose replica stopped, after %d tokens", len(delivered))
+                metrics.FAILOVERS.labels(pool).inc()
+            else:
+                build_id = ""
+                metrics.QUEUE_WAIT.labels(pool).observe(max(0.0, time.time() - req.enqueued_at))
             started = time.perf_counter()
             outcome = "cancelled"
-            stream = self.engine.stream(req)
+            stream = self.engine.stream(req, replay=delivered, build_id=build_id)
             try:
                 async for chunk in stream:
                     if task is not None and getattr(task, "starting", False):
@@ -105,11 +131,11 @@ class QueueWorker:
                         metrics.TTFT.labels(pool).observe(time.perf_counter() - started)
                     metrics.TOKENS.labels(pool).inc(len(chunk.token_ids))
                     chunk.replica_id = self.replica_id
-                    cancelled = await self._write(resp_key, chunk, check_cancel=cancel_key)
+                    stop = await self._write(req.request_id, chunk)
                     if chunk.kind == "end":
                         outcome = chunk.finish_reason
-                    if cancelled:
-                        log.info("client cancelled; stopping generation")
+                    if stop:
+                        log.info("stopping generation: %s", stop)
                         break
                     if self.stream_interval_s:
                         # Tokens decoded meanwhile travel together in the next chunk: fewer
@@ -120,23 +146,75 @@ class QueueWorker:
                 metrics.REQUESTS.labels(pool, outcome).inc()
         except LlamashipError as exc:
             metrics.REQUESTS.labels(self.engine.pool, exc.code.name.lower()).inc()
-            await self._write(resp_key, Chunk("error", error_code=exc.code.name, error_message=exc.message,
+            await self._write(req.request_id, Chunk("error", error_code=exc.code.name, error_message=exc.message,
                                               replica_id=self.replica_id))
         except Exception as exc:  # noqa: BLE001 - reported to the client as INTERNAL, logged here
             log.exception("generation failed")
-            await self._write(resp_key, Chunk("error", error_code="INTERNAL",
+            await self._write(req.request_id, Chunk("error", error_code="INTERNAL",
                                               error_message=f"generation failed on replica {self.replica_id}: {type(exc).__name__}"))
         finally:
             await self._finish_entry(entry_id)
 
-    async def _write(self, resp_key: str, chunk: Chunk, check_cancel: str | None = None) -> bool:
-        async with self.r.pipeline(transaction=False) as pipe:
-            pipe.xadd(resp_key, chunk.to_fields())
-            pipe.expire(resp_key, keys.RESPONSE_TTL_S)
-            if check_cancel:
-                pipe.exists(check_cancel)
-            results = await pipe.execute()
-        return bool(check_cancel and results[-1])
+    async def _already_written(self, resp_key: str) -> tuple[list[int], str, bool]:
+        """(token ids, build id, ended) of what the replica that stopped wrote for a request."""
+        ids, build_id, ended = [], "", False
+        for _id, fields in await self.r.xrange(resp_key):
+            chunk = Chunk.from_fields(fields)
+            ids.extend(chunk.token_ids)
+            build_id = chunk.build_id or build_id
+            ended = ended or chunk.kind in ("end", "error")
+        return ids, build_id, ended
+
+    async def reclaim_loop(self, stale_after_s: float, interval_s: float = 1.0) -> None:
+        """Take over the requests of replicas of this pool that stopped (no heartbeat):
+        each is continued from the tokens its stream already carries."""
+        while True:
+            await asyncio.sleep(interval_s)
+            try:
+                await self.reclaim(stale_after_s)
+            except Exception:  # noqa: BLE001 - retried next round
+                log.exception("reclaiming requests of stopped replicas failed")
+
+    async def reclaim(self, stale_after_s: float) -> int:
+        summary = await self.r.xpending(self.queue, keys.GEN_GROUP)
+        taken = 0
+        for consumer in summary.get("consumers") or []:
+            name = consumer["name"]
+            if name == self.replica_id or not int(consumer["pending"]):
+                continue
+            raw = await self.r.hget(keys.REPLICAS, name)
+            if raw is not None and time.time() - catalog.ReplicaHeartbeat.from_json(raw).ts <= stale_after_s:
+                continue
+            free = self.engine.slots - self.engine.active - len(self._starting())
+            if free <= 0:
+                return taken
+            pending = await self.r.xpending_range(self.queue, keys.GEN_GROUP, min="-", max="+", count=free,
+                                                  consumername=name)
+            ids = [p["message_id"] for p in pending]
+            # min idle: when two replicas race for the same entries, only the first claim succeeds
+            claimed = await self.r.xclaim(self.queue, keys.GEN_GROUP, self.replica_id, min_idle_time=1000,
+                                          message_ids=ids) if ids else []
+            for entry_id, fields in claimed:
+                if not fields:  # deleted meanwhile (finished or withdrawn)
+                    await self._finish_entry(entry_id)
+                    continue
+                task = asyncio.create_task(self._handle(entry_id, fields, resume=True))
+                task.starting = True  # type: ignore[attr-defined]
+                self.tasks.add(task)
+                task.add_done_callback(self._done)
+                taken += 1
+        return taken
+
+    async def _write(self, request_id: str, chunk: Chunk) -> str:
+        """Append a chunk to the request's response stream if this replica still owns it.
+
+        Returns "" to go on, or why to stop: the client cancelled, or another replica took the
+        request over (this one was presumed dead) and nothing was written."""
+        result = await self._guarded_xadd(
+            keys=[keys.response_stream(request_id), keys.stream_owner(request_id), keys.cancel_flag(request_id)],
+            args=[self.replica_id, chunk.to_fields()["c"], keys.RESPONSE_TTL_S],
+        )
+        return {0: "", 1: "client cancelled", 2: "another replica took the request over"}[int(result)]
 
     async def _finish_entry(self, entry_id: str) -> None:
         async with self.r.pipeline(transaction=True) as pipe:

@@ -81,7 +81,8 @@ _DECLARED = [
     Setting("compiler_address", str, "127.0.0.1:50052", "Compiler gRPC address the gateway proxies compile jobs to."),
     Setting("queue_max_depth", int, 256, "Requests waiting per pool before Generate answers RESOURCE_EXHAUSTED.", check=_positive),
     Setting("queue_timeout_s", float, 120.0, "Seconds a request may wait for a replica before UNAVAILABLE.", check=_positive),
-    Setting("replica_stale_s", float, 10.0, "A replica whose heartbeat is older than this is treated as gone.", check=_positive),
+    Setting("replica_stale_s", float, 10.0, "A replica whose heartbeat is older than this is treated as gone (its requests are taken over).", check=_positive),
+    Setting("failover_timeout_s", float, 15.0, "Seconds a stream whose replica stopped waits for another replica to continue it before UNAVAILABLE.", check=_positive),
     # Compiler
     Setting("compiler_port", int, 50052, "Compiler gRPC port.", flag="--port", check=_port),
     Setting("work_dir", str, "", "Scratch directory for builds in progress (default: <store>/.work)."),
@@ -100,9 +101,11 @@ _DECLARED = [
 SETTINGS: dict[str, Setting] = {s.name: s for s in _DECLARED}
 
 COMMON = ("redis_url", "store", "host", "log_level", "metrics_port")
-GATEWAY = (*COMMON, "gateway_port", "compiler_address", "queue_max_depth", "queue_timeout_s", "replica_stale_s")
+GATEWAY = (*COMMON, "gateway_port", "compiler_address", "queue_max_depth", "queue_timeout_s", "replica_stale_s",
+           "failover_timeout_s")
 COMPILER = (*COMMON, "compiler_port", "work_dir", "job_lease_s", "max_attempts")
-SERVING = (*COMMON, "serving_port", "pool", "slots", "threads", "stream_interval_ms", "replica_id", "advertise_address")
+SERVING = (*COMMON, "serving_port", "pool", "slots", "threads", "stream_interval_ms", "replica_stale_s", "replica_id",
+           "advertise_address")
 
 
 class Settings:

@@ -6,6 +6,7 @@ Replicas      HASH   ls:replicas                replica id -> JSON heartbeat (po
 Gen queue     STREAM ls:gen:{pool}              requests waiting for a replica; group "replicas"
 Responses     STREAM ls:resp:{request_id}       chunks a replica produced for one request
 Cancel flag   STRING ls:cancel:{request_id}     set when the client went away or cancelled
+Stream owner  STRING ls:owner:{request_id}      the replica allowed to write the response stream
 Jobs          HASH   ls:job:{job_id}            one compile job's state
 Job events    STREAM ls:job:{job_id}:events     progress of one compile job
 Job cancel  STRING ls:job:{job_id}:cancel      set when a running job should stop
@@ -37,6 +38,10 @@ def response_stream(request_id: str) -> str:
 
 def cancel_flag(request_id: str) -> str:
     return f"{PREFIX}cancel:{request_id}"
+
+
+def stream_owner(request_id: str) -> str:
+    return f"{PREFIX}owner:{request_id}"
 
 
 def job(job_id: str) -> str:

@@ -88,3 +88,18 @@ def test_healthcheck_command_against_a_live_service(stack):
     dead = subprocess.run([sys.executable, "-m", "llamaship.healthcheck", "127.0.0.1:1"], capture_output=True,
                           text=True, cwd=ROOT, timeout=30)
     assert dead.returncode == 1
+
+
+def test_every_service_serves_reflection(stack):
+    import grpc
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+    expected = {"gateway": "llamaship.gateway.v1.Gateway", "compiler": "llamaship.compiler.v1.Compiler",
+                "serving-cpu-0": "llamaship.serving.v1.Serving"}
+    for proc, service in expected.items():
+        with grpc.insecure_channel(stack.procs[proc].address) as ch:
+            stub = reflection_pb2_grpc.ServerReflectionStub(ch)
+            [resp] = list(stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]),
+                                                    timeout=10))
+            names = {s.name for s in resp.list_services_response.service}
+            assert {service, "grpc.health.v1.Health"} <= names, (proc, names)

@@ -1,5 +1,5 @@
-"""A replica that dies mid-stream ends the caller's stream with a clean UNAVAILABLE (retryable),
-never a hang; the stack serves again once a replica is back."""
+"""With no replica left to take over, a replica that dies mid-stream ends the caller's stream with
+a clean UNAVAILABLE (retryable), never a hang; the stack serves again once a replica is back."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ def test_replica_killed_mid_stream_gives_unavailable_then_recovers(tmp_path, dem
     from llamaship.client import GatewayClient
     from llamaship.stack import Stack, StackConfig
 
-    cfg = StackConfig(store=tmp_path / "store", log_dir=tmp_path / "logs", env={"LLAMASHIP_REPLICA_STALE_S": "2"})
+    cfg = StackConfig(store=tmp_path / "store", log_dir=tmp_path / "logs", env={"LLAMASHIP_REPLICA_STALE_S": "2", "LLAMASHIP_FAILOVER_TIMEOUT_S": "2"})
     with Stack(cfg) as stack, GatewayClient(stack.gateway_address) as client:
         job = client.compile(str(demo_model), "demo", "fp32")
         assert job.build_id

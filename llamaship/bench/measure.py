@@ -51,16 +51,23 @@ def summarize(runs: list[Run]) -> dict:
     }
 
 
-def memory_bandwidth_gbs(threads: int, gib: float = 1.0, reps: int = 5) -> float:
-    """Read bandwidth: the best of `reps` sums over a tensor much larger than any cache."""
+def memory_bandwidth_gbs(threads: int, gib: float = 1.0, reps: int = 5, device: str = "cpu") -> float:
+    """Read bandwidth: the best of `reps` sums over a tensor much larger than any cache
+    (on the GPU for device "cuda": its memory is what decode reads there)."""
     import torch
 
     prev = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        x = torch.ones(int(gib * (1 << 30)) // 4, dtype=torch.float32)
-        x.sum()
-        best = min(_timed(lambda: x.sum()) for _ in range(reps))
+        x = torch.ones(int(gib * (1 << 30)) // 4, dtype=torch.float32, device=device)
+
+        def once() -> None:
+            x.sum()
+            if device == "cuda":
+                torch.cuda.synchronize()
+
+        once()
+        best = min(_timed(once) for _ in range(reps))
         return x.numel() * 4 / best / 1e9
     finally:
         torch.set_num_threads(prev)
@@ -84,14 +91,19 @@ def peak_rss_mb(pid: int) -> float:
 
 
 def cpu_seconds(pids: dict[str, int]) -> dict[str, float]:
-    """User + system CPU seconds each process has used so far."""
+    """User + system CPU seconds each process, with its live children (a replica's decode
+    workers), has used so far."""
     import psutil
 
     out = {}
     for name, pid in pids.items():
         try:
-            t = psutil.Process(pid).cpu_times()
-            out[name] = t.user + t.system
+            proc = psutil.Process(pid)
+            total = 0.0
+            for p in [proc, *(c for c in proc.children(recursive=True) if name != "client (bench)")]:
+                t = p.cpu_times()
+                total += t.user + t.system
+            out[name] = total
         except psutil.Error:
             out[name] = float("nan")
     return out
@@ -131,18 +143,20 @@ class DirectOG:
 
 # -- PyTorch eager (transformers generate) ----------------------------------------------------
 class TorchEager:
-    def __init__(self, checkpoint: Path, dtype: str, threads: int):
+    def __init__(self, checkpoint: Path, dtype: str, threads: int, device: str = "cpu"):
         import torch
         from transformers import AutoModelForCausalLM
 
         torch.set_num_threads(threads)
         self.torch = torch
-        self.model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=getattr(torch, dtype)).eval()
+        self.device = device
+        self.model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=getattr(torch, dtype)).to(device).eval()
 
     def run(self, prompt_ids: list[int], max_new: int) -> Run:
         from transformers.generation.streamers import BaseStreamer
 
         times: list[float] = []
+        torch, device = self.torch, self.device
         t0 = time.perf_counter()
 
         class Timing(BaseStreamer):
@@ -152,13 +166,15 @@ class TorchEager:
                 if self.first:
                     self.first = False
                     return
+                if device == "cuda":
+                    torch.cuda.synchronize()
                 times.append(time.perf_counter() - t0)
 
             def end(self):
                 pass
 
         with self.torch.no_grad():
-            self.model.generate(self.torch.tensor([prompt_ids]), max_new_tokens=max_new, min_new_tokens=max_new,
+            self.model.generate(self.torch.tensor([prompt_ids], device=self.device), max_new_tokens=max_new, min_new_tokens=max_new,
                                 do_sample=False, streamer=Timing(), pad_token_id=0)
         return Run(times[0], times)
 

@@ -69,12 +69,13 @@ def run_bench(plan: Plan, out_dir: Path, cache: Path, threads: int) -> dict:
     steps = len(plan.models) * (len(plan.recipes) + 2) + 1
     bar = tqdm(total=steps, desc="bench", unit="step")
     bar.set_postfix_str("memory bandwidth")
-    bandwidth = [m.memory_bandwidth_gbs(threads)]
+    bandwidth = [m.memory_bandwidth_gbs(threads, device=plan.device)]
     bar.update(1)
 
     # A fresh store each run, so that compile times are real builds, not re-publications.
     store_dir = Path(tempfile.mkdtemp(prefix="store-", dir=cache))
-    cfg = StackConfig(store=store_dir, log_dir=out_dir / "logs", env={"LLAMASHIP_THREADS": str(threads)}, slots=16)
+    cfg = StackConfig(store=store_dir, log_dir=out_dir / "logs", env={"LLAMASHIP_THREADS": str(threads)}, slots=16,
+                      pool=plan.device)
     with Stack(cfg) as stack:
         client = GatewayClient(stack.gateway_address)
         store = BuildStore(cfg.store)
@@ -89,15 +90,19 @@ def run_bench(plan: Plan, out_dir: Path, cache: Path, threads: int) -> dict:
             bar.update(1)
 
             bar.set_postfix_str(f"{model_name}: PyTorch eager")
-            dtypes = ["float32"] + (["bfloat16"] if m.bf16_supported() else [])
+            if plan.device == "cuda":
+                dtypes = ["float32", "float16"]
+            else:
+                dtypes = ["float32"] + (["bfloat16"] if m.bf16_supported() else [])
             for dtype in dtypes:
-                eager = m.TorchEager(ckpt, dtype, threads)
+                eager = m.TorchEager(ckpt, dtype, threads, device=plan.device)
                 ids = {k: tok.encode(v) for k, v in prompts.items()}
                 eager.run(ids["short"], 4)
                 runs = {k: [eager.run(ids[k], plan.new_tokens) for _ in range(plan.torch_reps)] for k in ids}
                 entry["pytorch"][dtype] = {
                     "short": m.summarize(runs["short"]), "long": m.summarize(runs["long"]),
                     "bytes_per_token": m.torch_weight_bytes(ckpt, 4 if dtype == "float32" else 2),
+                    "device": plan.device,
                     "raw": {k: [m.as_dict(r) for r in v] for k, v in runs.items()},
                 }
                 del eager
@@ -124,7 +129,7 @@ def run_bench(plan: Plan, out_dir: Path, cache: Path, threads: int) -> dict:
                 bar.update(1)
         report["peak_rss_mb"] = {n: m.peak_rss_mb(p.popen.pid) for n, p in stack.procs.items()}
         # measured at the start and the end (a shared machine's bandwidth varies); the best is the limit
-        bandwidth.append(m.memory_bandwidth_gbs(threads))
+        bandwidth.append(m.memory_bandwidth_gbs(threads, device=plan.device))
         report["bandwidth_samples_gbs"] = bandwidth
         report["bandwidth_gbs"] = max(bandwidth)
         report["peak_rss_mb"]["bench (PyTorch + direct ORT)"] = m.peak_rss_mb(os.getpid())
