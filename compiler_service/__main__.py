@@ -17,6 +17,7 @@ from shared import config, redis_conn
 from shared.grpc_server import add_health_and_reflection, bind, create_server, set_serving
 from shared.proto_gen.llamaship.compiler.v1 import compiler_pb2, compiler_pb2_grpc
 from shared.store import BuildStore
+from shared.resilience import forever
 from shared.service import run_service, shutdown_event
 from shared.telemetry import start_metrics_server
 
@@ -49,7 +50,8 @@ async def serve(settings: config.Settings) -> None:
     print(f"LLAMASHIP_READY compiler {settings.host}:{port}", flush=True)
 
     stop = shutdown_event()
-    tasks = [asyncio.create_task(worker.run()), asyncio.create_task(worker.recover_loop())]
+    tasks = [asyncio.create_task(forever("compile worker", worker.run)),
+             asyncio.create_task(forever("job recovery", worker.recover_loop))]
     await asyncio.wait([asyncio.create_task(stop.wait()), *tasks], return_when=asyncio.FIRST_COMPLETED)
     for t in tasks:
         if t.done() and t.exception():

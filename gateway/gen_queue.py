@@ -7,10 +7,12 @@ import time
 from typing import AsyncIterator
 
 import redis.asyncio as aioredis
+from redis.exceptions import ResponseError
 
 from shared import redis_keys as keys
 from shared.catalog import ReplicaHeartbeat
 from shared.errors import ResourceExhausted, Unavailable
+from shared.resilience import is_lost_group
 from shared.generation import Chunk, GenRequest
 
 
@@ -60,6 +62,9 @@ class GenerationQueue:
             if not resp:
                 replica_id = await self._consumer_of(pool, entry_id)
                 if not replica_id:
+                    if not await self.r.xrange(keys.gen_queue(pool), entry_id, entry_id, count=1):
+                        # neither waiting nor taken, and no end seen: Redis lost it (restarted empty)
+                        raise Unavailable("the request was lost by the queue (Redis restarted); it may be retried")
                     if lost_since is None and time.monotonic() - waited_since > self.wait_timeout_s:
                         await self.withdraw(pool, entry_id)
                         raise Unavailable(
@@ -84,9 +89,14 @@ class GenerationQueue:
                         return
 
     async def _consumer_of(self, pool: str, entry_id: str) -> str:
-        """The replica that took the queue entry, or "" while it waits."""
-        pending = await self.r.xpending_range(keys.gen_queue(pool), keys.GEN_GROUP, min=entry_id, max=entry_id,
-                                              count=1)
+        """The replica that took the queue entry, or "" while it waits (or if it is lost)."""
+        try:
+            pending = await self.r.xpending_range(keys.gen_queue(pool), keys.GEN_GROUP, min=entry_id, max=entry_id,
+                                                  count=1)
+        except ResponseError as exc:
+            if not is_lost_group(exc):
+                raise
+            return ""
         return pending[0]["consumer"] if pending else ""
 
     async def _replica_gone(self, replica_id: str) -> bool:

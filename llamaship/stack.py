@@ -55,6 +55,7 @@ class StackConfig:
     metrics: bool = False
     env: dict[str, str] = field(default_factory=dict)
     echo_logs: bool = False
+    redis_persistence: bool = False  # append-only file, fsync on every write
 
 
 class Stack:
@@ -84,13 +85,16 @@ class Stack:
             raise
         return self
 
-    def start_redis(self) -> None:
-        port = free_port(self.cfg.host)
-        data = Path(tempfile.mkdtemp(prefix="llamaship-redis-"))
+    def start_redis(self, port: int = 0) -> None:
+        port = port or free_port(self.cfg.host)
+        if not getattr(self, "_redis_dir", None):
+            self._redis_dir = Path(tempfile.mkdtemp(prefix="llamaship-redis-"))
         log_path = self.cfg.log_dir / "redis.log"
-        cmd = [redis_server_binary(), "--port", str(port), "--bind", self.cfg.host, "--save", "",
-               "--appendonly", "no", "--dir", str(data), "--protected-mode", "yes"]
-        popen = subprocess.Popen(cmd, stdout=open(log_path, "w"), stderr=subprocess.STDOUT, start_new_session=True)
+        persistence = ["--appendonly", "yes", "--appendfsync", "always"] if self.cfg.redis_persistence else \
+            ["--appendonly", "no"]
+        cmd = [redis_server_binary(), "--port", str(port), "--bind", self.cfg.host, "--save", "", *persistence,
+               "--dir", str(self._redis_dir), "--protected-mode", "yes"]
+        popen = subprocess.Popen(cmd, stdout=open(log_path, "a"), stderr=subprocess.STDOUT, start_new_session=True)
         self.procs["redis"] = Proc("redis", popen, f"{self.cfg.host}:{port}", log_path)
         self.redis_url = f"redis://{self.cfg.host}:{port}/0"
         deadline = time.time() + 10
@@ -147,6 +151,13 @@ class Stack:
                 tail = log_path.read_text()[-2000:] if log_path.exists() else ""
                 raise RuntimeError(f"{name} did not start (exit {popen.poll()}); log {log_path}:\n{tail}")
         return proc
+
+    def restart_redis(self, down_s: float = 1.0) -> None:
+        """Stop the embedded Redis, wait, start it again on the same port and data directory."""
+        port = int(self.procs["redis"].address.rsplit(":", 1)[1])
+        self.stop_process("redis")
+        time.sleep(down_s)
+        self.start_redis(port)
 
     def stop_process(self, name: str, sig: int = signal.SIGTERM, timeout_s: float = 20.0) -> None:
         proc = self.procs.pop(name, None)

@@ -13,6 +13,7 @@ from shared import catalog, config, redis_conn
 from shared.grpc_server import add_health_and_reflection, bind, create_server, set_serving
 from shared.proto_gen.llamaship.serving.v1 import serving_pb2, serving_pb2_grpc
 from shared.store import BuildStore
+from shared.resilience import forever
 from shared.service import run_service, shutdown_event
 from shared.telemetry import start_metrics_server
 from serving_service import metrics
@@ -64,8 +65,9 @@ async def serve(settings: config.Settings) -> None:
                 await heartbeat()
 
     stop = shutdown_event()
-    intake = [asyncio.create_task(worker.run()), asyncio.create_task(watcher.follow()),
-              asyncio.create_task(worker.reclaim_loop(settings.replica_stale_s))]
+    intake = [asyncio.create_task(forever("queue worker", worker.run)),
+              asyncio.create_task(forever("build watcher", watcher.follow)),
+              asyncio.create_task(forever("reclaim", lambda: worker.reclaim_loop(settings.replica_stale_s)))]
     beat = asyncio.create_task(heartbeat_loop())
     done, _ = await asyncio.wait([asyncio.create_task(stop.wait()), *intake, beat], return_when=asyncio.FIRST_COMPLETED)
     for t in done:

@@ -22,6 +22,7 @@ class BuildWatcher:
         self.engine = engine
         self.on_change = on_change
         self.last_id = "0-0"
+        self._followed = False
 
     async def load_current(self) -> None:
         """Load every alias of this pool; remember where the announce stream stood first so
@@ -33,6 +34,11 @@ class BuildWatcher:
                 await self._load(alias.name, alias.build_id)
 
     async def follow(self) -> None:
+        """Follow announcements; (re)started after a Redis outage, it first reloads what the
+        aliases say, since announcements made meanwhile may be lost."""
+        if self._followed:
+            await self.load_current()
+        self._followed = True
         while True:
             resp = await self.r.xread({keys.ANNOUNCE: self.last_id}, block=5000, count=32)
             for _stream, entries in resp or []:

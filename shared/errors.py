@@ -10,6 +10,8 @@ import logging
 from typing import Any, AsyncIterator, Awaitable, Callable
 
 import grpc
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 log = logging.getLogger("llamaship.errors")
 
@@ -70,6 +72,9 @@ def trailing_metadata(err: LlamashipError) -> tuple[tuple[str, str], ...]:
 
 
 async def _abort(context: grpc.aio.ServicerContext, exc: BaseException, method: str) -> None:
+    if isinstance(exc, (RedisConnectionError, RedisTimeoutError)):
+        log.warning("%s: Redis unreachable: %s", method, exc)
+        await context.abort(grpc.StatusCode.UNAVAILABLE, "the queue (Redis) is unreachable; the request may be retried")
     if isinstance(exc, LlamashipError):
         md = trailing_metadata(exc)
         if md:
