@@ -56,6 +56,7 @@ class StackConfig:
     env: dict[str, str] = field(default_factory=dict)
     echo_logs: bool = False
     redis_persistence: bool = False  # append-only file, fsync on every write
+    gateways: int = 1
 
 
 class Stack:
@@ -78,8 +79,10 @@ class Stack:
                 self.start_service(f"serving-{self.cfg.pool}-{i}", "serving_service", port, timeout_s,
                                    ["--pool", self.cfg.pool, "--slots", str(self.cfg.slots), "--replica-id",
                                     f"{self.cfg.pool}-{i}"])
-            self.start_service("gateway", "gateway", self.cfg.gateway_port, timeout_s,
-                               ["--compiler-address", self.procs["compiler"].address])
+            for i in range(self.cfg.gateways):
+                self.start_service("gateway" if i == 0 else f"gateway-{i}", "gateway",
+                                   self.cfg.gateway_port if i == 0 else 0, timeout_s,
+                                   ["--compiler-address", self.procs["compiler"].address])
         except BaseException:
             self.stop()
             raise
@@ -171,13 +174,17 @@ class Stack:
             proc.popen.wait()
 
     def stop(self) -> None:
-        for name in [n for n in self.procs if n == "gateway"] + [n for n in self.procs if n.startswith("serving")] + \
+        for name in [n for n in self.procs if n.startswith("gateway")] + [n for n in self.procs if n.startswith("serving")] + \
                 [n for n in self.procs if n == "compiler"] + [n for n in self.procs if n == "redis"]:
             self.stop_process(name)
 
     @property
     def gateway_address(self) -> str:
         return self.procs["gateway"].address
+
+    @property
+    def gateway_addresses(self) -> list[str]:
+        return [p.address for n, p in self.procs.items() if n.startswith("gateway")]
 
     def __enter__(self) -> "Stack":
         return self.start()
