@@ -5,9 +5,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import sys
+from pathlib import Path
 
 import grpc
 
+from gateway.auth import AuthInterceptor, KeyStore, KeysFileError
 from gateway.gen_queue import GenerationQueue
 from gateway.servicer import GatewayServicer
 from shared import config, redis_conn
@@ -29,15 +31,28 @@ async def serve(settings: config.Settings) -> None:
                             settings.failover_timeout_s)
     servicer = GatewayServicer(r, queue, compiler_pb2_grpc.CompilerStub(channel), settings.replica_stale_s)
 
-    server = create_server()
+    interceptors = []
+    if settings.api_keys_file:
+        try:
+            keys = KeyStore.load(settings.api_keys_file)
+        except KeysFileError as exc:
+            raise RuntimeError(str(exc)) from None
+        interceptors.append(AuthInterceptor(keys))
+        log.info("API keys required (%d keys from %s)", len(keys.by_hash), settings.api_keys_file)
+    tls = None
+    if settings.tls_cert_file or settings.tls_key_file:
+        if not (settings.tls_cert_file and settings.tls_key_file):
+            raise RuntimeError("TLS needs both --tls-cert-file and --tls-key-file")
+        tls = (Path(settings.tls_cert_file).read_bytes(), Path(settings.tls_key_file).read_bytes())
+    server = create_server(interceptors)
     gateway_pb2_grpc.add_GatewayServicer_to_server(servicer, server)
     health = add_health_and_reflection(server, [SERVICE])
-    port = bind(server, settings.host, settings.gateway_port)
+    port = bind(server, settings.host, settings.gateway_port, tls)
     await server.start()
     await set_serving(health, [SERVICE], True)
     metrics_port = start_metrics_server(settings.host, settings.metrics_port)
-    if settings.host not in ("127.0.0.1", "localhost", "::1"):
-        log.warning("gateway listens on %s without authentication; API keys are not configured", settings.host)
+    if not settings.api_keys_file:
+        log.warning("no API keys configured: the gateway is open to anyone who can reach %s", settings.host)
     log.info("gateway listening on %s:%d (compiler at %s)%s", settings.host, port, settings.compiler_address,
              f", metrics on :{metrics_port}" if metrics_port else "")
     print(f"LLAMASHIP_READY gateway {settings.host}:{port}", flush=True)

@@ -25,6 +25,22 @@ def _rpc_error(exc: grpc.RpcError) -> int:
     return _fail(f"{exc.code().name}: {exc.details()}")
 
 
+def _client(args: argparse.Namespace) -> GatewayClient:
+    return GatewayClient(args.gateway, api_key=args.api_key, tls_ca=args.tls_ca)
+
+
+def cmd_keys(args: argparse.Namespace) -> int:
+    from gateway.auth import KeysFileError, create_key
+
+    try:
+        key = create_key(args.file, args.tenant, [x for x in args.scopes.split(",") if x])
+    except KeysFileError as exc:
+        return _fail(str(exc))
+    print(f"API key for tenant {args.tenant} (scopes {args.scopes}); shown once, stored hashed in {args.file}:")
+    print(key)
+    return 0
+
+
 def cmd_up(args: argparse.Namespace) -> int:
     from llamaship.stack import Stack, StackConfig
 
@@ -33,6 +49,9 @@ def cmd_up(args: argparse.Namespace) -> int:
         host=args.host, gateway_port=args.gateway_port, compiler_port=args.compiler_port,
         serving_ports=[args.serving_port + i if args.serving_port else 0 for i in range(args.replicas)],
         slots=args.slots, metrics=True, echo_logs=args.verbose,
+        env={k: str(Path(v).resolve()) for k, v in (("LLAMASHIP_API_KEYS_FILE", args.api_keys_file),
+                                                      ("LLAMASHIP_TLS_CERT_FILE", args.tls_cert_file),
+                                                      ("LLAMASHIP_TLS_KEY_FILE", args.tls_key_file)) if v},
     )
     stack = Stack(cfg)
     stop = threading.Event()
@@ -49,7 +68,10 @@ def cmd_up(args: argparse.Namespace) -> int:
             metrics = stack.metrics_ports.get(name)
             print(f"  {name:<13} grpc {proc.address}   metrics http://{cfg.host}:{metrics}/metrics   log {proc.log_path}")
     print(f"  store     {cfg.store}")
-    print(f"gateway ready at {stack.gateway_address} (no API keys: open on loopback only). Ctrl-C stops.", flush=True)
+    auth = f"API keys from {args.api_keys_file}" if args.api_keys_file else \
+        f"no API keys: open to anyone who can reach {args.host}" + (" (loopback only)" if args.host in ("127.0.0.1", "::1", "localhost") else "")
+    print(f"gateway ready at {stack.gateway_address} ({auth}{', TLS' if args.tls_cert_file else ''}). Ctrl-C stops.",
+          flush=True)
     try:
         while not stop.wait(1.0):
             dead = [n for n, p in stack.procs.items() if not p.alive()]
@@ -110,7 +132,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
         bar.refresh()
 
     try:
-        with GatewayClient(args.gateway) as client:
+        with _client(args) as client:
             job = client.compile(str(Path(args.dir).resolve()), args.name, args.recipe, args.pool,
                                  on_update=on_update, wait_served=False,
                                  max_sequence_length=args.max_seq_len, max_batch=args.max_batch)
@@ -144,7 +166,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.stop:
         options["stop"] = args.stop
     try:
-        with GatewayClient(args.gateway) as client:
+        with _client(args) as client:
             if not args.quiet:
                 sys.stdout.write(args.prompt)
             out = client.generate(args.model, args.prompt, args.max_tokens,
@@ -165,7 +187,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 def cmd_models(args: argparse.Namespace) -> int:
     try:
-        with GatewayClient(args.gateway) as client:
+        with _client(args) as client:
             models = client.models()
     except grpc.RpcError as exc:
         return _rpc_error(exc)
@@ -202,6 +224,8 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help, description=help)
         p.add_argument("--gateway", metavar="HOST:PORT", default=None,
                        help=f"gateway address [env LLAMASHIP_GATEWAY; default {DEFAULT_GATEWAY}]")
+        p.add_argument("--api-key", default=None, help="API key [env LLAMASHIP_API_KEY]")
+        p.add_argument("--tls-ca", default=None, metavar="PEM", help="CA certificate: talk TLS [env LLAMASHIP_TLS_CA]")
         return p
 
     p = sub.add_parser("up", help="run the whole stack on this machine until Ctrl-C",
@@ -216,8 +240,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--redis-url", default=None, help="use this Redis instead of starting an embedded one")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--log-dir", default="./.llamaship/logs")
+    p.add_argument("--api-keys-file", default=None, help="require API keys from this file (llamaship keys create)")
+    p.add_argument("--tls-cert-file", default=None, help="serve the gateway over TLS with this PEM certificate chain")
+    p.add_argument("--tls-key-file", default=None, help="the TLS certificate's PEM private key")
     p.add_argument("-v", "--verbose", action="store_true", help="echo service logs to the terminal")
     p.set_defaults(func=cmd_up)
+
+    p = sub.add_parser("keys", help="manage API keys (stored hashed)")
+    ksub = p.add_subparsers(dest="keys_command", required=True)
+    k = ksub.add_parser("create", help="create a key for a tenant and print it once")
+    k.add_argument("tenant")
+    k.add_argument("--scopes", default="generate", help="comma-separated: generate, compile, admin")
+    k.add_argument("--file", default="./llamaship-keys.json", help="keys file the gateway reads (--api-keys-file)")
+    k.set_defaults(func=cmd_keys)
 
     p = sub.add_parser("make-model", help="write the small demo Llama checkpoint (cached)",
                        description="Train a small LlamaForCausalLM (grouped-query attention, byte-level BPE "

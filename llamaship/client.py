@@ -20,6 +20,27 @@ def gateway_address(explicit: str | None = None) -> str:
     return explicit or os.environ.get("LLAMASHIP_GATEWAY") or DEFAULT_GATEWAY
 
 
+class _AuthHeader(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor):
+    def __init__(self, key: str):
+        self.header = ("authorization", f"Bearer {key}")
+
+    def _add(self, details):
+        metadata = [*(details.metadata or ()), self.header]
+        return details._replace(metadata=metadata) if hasattr(details, "_replace") else _Details(details, metadata)
+
+    def intercept_unary_unary(self, continuation, details, request):
+        return continuation(self._add(details), request)
+
+    def intercept_unary_stream(self, continuation, details, request):
+        return continuation(self._add(details), request)
+
+
+class _Details(grpc.ClientCallDetails):
+    def __init__(self, d, metadata):
+        self.method, self.timeout, self.metadata = d.method, d.timeout, metadata
+        self.credentials, self.wait_for_ready, self.compression = d.credentials, d.wait_for_ready, d.compression
+
+
 @dataclass
 class Completion:
     text: str = ""
@@ -40,9 +61,18 @@ class Completion:
 
 
 class GatewayClient:
-    def __init__(self, address: str | None = None):
+    def __init__(self, address: str | None = None, api_key: str | None = None, tls_ca: str | None = None):
+        """`api_key` defaults to $LLAMASHIP_API_KEY; `tls_ca` (a PEM file, or $LLAMASHIP_TLS_CA) turns on TLS."""
         self.address = gateway_address(address)
-        self.channel = grpc.insecure_channel(self.address)
+        tls_ca = tls_ca or os.environ.get("LLAMASHIP_TLS_CA")
+        if tls_ca:
+            with open(tls_ca, "rb") as f:
+                self.channel = grpc.secure_channel(self.address, grpc.ssl_channel_credentials(f.read()))
+        else:
+            self.channel = grpc.insecure_channel(self.address)
+        api_key = api_key or os.environ.get("LLAMASHIP_API_KEY")
+        if api_key:
+            self.channel = grpc.intercept_channel(self.channel, _AuthHeader(api_key))
         self.stub = gateway_pb2_grpc.GatewayStub(self.channel)
 
     def close(self) -> None:

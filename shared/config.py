@@ -82,6 +82,9 @@ _DECLARED = [
     Setting("queue_max_depth", int, 256, "Requests waiting per pool before Generate answers RESOURCE_EXHAUSTED.", check=_positive),
     Setting("queue_timeout_s", float, 120.0, "Seconds a request may wait for a replica before UNAVAILABLE.", check=_positive),
     Setting("replica_stale_s", float, 10.0, "A replica whose heartbeat is older than this is treated as gone (its requests are taken over).", check=_positive),
+    Setting("api_keys_file", str, "", "JSON file of hashed API keys per tenant (llamaship keys create); empty = no auth, loopback only."),
+    Setting("tls_cert_file", str, "", "PEM certificate chain: serve the gateway over TLS (with --tls-key-file)."),
+    Setting("tls_key_file", str, "", "PEM private key of the gateway's TLS certificate."),
     Setting("failover_timeout_s", float, 15.0, "Seconds a stream whose replica stopped waits for another replica to continue it before UNAVAILABLE.", check=_positive),
     # Compiler
     Setting("compiler_port", int, 50052, "Compiler gRPC port.", flag="--port", check=_port),
@@ -102,7 +105,7 @@ SETTINGS: dict[str, Setting] = {s.name: s for s in _DECLARED}
 
 COMMON = ("redis_url", "store", "host", "log_level", "metrics_port")
 GATEWAY = (*COMMON, "gateway_port", "compiler_address", "queue_max_depth", "queue_timeout_s", "replica_stale_s",
-           "failover_timeout_s")
+           "failover_timeout_s", "api_keys_file", "tls_cert_file", "tls_key_file")
 COMPILER = (*COMMON, "compiler_port", "work_dir", "job_lease_s", "max_attempts")
 SERVING = (*COMMON, "serving_port", "pool", "slots", "threads", "stream_interval_ms", "replica_stale_s", "replica_id",
            "advertise_address")

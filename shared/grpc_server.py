@@ -13,9 +13,9 @@ from shared.errors import ErrorInterceptor
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 
 
-def create_server() -> grpc.aio.Server:
+def create_server(extra_interceptors: Iterable[grpc.aio.ServerInterceptor] = ()) -> grpc.aio.Server:
     return grpc.aio.server(
-        interceptors=[ErrorInterceptor()],
+        interceptors=[*extra_interceptors, ErrorInterceptor()],
         options=[
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
@@ -38,9 +38,13 @@ async def set_serving(health_servicer: health.aio.HealthServicer, service_names:
         await health_servicer.set(name, status)
 
 
-def bind(server: grpc.aio.Server, host: str, port: int) -> int:
-    """Bind insecurely on host:port (0 picks a free port); returns the bound port."""
-    bound = server.add_insecure_port(f"{host}:{port}")
+def bind(server: grpc.aio.Server, host: str, port: int, tls: tuple[bytes, bytes] | None = None) -> int:
+    """Bind on host:port (0 picks a free port), with TLS when given (cert chain, key); returns the port."""
+    if tls:
+        creds = grpc.ssl_server_credentials([(tls[1], tls[0])])
+        bound = server.add_secure_port(f"{host}:{port}", creds)
+    else:
+        bound = server.add_insecure_port(f"{host}:{port}")
     if bound == 0:
         raise OSError(f"cannot bind gRPC server to {host}:{port}")
     return bound
