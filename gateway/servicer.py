@@ -17,7 +17,7 @@ from gateway import metrics
 from gateway.gen_queue import GenerationQueue
 from shared import catalog
 from shared import redis_keys as keys
-from shared.errors import InvalidArgument, NotFound, Unavailable, from_code_name
+from shared.errors import InvalidArgument, LlamashipError, NotFound, Unavailable, from_code_name
 from shared.generation import FINISH_EOS, FINISH_LENGTH, FINISH_STOP, GenRequest, validate
 from shared.proto_gen.llamaship.compiler.v1 import compiler_pb2, compiler_pb2_grpc
 from shared.proto_gen.llamaship.gateway.v1 import gateway_pb2 as pb
@@ -62,6 +62,14 @@ class GatewayServicer(pb_grpc.GatewayServicer):
         self.replica_stale_s = replica_stale_s
 
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[pb.GenerateChunk]:
+        try:
+            async for chunk in self._generate(request, context):
+                yield chunk
+        except LlamashipError as exc:
+            metrics.REJECTS.labels(exc.code.name).inc()
+            raise
+
+    async def _generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[pb.GenerateChunk]:
         rid = _request_id(request, context)
         request_id_var.set(rid)
         req = request_from_proto(request, rid)
@@ -85,14 +93,21 @@ class GatewayServicer(pb_grpc.GatewayServicer):
         metrics.REQUESTS.labels(alias.pool).inc()
         finished = False
         first = True
+        last_at = t0
         try:
             async for chunk in self.queue.responses(rid, alias.pool, entry_id):
                 if chunk.kind == "error":
                     finished = True
                     raise from_code_name(chunk.error_code, chunk.error_message)
+                now = time.perf_counter()
                 if first:
-                    metrics.TTFT.labels(alias.pool).observe(time.perf_counter() - t0)
+                    metrics.TTFT.labels(alias.pool).observe(now - t0)
                     first = False
+                elif chunk.token_ids:
+                    per_token = (now - last_at) / len(chunk.token_ids)
+                    for _ in chunk.token_ids:
+                        metrics.INTER_TOKEN.labels(alias.pool).observe(per_token)
+                last_at = now
                 out = pb.GenerateChunk(request_id=rid, text=chunk.text, token_ids=chunk.token_ids, build_id=chunk.build_id)
                 if chunk.kind == "end":
                     finished = True
@@ -108,6 +123,7 @@ class GatewayServicer(pb_grpc.GatewayServicer):
         finally:
             if not finished:
                 await asyncio.shield(self.queue.abandon(rid, alias.pool, entry_id))
+            metrics.QUEUE_DEPTH.labels(alias.pool).set(await asyncio.shield(self.queue.depth(alias.pool)))
 
     async def CancelGeneration(self, request: pb.CancelGenerationRequest, context) -> pb.CancelGenerationResponse:
         if not request.request_id:
