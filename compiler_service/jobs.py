@@ -1,6 +1,6 @@
 """Compile jobs in Redis: state, progress events, the work queue and worker leases.
 
-A job is a hash; every change appends its full snapshot to the job's event stream (what
+A job is a JSON string; every change appends its full snapshot to the job's event stream (what
 WatchCompile relays). A running job carries a lease its worker renews; a job whose lease ran out
 (its compiler died) is re-queued, or failed once it has used its attempts. No job stays
 "running" without a live worker.
@@ -9,15 +9,17 @@ WatchCompile relays). A running job carries a lease its worker renews; a job who
 from __future__ import annotations
 
 import json
+import logging
 import time
 import uuid
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import redis.asyncio as aioredis
 
 from shared import redis_keys as keys
 from shared.errors import NotFound
 
+log = logging.getLogger("llamaship.compiler.jobs")
 QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED = "queued", "running", "succeeded", "failed", "cancelled"
 TERMINAL = frozenset({SUCCEEDED, FAILED, CANCELLED})
 EVENTS_MAXLEN = 500
@@ -49,8 +51,6 @@ class Job:
     attempts: int = 0
     owner: str = ""
     lease_until: float = 0.0
-    cancel_requested: bool = False  # informational; the flag itself is its own key
-    extra: dict = field(default_factory=dict)
 
     @property
     def terminal(self) -> bool:
@@ -63,7 +63,8 @@ class Job:
     def from_json(cls, text: str) -> "Job":
         data = json.loads(text)
         data["request"] = JobRequest(**data["request"])
-        return cls(**data)
+        known = set(cls.__dataclass_fields__)
+        return cls(**{k: v for k, v in data.items() if k in known})
 
 
 class JobStore:
@@ -118,12 +119,11 @@ class JobStore:
         job = await self.get(job_id)
         if job.terminal:
             return job
-        if job.state == QUEUED:
-            await self.r.lrem(keys.COMPILE_QUEUE, 0, job_id)
+        if job.state == QUEUED and await self.r.lrem(keys.COMPILE_QUEUE, 0, job_id):
             job.state, job.stage, job.message = CANCELLED, "cancelled", "cancelled before it started"
             return await self.save(job)
+        # running, or just taken off the queue by a worker: the worker sees the flag and stops
         await self.r.set(keys.job_cancel(job_id), "1", ex=JOB_TTL_S)
-        job.cancel_requested = True
         return job
 
     async def cancel_requested(self, job_id: str) -> bool:
@@ -148,7 +148,11 @@ class JobStore:
             if raw is None:
                 await self.r.zrem(keys.JOBS_INDEX, job_id)
                 continue
-            job = Job.from_json(raw)
+            try:
+                job = Job.from_json(raw)
+            except (ValueError, TypeError, KeyError):
+                log.error("skipping unreadable compile job record %s", job_id)
+                continue
             if job.state == RUNNING and job.lease_until < now:
                 if await self.cancel_requested(job_id):
                     job.state, job.stage, job.message = CANCELLED, "cancelled", "cancelled (its compiler stopped)"

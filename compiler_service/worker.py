@@ -4,7 +4,6 @@ renews its lease while it works, and recovers jobs whose compiler died."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 
@@ -32,10 +31,12 @@ class CompileWorker:
 
     async def recover_loop(self) -> None:
         while True:
-            with contextlib.suppress(Exception):
+            try:
                 touched = await self.jobs.recover(self.max_attempts)
                 if touched:
                     log.warning("recovered jobs whose compiler stopped: %s", ", ".join(touched))
+            except Exception:  # noqa: BLE001 - retried next round
+                log.exception("recovering compile jobs failed")
             await asyncio.sleep(max(1.0, self.lease_s / 3))
 
     async def run_job(self, job_id: str) -> None:
@@ -45,6 +46,10 @@ class CompileWorker:
         except Exception:  # noqa: BLE001 - expired or deleted meanwhile
             return
         if job.terminal:
+            return
+        if await self.jobs.cancel_requested(job_id):
+            job.state, job.stage, job.message = CANCELLED, "cancelled", "cancelled before it started"
+            await self.jobs.save(job)
             return
         job.state, job.owner, job.attempts = RUNNING, self.worker_id, job.attempts + 1
         job.lease_until = time.time() + self.lease_s
@@ -90,7 +95,6 @@ class CompileWorker:
         finally:
             renew.cancel()
         job.owner, job.lease_until = "", 0.0
-        job.cancel_requested = await self.jobs.cancel_requested(job_id)
         await self.jobs.save(job)
         log.info("compile job %s: %s", job.state, job.message)
 
@@ -98,6 +102,8 @@ class CompileWorker:
         """Keep the lease of the job this worker runs (its in-memory record is authoritative)."""
         while True:
             await asyncio.sleep(self.lease_s / 3)
-            with contextlib.suppress(Exception):
+            try:
                 job.lease_until = time.time() + self.lease_s
                 await self.jobs.save(job)
+            except Exception:  # noqa: BLE001 - retried next round
+                log.exception("renewing the lease of job %s failed", job.job_id)

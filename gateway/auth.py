@@ -1,7 +1,7 @@
 """API keys per tenant, stored hashed, with scopes; checked by a gateway interceptor.
 
-Keys file (JSON), written by `llamaship keys create`:
-    {"tenants": {"acme": {"scopes": ["generate"], "keys": ["<sha256 hex of the key>", ...]}}}
+Keys file (JSON), written by `llamaship keys create`; each key has its own scopes:
+    {"tenants": {"acme": {"keys": [{"sha256": "<hex of the key>", "scopes": ["generate"]}, ...]}}}
 
 A client sends `authorization: Bearer <key>`. Keys are never logged or stored in clear.
 """
@@ -9,7 +9,6 @@ A client sends `authorization: Bearer <key>`. Keys are never logged or stored in
 from __future__ import annotations
 
 import hashlib
-import hmac
 import json
 import secrets
 from dataclasses import dataclass
@@ -28,6 +27,9 @@ METHOD_SCOPES: dict[str, str | None] = {
     _SERVICE + "CancelCompile": "compile",
     _SERVICE + "ListModels": None,  # any valid key
 }
+
+
+STREAMING_METHODS = frozenset({_SERVICE + "Generate", _SERVICE + "WatchCompile"})
 
 
 class KeysFileError(ValueError):
@@ -53,27 +55,29 @@ class KeyStore:
 
     @classmethod
     def load(cls, path: str | Path) -> "KeyStore":
-        try:
-            data = json.loads(Path(path).read_text())
-            tenants = data["tenants"]
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise KeysFileError(f"cannot read API keys file {path}: {exc}") from None
         by_hash = {}
-        for name, t in tenants.items():
-            scopes = frozenset(t.get("scopes", []))
-            unknown = scopes - set(SCOPES)
-            if unknown:
-                raise KeysFileError(f"tenant {name}: unknown scopes {sorted(unknown)}; known: {', '.join(SCOPES)}")
-            for h in t.get("keys", []):
-                by_hash[h] = Tenant(name, scopes)
+        try:
+            for name, t in _read(Path(path))["tenants"].items():
+                for k in t["keys"]:
+                    scopes = frozenset(k["scopes"])
+                    unknown = scopes - set(SCOPES)
+                    if unknown:
+                        raise KeysFileError(f"tenant {name}: unknown scopes {sorted(unknown)}; known: {', '.join(SCOPES)}")
+                    by_hash[k["sha256"]] = Tenant(name, scopes)
+        except (KeyError, TypeError, AttributeError) as exc:
+            raise KeysFileError(f"API keys file {path} is malformed ({exc!r})") from None
         return cls(by_hash)
 
     def tenant_for(self, key: str) -> Tenant | None:
-        h = hash_key(key)
-        for known, tenant in self.by_hash.items():
-            if hmac.compare_digest(known, h):
-                return tenant
-        return None
+        # the lookup is by hash, so its timing says nothing about the key
+        return self.by_hash.get(hash_key(key))
+
+
+def _read(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise KeysFileError(f"cannot read API keys file {path}: {exc}") from None
 
 
 def create_key(path: str | Path, tenant: str, scopes: list[str]) -> str:
@@ -82,11 +86,13 @@ def create_key(path: str | Path, tenant: str, scopes: list[str]) -> str:
     if bad or not scopes:
         raise KeysFileError(f"scopes must be some of {', '.join(SCOPES)}")
     p = Path(path)
-    data = json.loads(p.read_text()) if p.exists() else {"tenants": {}}
+    data = _read(p) if p.exists() else {"tenants": {}}
     key = f"lsk_{secrets.token_urlsafe(32)}"
-    entry = data["tenants"].setdefault(tenant, {"scopes": [], "keys": []})
-    entry["scopes"] = sorted(set(entry["scopes"]) | set(scopes))
-    entry["keys"].append(hash_key(key))
+    try:
+        data["tenants"].setdefault(tenant, {"keys": []})["keys"].append(
+            {"sha256": hash_key(key), "scopes": sorted(set(scopes))})
+    except (KeyError, TypeError, AttributeError) as exc:
+        raise KeysFileError(f"API keys file {path} is malformed ({exc!r})") from None
     tmp = p.with_suffix(".tmp")
     tmp.write_text(json.dumps(data, indent=2))
     tmp.chmod(0o600)
@@ -115,6 +121,8 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
     ) -> grpc.RpcMethodHandler:
         method = details.method
         if method not in METHOD_SCOPES:
+            if method.startswith(_SERVICE):  # a Gateway method nobody gave a scope: closed, not open
+                return _deny(grpc.StatusCode.PERMISSION_DENIED, "method not authorised", method)
             return await continuation(details)
         key = _bearer(details.invocation_metadata)
         tenant = self.keys.tenant_for(key) if key else None
@@ -135,7 +143,6 @@ def _deny(code: grpc.StatusCode, message: str, method: str) -> grpc.RpcMethodHan
         await context.abort(code, message)
         yield  # pragma: no cover - makes this an async generator
 
-    streaming = method.endswith(("/Generate", "/WatchCompile"))
-    if streaming:
+    if method in STREAMING_METHODS:
         return grpc.unary_stream_rpc_method_handler(stream)
     return grpc.unary_unary_rpc_method_handler(unary)

@@ -10,14 +10,16 @@ import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
 from shared import redis_keys as keys
-from shared.catalog import ReplicaHeartbeat
-from shared.errors import ResourceExhausted, Unavailable
+from shared import catalog
+from shared.errors import AlreadyExists, ResourceExhausted, Unavailable
 from shared.resilience import is_lost_group
 from shared.generation import Chunk, GenRequest
 
 
+# KEYS: queue, request-id claim. Returns the entry id, or "FULL" / "DUPLICATE".
 _BOUNDED_XADD = """
-if redis.call('XLEN', KEYS[1]) >= tonumber(ARGV[1]) then return false end
+if redis.call('XLEN', KEYS[1]) >= tonumber(ARGV[1]) then return 'FULL' end
+if not redis.call('SET', KEYS[2], '1', 'NX', 'EX', tonumber(ARGV[3])) then return 'DUPLICATE' end
 return redis.call('XADD', KEYS[1], '*', 'req', ARGV[2])
 """
 
@@ -38,11 +40,16 @@ class GenerationQueue:
     async def enqueue(self, req: GenRequest, pool: str) -> str:
         """Append the request unless the pool's queue is full (checked and added atomically)."""
         req.enqueued_at = time.time()
-        entry_id = await self._bounded_xadd(keys=[keys.gen_queue(pool)], args=[self.max_depth, req.to_json()])
-        if entry_id is None:
+        entry_id = await self._bounded_xadd(keys=[keys.gen_queue(pool), keys.request_claim(req.request_id)],
+                                            args=[self.max_depth, req.to_json(), keys.RESPONSE_TTL_S])
+        if entry_id == "FULL":
             raise ResourceExhausted(
-                f"the {pool} pool's queue is full ({self.max_depth} requests); retry later", retry_after_s=1.0
+                f"the {pool} pool's queue is full ({self.max_depth} requests waiting or running); retry later",
+                retry_after_s=1.0,
             )
+        if entry_id == "DUPLICATE":
+            raise AlreadyExists(f"request_id {req.request_id!r} was used in the last "
+                                f"{keys.RESPONSE_TTL_S // 60} minutes; use a new id for a new request")
         return entry_id
 
     async def responses(self, request_id: str, pool: str, entry_id: str) -> AsyncIterator[Chunk]:
@@ -55,7 +62,7 @@ class GenerationQueue:
         """
         key = keys.response_stream(request_id)
         last = "0-0"
-        waited_since = time.monotonic()
+        waited_since = last_data = time.monotonic()
         lost_since: float | None = None
         while True:
             resp = await self.r.xread({key: last}, block=1000, count=256)
@@ -70,7 +77,7 @@ class GenerationQueue:
                         raise Unavailable(
                             f"no {pool} replica took the request within {self.wait_timeout_s:.0f}s; it may be retried"
                         )
-                elif await self._replica_gone(replica_id):
+                elif not await catalog.replica_alive(self.r, replica_id, self.replica_stale_s):
                     lost_since = lost_since or time.monotonic()
                     if time.monotonic() - lost_since > self.failover_timeout_s:
                         raise Unavailable(
@@ -79,7 +86,12 @@ class GenerationQueue:
                         )
                 else:
                     lost_since = None
+                    if time.monotonic() - last_data > self.wait_timeout_s:
+                        raise Unavailable(
+                            f"replica {replica_id} sent nothing for {self.wait_timeout_s:.0f}s; it may be retried"
+                        )
                 continue
+            last_data = time.monotonic()
             for _stream, entries in resp:
                 for last, fields in entries:
                     chunk = Chunk.from_fields(fields)
@@ -98,10 +110,6 @@ class GenerationQueue:
                 raise
             return ""
         return pending[0]["consumer"] if pending else ""
-
-    async def _replica_gone(self, replica_id: str) -> bool:
-        raw = await self.r.hget(keys.REPLICAS, replica_id)
-        return raw is None or time.time() - ReplicaHeartbeat.from_json(raw).ts > self.replica_stale_s
 
     async def cancel(self, request_id: str) -> None:
         """Tell the replica (now or when it picks the request up) to stop. Idempotent."""

@@ -36,7 +36,8 @@ def cmd_keys(args: argparse.Namespace) -> int:
         key = create_key(args.file, args.tenant, [x for x in args.scopes.split(",") if x])
     except KeysFileError as exc:
         return _fail(str(exc))
-    print(f"API key for tenant {args.tenant} (scopes {args.scopes}); shown once, stored hashed in {args.file}:")
+    scopes = ",".join(sorted({x for x in args.scopes.split(",") if x}))
+    print(f"API key for tenant {args.tenant} (scopes {scopes}); shown once, stored hashed in {args.file}:")
     print(key)
     return 0
 

@@ -143,12 +143,20 @@ class GatewayClient:
                 **limits) -> compiler_pb2.CompileJob:
         """Submit, follow to the end, and (on success) wait until the build is served."""
         job = self.submit_compile(checkpoint, name, recipe, pool, **limits)
-        while job.state not in TERMINAL:  # a watch cut short (compiler restart) is resumed
-            for job in self.watch_compile(job.job_id):
-                if on_update:
-                    on_update(job)
-                if job.state in TERMINAL:
-                    break
+        interruptions = 0
+        while job.state not in TERMINAL:
+            try:
+                for job in self.watch_compile(job.job_id):
+                    if on_update:
+                        on_update(job)
+                    if job.state in TERMINAL:
+                        break
+            except grpc.RpcError as exc:
+                # the compiler restarting cuts the watch short; the job lives in Redis: watch again
+                interruptions += 1
+                if exc.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED) or interruptions > 30:
+                    raise
+                time.sleep(1.0)
         if job.state == compiler_pb2.JOB_STATE_SUCCEEDED and wait_served:
             self.wait_served(name, job.build_id)
         return job

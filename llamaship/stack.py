@@ -5,6 +5,7 @@ on loopback. `llamaship up` and the integration tests both use it."""
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -66,6 +67,7 @@ class Stack:
         self.redis_url = cfg.redis_url or ""
         self.ports: dict[str, int] = {}
         self.metrics_ports: dict[str, int] = {}
+        self._redis_dir: Path | None = None
 
     # -- lifecycle -------------------------------------------------------------------------
     def start(self, timeout_s: float = 60.0) -> "Stack":
@@ -90,14 +92,15 @@ class Stack:
 
     def start_redis(self, port: int = 0) -> None:
         port = port or free_port(self.cfg.host)
-        if not getattr(self, "_redis_dir", None):
+        if self._redis_dir is None:
             self._redis_dir = Path(tempfile.mkdtemp(prefix="llamaship-redis-"))
         log_path = self.cfg.log_dir / "redis.log"
         persistence = ["--appendonly", "yes", "--appendfsync", "always"] if self.cfg.redis_persistence else \
             ["--appendonly", "no"]
         cmd = [redis_server_binary(), "--port", str(port), "--bind", self.cfg.host, "--save", "", *persistence,
                "--dir", str(self._redis_dir), "--protected-mode", "yes"]
-        popen = subprocess.Popen(cmd, stdout=open(log_path, "a"), stderr=subprocess.STDOUT, start_new_session=True)
+        with open(log_path, "a") as log:
+            popen = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         self.procs["redis"] = Proc("redis", popen, f"{self.cfg.host}:{port}", log_path)
         self.redis_url = f"redis://{self.cfg.host}:{port}/0"
         deadline = time.time() + 10
@@ -177,6 +180,9 @@ class Stack:
         for name in [n for n in self.procs if n.startswith("gateway")] + [n for n in self.procs if n.startswith("serving")] + \
                 [n for n in self.procs if n == "compiler"] + [n for n in self.procs if n == "redis"]:
             self.stop_process(name)
+        if self._redis_dir is not None:
+            shutil.rmtree(self._redis_dir, ignore_errors=True)
+            self._redis_dir = None
 
     @property
     def gateway_address(self) -> str:

@@ -21,6 +21,8 @@ import threading
 from multiprocessing.connection import Connection
 from typing import Any
 
+from shared.errors import Unavailable
+
 log = logging.getLogger("llamaship.serving.decode")
 _CTX = mp.get_context("spawn")
 
@@ -93,8 +95,8 @@ def worker_main(build_dir: str, provider: str | None, threads: int, conn: Connec
         return
 
 
-class DecodeWorkerError(RuntimeError):
-    pass
+class DecodeWorkerError(Unavailable):
+    """The decode process failed or went away: a replica-side failure the client may retry."""
 
 
 class DecodeWorker:
@@ -124,10 +126,13 @@ class DecodeWorker:
         try:
             msg = await asyncio.to_thread(wait_ready)
         except (EOFError, DecodeWorkerError) as exc:
+            parent.close()
             proc.kill()
+            await asyncio.to_thread(proc.join)
             raise DecodeWorkerError(f"decode worker for build {build_id} failed to start: {exc or 'it exited'}") from None
         if msg[0] != "ready":
-            proc.join(5)
+            parent.close()
+            await asyncio.to_thread(proc.join, 5)
             raise DecodeWorkerError(f"cannot load build {build_id}: {msg[1]}")
         worker = cls(build_id, proc, parent)
         asyncio.get_running_loop().add_reader(parent.fileno(), worker._on_readable)

@@ -95,6 +95,7 @@ class Engine:
 
     def __post_init__(self) -> None:
         self._load_lock = asyncio.Lock()
+        self._reloading: set[str] = set()
 
     def served(self) -> dict[str, str]:
         return {name: b.build_id for name, b in self.builds.items()}
@@ -104,7 +105,7 @@ class Engine:
         Returns None when that build is already served under that name."""
         async with self._load_lock:
             current = self.builds.get(name)
-            if current is not None and current.build_id == build_id:
+            if current is not None and current.build_id == build_id and not current.worker.closed:
                 return None
             loaded = await load_build(self.store, name, build_id, self.pool, self.threads)
             self.builds[name] = loaded
@@ -122,10 +123,20 @@ class Engine:
         loaded = self.builds.get(name)
         if loaded is None:
             raise NotFound(f"model {name!r} is not loaded on this {self.pool} replica")
+        if loaded.worker.closed:  # its decode process died: start a new one for later requests
+            if name not in self._reloading:
+                self._reloading.add(name)
+                asyncio.get_running_loop().create_task(self._reload(name, loaded.build_id))
+            raise Unavailable(f"the decode worker for {name} stopped and is being restarted; retry shortly")
         return loaded
 
-    def has_free_slot(self) -> bool:
-        return self.active < self.slots
+    async def _reload(self, name: str, build_id: str) -> None:
+        try:
+            await self.load(name, build_id)
+        except Exception:  # noqa: BLE001 - the next request tries again
+            log.exception("restarting the decode worker of %s failed", name)
+        finally:
+            self._reloading.discard(name)
 
     async def stream(self, req: GenRequest, replay: list[int] | tuple = (), build_id: str = "") -> AsyncIterator[Chunk]:
         """Validate, tokenize and decode `req`, yielding token chunks and a final "end" chunk.
@@ -148,16 +159,16 @@ class Engine:
             )
         if self.active >= self.slots:
             raise ResourceExhausted(f"replica is running {self.active}/{self.slots} requests", retry_after_s=0.5)
-        self.active += 1
-        loaded.active += 1
         max_length = min(len(prompt_ids) + req.max_tokens, loaded.context_length)
-        queue = loaded.worker.submit(req.request_id, prompt_ids, _search_options(loaded, req, max_length))
         detok = IncrementalDetokenizer(loaded.tokenizer, prompt_ids)
         stops = StopMatcher(req.stop)
         produced = 0
         finish = FINISH_LENGTH
         worker_finished = False  # the worker said done/error: nothing left to cancel there
+        self.active += 1
+        loaded.active += 1
         try:
+            queue = loaded.worker.submit(req.request_id, prompt_ids, _search_options(loaded, req, max_length))
             while True:
                 # Take every token already decoded, so a slow reader gets them in one chunk.
                 items = [await queue.get()]

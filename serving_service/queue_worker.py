@@ -58,8 +58,9 @@ class QueueWorker:
 
     async def run(self) -> None:
         await ensure_group(self.r, self.engine.pool)
+        await self._resume_own()
         while True:
-            free = self.engine.slots - self.engine.active - len(self._starting())
+            free = self._free_slots()
             if free <= 0:
                 self._wake.clear()
                 with contextlib.suppress(asyncio.TimeoutError):
@@ -70,24 +71,44 @@ class QueueWorker:
             )
             for _stream, entries in resp or []:
                 for entry_id, fields in entries:
-                    task = asyncio.create_task(self._handle(entry_id, fields))
-                    task.starting = True  # type: ignore[attr-defined]
-                    self.tasks.add(task)
-                    task.add_done_callback(self._done)
+                    self._spawn(entry_id, fields, resume=False)
 
-    def _starting(self) -> list[asyncio.Task]:
-        return [t for t in self.tasks if getattr(t, "starting", False)]
+    def _free_slots(self) -> int:
+        """Every request task holds one slot from the moment it is taken until it ends."""
+        return self.engine.slots - len(self.tasks)
+
+    def _spawn(self, entry_id: str, fields: dict[str, str], resume: bool) -> None:
+        task = asyncio.create_task(self._handle(entry_id, fields, resume=resume))
+        self.tasks.add(task)
+        task.add_done_callback(self._done)
+
+    async def _resume_own(self) -> None:
+        """Entries still pending under this replica's name were taken by an earlier process with
+        the same id that stopped: continue them like any other stopped replica's."""
+        pending = await self.r.xpending_range(self.queue, keys.GEN_GROUP, min="-", max="+",
+                                              count=self.engine.slots, consumername=self.replica_id)
+        for p in pending:
+            entries = await self.r.xrange(self.queue, p["message_id"], p["message_id"], count=1)
+            if entries:
+                self._spawn(entries[0][0], entries[0][1], resume=True)
+            else:
+                await self._finish_entry(p["message_id"])
 
     def _done(self, task: asyncio.Task) -> None:
         self.tasks.discard(task)
         self._wake.set()
 
     async def drain(self, timeout_s: float) -> None:
+        """Let running requests finish; those still running after `timeout_s` are interrupted and
+        stay pending in the queue, for another replica to continue."""
         if self.tasks:
             await asyncio.wait(list(self.tasks), timeout=timeout_s)
+        for task in list(self.tasks):
+            task.cancel()
+        if self.tasks:
+            await asyncio.wait(list(self.tasks), timeout=5)
 
     async def _handle(self, entry_id: str, fields: dict[str, str], resume: bool = False) -> None:
-        task = asyncio.current_task()
         try:
             req = GenRequest.from_json(fields["req"])
         except (KeyError, ValueError, TypeError):
@@ -95,6 +116,7 @@ class QueueWorker:
             await self._finish_entry(entry_id)
             return
         request_id_var.set(req.request_id)
+        interrupted = False
         resp_key = keys.response_stream(req.request_id)
         cancel_key = keys.cancel_flag(req.request_id)
         try:
@@ -104,6 +126,8 @@ class QueueWorker:
                 _, cancelled_early = await pipe.execute()
             if cancelled_early:
                 log.info("skipping request cancelled while queued")
+                await self._write(req.request_id, Chunk("error", error_code="CANCELLED",
+                                                        error_message="cancelled before it started"))
                 return
             if req.deadline is not None and time.time() > req.deadline:
                 log.info("dropping request whose deadline passed while queued")
@@ -122,12 +146,13 @@ class QueueWorker:
                 build_id = ""
                 metrics.QUEUE_WAIT.labels(pool).observe(max(0.0, time.time() - req.enqueued_at))
             started = time.perf_counter()
+            first = True
             outcome = "cancelled"
             stream = self.engine.stream(req, replay=delivered, build_id=build_id)
             try:
                 async for chunk in stream:
-                    if task is not None and getattr(task, "starting", False):
-                        task.starting = False  # type: ignore[attr-defined]
+                    if first:
+                        first = False
                         metrics.TTFT.labels(pool).observe(time.perf_counter() - started)
                     metrics.TOKENS.labels(pool).inc(len(chunk.token_ids))
                     chunk.replica_id = self.replica_id
@@ -136,8 +161,11 @@ class QueueWorker:
                         outcome = chunk.finish_reason
                     if stop:
                         log.info("stopping generation: %s", stop)
+                        if stop == "client cancelled":
+                            await self._write(req.request_id, Chunk("error", error_code="CANCELLED",
+                                                                    error_message="cancelled by the client"))
                         break
-                    if self.stream_interval_s:
+                    if self.stream_interval_s and chunk.kind != "end":
                         # Tokens decoded meanwhile travel together in the next chunk: fewer
                         # messages per token for Redis, the gateway and the client.
                         await asyncio.sleep(self.stream_interval_s)
@@ -152,8 +180,14 @@ class QueueWorker:
             log.exception("generation failed")
             await self._write(req.request_id, Chunk("error", error_code="INTERNAL",
                                               error_message=f"generation failed on replica {self.replica_id}: {type(exc).__name__}"))
+        except asyncio.CancelledError:
+            # This replica is stopping with the request unfinished: leave the entry pending so
+            # that another replica continues it.
+            interrupted = True
+            raise
         finally:
-            await self._finish_entry(entry_id)
+            if not interrupted:
+                await self._finish_entry(entry_id)
 
     async def _already_written(self, resp_key: str) -> tuple[list[int], str, bool]:
         """(token ids, build id, ended) of what the replica that stopped wrote for a request."""
@@ -177,15 +211,18 @@ class QueueWorker:
 
     async def reclaim(self, stale_after_s: float) -> int:
         summary = await self.r.xpending(self.queue, keys.GEN_GROUP)
+        pending_by = {c["name"]: int(c["pending"]) for c in summary.get("consumers") or []}
+        for info in await self.r.xinfo_consumers(self.queue, keys.GEN_GROUP):
+            pending_by.setdefault(info["name"], 0)
         taken = 0
-        for consumer in summary.get("consumers") or []:
-            name = consumer["name"]
-            if name == self.replica_id or not int(consumer["pending"]):
+        for name, pending_count in pending_by.items():
+            if name == self.replica_id or await catalog.replica_alive(self.r, name, stale_after_s):
                 continue
-            raw = await self.r.hget(keys.REPLICAS, name)
-            if raw is not None and time.time() - catalog.ReplicaHeartbeat.from_json(raw).ts <= stale_after_s:
+            if not pending_count:  # a stopped replica with nothing left: forget it
+                await self.r.xgroup_delconsumer(self.queue, keys.GEN_GROUP, name)
+                await catalog.remove_heartbeat(self.r, name)
                 continue
-            free = self.engine.slots - self.engine.active - len(self._starting())
+            free = self._free_slots()
             if free <= 0:
                 return taken
             pending = await self.r.xpending_range(self.queue, keys.GEN_GROUP, min="-", max="+", count=free,
@@ -198,10 +235,7 @@ class QueueWorker:
                 if not fields:  # deleted meanwhile (finished or withdrawn)
                     await self._finish_entry(entry_id)
                     continue
-                task = asyncio.create_task(self._handle(entry_id, fields, resume=True))
-                task.starting = True  # type: ignore[attr-defined]
-                self.tasks.add(task)
-                task.add_done_callback(self._done)
+                self._spawn(entry_id, fields, resume=True)
                 taken += 1
         return taken
 

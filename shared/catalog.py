@@ -88,6 +88,15 @@ async def alias_and_replicas(r: aioredis.Redis, name: str, stale_after_s: float)
     return (Alias.from_json(raw_alias) if raw_alias else None), _live(raw_replicas, stale_after_s, None)
 
 
+def is_live(hb: ReplicaHeartbeat, stale_after_s: float, now: float | None = None) -> bool:
+    return (now or time.time()) - hb.ts <= stale_after_s
+
+
+async def replica_alive(r: aioredis.Redis, replica_id: str, stale_after_s: float) -> bool:
+    raw = await r.hget(keys.REPLICAS, replica_id)
+    return raw is not None and is_live(ReplicaHeartbeat.from_json(raw), stale_after_s)
+
+
 async def live_replicas(r: aioredis.Redis, stale_after_s: float, pool: str | None = None) -> list[ReplicaHeartbeat]:
     return _live(await r.hgetall(keys.REPLICAS), stale_after_s, pool)
 
@@ -97,6 +106,6 @@ def _live(raw_replicas: dict[str, str], stale_after_s: float, pool: str | None) 
     out = []
     for raw in raw_replicas.values():
         hb = ReplicaHeartbeat.from_json(raw)
-        if now - hb.ts <= stale_after_s and (pool is None or hb.pool == pool):
+        if is_live(hb, stale_after_s, now) and (pool is None or hb.pool == pool):
             out.append(hb)
     return sorted(out, key=lambda h: h.replica_id)

@@ -79,10 +79,10 @@ _DECLARED = [
     # Gateway
     Setting("gateway_port", int, 50051, "Gateway gRPC port.", flag="--port", check=_port),
     Setting("compiler_address", str, "127.0.0.1:50052", "Compiler gRPC address the gateway proxies compile jobs to."),
-    Setting("queue_max_depth", int, 256, "Requests waiting per pool before Generate answers RESOURCE_EXHAUSTED.", check=_positive),
-    Setting("queue_timeout_s", float, 120.0, "Seconds a request may wait for a replica before UNAVAILABLE.", check=_positive),
+    Setting("queue_max_depth", int, 256, "Requests in a pool's queue (waiting or running) before Generate answers RESOURCE_EXHAUSTED.", check=_positive),
+    Setting("queue_timeout_s", float, 120.0, "Seconds a request may wait for a replica to take it, or a taken request for its next chunk, before UNAVAILABLE.", check=_positive),
     Setting("replica_stale_s", float, 10.0, "A replica whose heartbeat is older than this is treated as gone (its requests are taken over).", check=_positive),
-    Setting("api_keys_file", str, "", "JSON file of hashed API keys per tenant (llamaship keys create); empty = no auth, loopback only."),
+    Setting("api_keys_file", str, "", "JSON file of hashed API keys per tenant (llamaship keys create); empty = no auth (keep the gateway on loopback)."),
     Setting("tls_cert_file", str, "", "PEM certificate chain: serve the gateway over TLS (with --tls-key-file)."),
     Setting("tls_key_file", str, "", "PEM private key of the gateway's TLS certificate."),
     Setting("failover_timeout_s", float, 15.0, "Seconds a stream whose replica stopped waits for another replica to continue it before UNAVAILABLE.", check=_positive),

@@ -41,20 +41,16 @@ class Unavailable(LlamashipError):
     code = grpc.StatusCode.UNAVAILABLE
 
 
-class FailedPrecondition(LlamashipError):
-    code = grpc.StatusCode.FAILED_PRECONDITION
-
-
-class Unauthenticated(LlamashipError):
-    code = grpc.StatusCode.UNAUTHENTICATED
-
-
-class PermissionDenied(LlamashipError):
-    code = grpc.StatusCode.PERMISSION_DENIED
-
-
 class DeadlineExceeded(LlamashipError):
     code = grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+class AlreadyExists(LlamashipError):
+    code = grpc.StatusCode.ALREADY_EXISTS
+
+
+class Cancelled(LlamashipError):
+    code = grpc.StatusCode.CANCELLED
 
 
 _BY_CODE_NAME = {cls.code.name: cls for cls in LlamashipError.__subclasses__()}

@@ -7,7 +7,8 @@ Gen queue     STREAM ls:gen:{pool}              requests waiting for a replica; 
 Responses     STREAM ls:resp:{request_id}       chunks a replica produced for one request
 Cancel flag   STRING ls:cancel:{request_id}     set when the client went away or cancelled
 Stream owner  STRING ls:owner:{request_id}      the replica allowed to write the response stream
-Jobs          HASH   ls:job:{job_id}            one compile job's state
+Request claim STRING ls:rid:{request_id}        a request id in use (ids are not reused for 10 minutes)
+Jobs          STRING ls:job:{job_id}            one compile job's state (JSON)
 Job events    STREAM ls:job:{job_id}:events     progress of one compile job
 Job cancel  STRING ls:job:{job_id}:cancel      set when a running job should stop
 Job index     ZSET   ls:jobs                    job ids by creation time
@@ -38,6 +39,10 @@ def response_stream(request_id: str) -> str:
 
 def cancel_flag(request_id: str) -> str:
     return f"{PREFIX}cancel:{request_id}"
+
+
+def request_claim(request_id: str) -> str:
+    return f"{PREFIX}rid:{request_id}"
 
 
 def stream_owner(request_id: str) -> str:

@@ -27,8 +27,14 @@ def test_keys_are_stored_hashed(tmp_path):
     key = create_key(path, "acme", ["generate"])
     text = path.read_text()
     assert key not in text and hash_key(key) in text
-    assert json.loads(text)["tenants"]["acme"]["scopes"] == ["generate"]
+    assert json.loads(text)["tenants"]["acme"]["keys"][0]["scopes"] == ["generate"]
     assert path.stat().st_mode & 0o077 == 0
+    admin = create_key(path, "acme", ["admin"])  # scopes are per key: the first key stays generate-only
+    from gateway.auth import KeyStore
+
+    store = KeyStore.load(path)
+    assert store.tenant_for(key).scopes == {"generate"} and store.tenant_for(admin).scopes == {"admin"}
+    assert store.tenant_for("lsk_unknown") is None
 
 
 def test_scopes_and_tls(tmp_path, demo_model):

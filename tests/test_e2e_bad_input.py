@@ -116,3 +116,26 @@ def test_compile_failure_says_why_and_publishes_nothing(client, stack, scratch_c
     assert name not in {m.name for m in client.models()}
     assert sorted(p.name for p in (stack.cfg.store / "builds").iterdir()) == builds_before
     assert client.generate("demo", PROMPT, 4).completion_tokens == 4
+
+
+def test_request_ids_are_single_use(client, fp32_build):
+    assert client.generate("demo", PROMPT, 2, request_id="dup-once").completion_tokens == 2
+    got, details = _status(lambda: client.generate("demo", PROMPT, 2, request_id="dup-once"))
+    assert got == grpc.StatusCode.ALREADY_EXISTS and "dup-once" in details
+
+
+def test_cancel_generation_ends_the_stream_with_cancelled(client, fp32_build):
+    import time
+
+    from shared.proto_gen.llamaship.gateway.v1 import gateway_pb2
+
+    stream = client.stream("demo", "def main(argv):\n    ", 4000, request_id="to-cancel")
+    next(stream)
+    assert client.stub.CancelGeneration(gateway_pb2.CancelGenerationRequest(request_id="to-cancel")).found
+    t0 = time.time()
+    with pytest.raises(grpc.RpcError) as info:
+        for _ in stream:
+            pass
+    assert info.value.code() == grpc.StatusCode.CANCELLED
+    assert time.time() - t0 < 10
+    assert client.generate("demo", PROMPT, 4).completion_tokens == 4

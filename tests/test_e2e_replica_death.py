@@ -40,3 +40,30 @@ def test_replica_killed_mid_stream_gives_unavailable_then_recovers(tmp_path, dem
         stack.start_service("serving-cpu-0", "serving_service", port, 60, ["--pool", "cpu", "--replica-id", "cpu-1"])
         client.wait_served("demo", job.build_id, timeout_s=30)
         assert client.generate("demo", "x = ", 4).completion_tokens == 4
+
+
+def test_decode_worker_crash_is_retryable_and_the_replica_recovers(tmp_path, demo_model):
+    import psutil
+
+    from llamaship.client import GatewayClient
+    from llamaship.stack import Stack, StackConfig
+
+    cfg = StackConfig(store=tmp_path / "store", log_dir=tmp_path / "logs")
+    with Stack(cfg) as stack, GatewayClient(stack.gateway_address) as client:
+        assert client.compile(str(demo_model), "demo", "fp32").build_id
+        replica = psutil.Process(stack.procs["serving-cpu-0"].popen.pid)
+        [worker] = [p for p in replica.children() if "spawn_main" in " ".join(p.cmdline())]
+        worker.kill()
+        worker.wait(10)
+        deadline = time.time() + 60
+        codes = []
+        while True:
+            try:
+                assert client.generate("demo", "x = ", 4).completion_tokens == 4
+                break
+            except grpc.RpcError as exc:
+                codes.append(exc.code())
+                assert exc.code() == grpc.StatusCode.UNAVAILABLE, exc.details()
+                assert time.time() < deadline, "the replica never recovered its decode worker"
+                time.sleep(0.5)
+        assert stack.procs["serving-cpu-0"].alive()

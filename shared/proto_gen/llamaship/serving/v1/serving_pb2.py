@@ -24,27 +24,19 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"llamaship/serving/v1/serving.proto\x12\x14llamaship.serving.v1\"\xb9\x01\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x12\n\nmax_tokens\x18\x03 \x01(\x05\x12\x13\n\x0btemperature\x18\x04 \x01(\x02\x12\r\n\x05top_p\x18\x05 \x01(\x02\x12\r\n\x05top_k\x18\x06 \x01(\x05\x12\x0c\n\x04seed\x18\x07 \x01(\x04\x12\x10\n\x08has_seed\x18\x08 \x01(\x08\x12\x0c\n\x04stop\x18\t \x03(\t\x12\x12\n\nrequest_id\x18\n \x01(\t\"9\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05\"\xa9\x01\n\rGenerateChunk\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x39\n\rfinish_reason\x18\x03 \x01(\x0e\x32\".llamaship.serving.v1.FinishReason\x12*\n\x05usage\x18\x04 \x01(\x0b\x32\x1b.llamaship.serving.v1.Usage\x12\x10\n\x08\x62uild_id\x18\x05 \x01(\t\"\x12\n\x10GetStatusRequest\"i\n\x0bLoadedBuild\x12\r\n\x05model\x18\x01 \x01(\t\x12\x10\n\x08\x62uild_id\x18\x02 \x01(\t\x12\x0e\n\x06recipe\x18\x03 \x01(\t\x12\x16\n\x0e\x63ontext_length\x18\x04 \x01(\x05\x12\x11\n\tmax_batch\x18\x05 \x01(\x05\"\x83\x01\n\rReplicaStatus\x12\x12\n\nreplica_id\x18\x01 \x01(\t\x12\x0c\n\x04pool\x18\x02 \x01(\t\x12\r\n\x05slots\x18\x03 \x01(\x05\x12\x0e\n\x06\x61\x63tive\x18\x04 \x01(\x05\x12\x31\n\x06\x62uilds\x18\x05 \x03(\x0b\x32!.llamaship.serving.v1.LoadedBuild*v\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x01\x12\x15\n\x11\x46INISH_REASON_EOS\x10\x02\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x03\x32\xbd\x01\n\x07Serving\x12X\n\x08Generate\x12%.llamaship.serving.v1.GenerateRequest\x1a#.llamaship.serving.v1.GenerateChunk0\x01\x12X\n\tGetStatus\x12&.llamaship.serving.v1.GetStatusRequest\x1a#.llamaship.serving.v1.ReplicaStatusb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"llamaship/serving/v1/serving.proto\x12\x14llamaship.serving.v1\"\x12\n\x10GetStatusRequest\"i\n\x0bLoadedBuild\x12\r\n\x05model\x18\x01 \x01(\t\x12\x10\n\x08\x62uild_id\x18\x02 \x01(\t\x12\x0e\n\x06recipe\x18\x03 \x01(\t\x12\x16\n\x0e\x63ontext_length\x18\x04 \x01(\x05\x12\x11\n\tmax_batch\x18\x05 \x01(\x05\"\x83\x01\n\rReplicaStatus\x12\x12\n\nreplica_id\x18\x01 \x01(\t\x12\x0c\n\x04pool\x18\x02 \x01(\t\x12\r\n\x05slots\x18\x03 \x01(\x05\x12\x0e\n\x06\x61\x63tive\x18\x04 \x01(\x05\x12\x31\n\x06\x62uilds\x18\x05 \x03(\x0b\x32!.llamaship.serving.v1.LoadedBuild2c\n\x07Serving\x12X\n\tGetStatus\x12&.llamaship.serving.v1.GetStatusRequest\x1a#.llamaship.serving.v1.ReplicaStatusb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'llamaship.serving.v1.serving_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FINISHREASON']._serialized_start=740
-  _globals['_FINISHREASON']._serialized_end=858
-  _globals['_GENERATEREQUEST']._serialized_start=61
-  _globals['_GENERATEREQUEST']._serialized_end=246
-  _globals['_USAGE']._serialized_start=248
-  _globals['_USAGE']._serialized_end=305
-  _globals['_GENERATECHUNK']._serialized_start=308
-  _globals['_GENERATECHUNK']._serialized_end=477
-  _globals['_GETSTATUSREQUEST']._serialized_start=479
-  _globals['_GETSTATUSREQUEST']._serialized_end=497
-  _globals['_LOADEDBUILD']._serialized_start=499
-  _globals['_LOADEDBUILD']._serialized_end=604
-  _globals['_REPLICASTATUS']._serialized_start=607
-  _globals['_REPLICASTATUS']._serialized_end=738
-  _globals['_SERVING']._serialized_start=861
-  _globals['_SERVING']._serialized_end=1050
+  _globals['_GETSTATUSREQUEST']._serialized_start=60
+  _globals['_GETSTATUSREQUEST']._serialized_end=78
+  _globals['_LOADEDBUILD']._serialized_start=80
+  _globals['_LOADEDBUILD']._serialized_end=185
+  _globals['_REPLICASTATUS']._serialized_start=188
+  _globals['_REPLICASTATUS']._serialized_end=319
+  _globals['_SERVING']._serialized_start=321
+  _globals['_SERVING']._serialized_end=420
 # @@protoc_insertion_point(module_scope)

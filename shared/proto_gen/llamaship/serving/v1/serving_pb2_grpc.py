@@ -26,8 +26,9 @@ if _version_not_supported:
 
 
 class ServingStub:
-    """One replica of a hardware pool. Production traffic reaches it through the gateway's Redis
-    queue; this service is the internal hop for direct calls (health, status, benchmarks).
+    """One replica of a hardware pool. Generation requests reach it only through its pool's Redis
+    queue (so that slots, auth and failover stay in one place); this service is the internal hop
+    for status and health.
     """
 
     def __init__(self, channel):
@@ -36,11 +37,6 @@ class ServingStub:
         Args:
             channel: A grpc.Channel.
         """
-        self.Generate = channel.unary_stream(
-                '/llamaship.serving.v1.Serving/Generate',
-                request_serializer=llamaship_dot_serving_dot_v1_dot_serving__pb2.GenerateRequest.SerializeToString,
-                response_deserializer=llamaship_dot_serving_dot_v1_dot_serving__pb2.GenerateChunk.FromString,
-                _registered_method=True)
         self.GetStatus = channel.unary_unary(
                 '/llamaship.serving.v1.Serving/GetStatus',
                 request_serializer=llamaship_dot_serving_dot_v1_dot_serving__pb2.GetStatusRequest.SerializeToString,
@@ -49,15 +45,10 @@ class ServingStub:
 
 
 class ServingServicer:
-    """One replica of a hardware pool. Production traffic reaches it through the gateway's Redis
-    queue; this service is the internal hop for direct calls (health, status, benchmarks).
+    """One replica of a hardware pool. Generation requests reach it only through its pool's Redis
+    queue (so that slots, auth and failover stay in one place); this service is the internal hop
+    for status and health.
     """
-
-    def Generate(self, request, context):
-        """Missing associated documentation comment in .proto file."""
-        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
-        context.set_details('Method not implemented!')
-        raise NotImplementedError('Method not implemented!')
 
     def GetStatus(self, request, context):
         """Missing associated documentation comment in .proto file."""
@@ -68,11 +59,6 @@ class ServingServicer:
 
 def add_ServingServicer_to_server(servicer, server):
     rpc_method_handlers = {
-            'Generate': grpc.unary_stream_rpc_method_handler(
-                    servicer.Generate,
-                    request_deserializer=llamaship_dot_serving_dot_v1_dot_serving__pb2.GenerateRequest.FromString,
-                    response_serializer=llamaship_dot_serving_dot_v1_dot_serving__pb2.GenerateChunk.SerializeToString,
-            ),
             'GetStatus': grpc.unary_unary_rpc_method_handler(
                     servicer.GetStatus,
                     request_deserializer=llamaship_dot_serving_dot_v1_dot_serving__pb2.GetStatusRequest.FromString,
@@ -87,36 +73,10 @@ def add_ServingServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class Serving:
-    """One replica of a hardware pool. Production traffic reaches it through the gateway's Redis
-    queue; this service is the internal hop for direct calls (health, status, benchmarks).
+    """One replica of a hardware pool. Generation requests reach it only through its pool's Redis
+    queue (so that slots, auth and failover stay in one place); this service is the internal hop
+    for status and health.
     """
-
-    @staticmethod
-    def Generate(request,
-            target,
-            options=(),
-            channel_credentials=None,
-            call_credentials=None,
-            insecure=False,
-            compression=None,
-            wait_for_ready=None,
-            timeout=None,
-            metadata=None):
-        return grpc.experimental.unary_stream(
-            request,
-            target,
-            '/llamaship.serving.v1.Serving/Generate',
-            llamaship_dot_serving_dot_v1_dot_serving__pb2.GenerateRequest.SerializeToString,
-            llamaship_dot_serving_dot_v1_dot_serving__pb2.GenerateChunk.FromString,
-            options,
-            channel_credentials,
-            insecure,
-            call_credentials,
-            compression,
-            wait_for_ready,
-            timeout,
-            metadata,
-            _registered_method=True)
 
     @staticmethod
     def GetStatus(request,
