@@ -79,15 +79,27 @@ def _timed(fn) -> float:
     return time.perf_counter() - t0
 
 
-def peak_rss_mb(pid: int) -> float:
-    """VmHWM (peak resident set) of a process, in MB."""
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return float("nan")
+def peak_rss_mb(pid: int, with_children: bool = False) -> float:
+    """VmHWM (peak resident set) of a process in MB; with its live children (a replica's decode
+    workers) added when asked."""
+    def hwm(p: int) -> float:
+        try:
+            for line in Path(f"/proc/{p}/status").read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+        except OSError:
+            pass
+        return float("nan")
+
+    total = hwm(pid)
+    if with_children:
+        import psutil
+
+        try:
+            total += sum(hwm(c.pid) for c in psutil.Process(pid).children(recursive=True))
+        except psutil.Error:
+            pass
+    return total
 
 
 def cpu_seconds(pids: dict[str, int]) -> dict[str, float]:

@@ -172,7 +172,7 @@ def markdown(report: dict, chart_prefix: str = "") -> str:
     for t in report["targets"]:
         lines.append(f"| {t['model']} | {t['recipe']} | {t['target']} | {_f(t['value'], 2)} | "
                      f"{'✅' if t['met'] else '❌'} |")
-    lines += ["", "## Peak RSS (MB)", "", " · ".join(f"{k}: {_f(v, 0)}" for k, v in report["peak_rss_mb"].items()), ""]
+    lines += ["", "## Peak RSS (MB, with child processes such as decode workers)", "", " · ".join(f"{k}: {_f(v, 0)}" for k, v in report["peak_rss_mb"].items()), ""]
     if report.get("charts"):
         lines += ["## Charts", ""] + [f"![{Path(c).stem}]({chart_prefix}{Path(c).name})" for c in report["charts"]]
     return "\n".join(lines) + "\n"

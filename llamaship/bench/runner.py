@@ -127,7 +127,7 @@ def run_bench(plan: Plan, out_dir: Path, cache: Path, threads: int) -> dict:
                     "build_bytes": manifest.total_bytes, **m.onnx_weight_bytes(build_dir),
                 })
                 bar.update(1)
-        report["peak_rss_mb"] = {n: m.peak_rss_mb(p.popen.pid) for n, p in stack.procs.items()}
+        report["peak_rss_mb"] = {n: m.peak_rss_mb(p.popen.pid, with_children=True) for n, p in stack.procs.items()}
         # measured at the start and the end (a shared machine's bandwidth varies); the best is the limit
         bandwidth.append(m.memory_bandwidth_gbs(threads, device=plan.device))
         report["bandwidth_samples_gbs"] = bandwidth
