@@ -3,7 +3,6 @@ then follows the announce stream and hot-swaps each new build of this pool."""
 
 from __future__ import annotations
 
-import asyncio
 import logging
 
 import redis.asyncio as aioredis

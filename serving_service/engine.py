@@ -14,7 +14,6 @@ import logging
 import random
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import AsyncIterator
 
 from shared.errors import InvalidArgument, NotFound, ResourceExhausted, Unavailable

@@ -92,7 +92,6 @@ def test_models_lists_build_and_replica(client, fp32_build):
 
 
 def test_client_disconnect_frees_the_slot(client, stack, fp32_build):
-    import grpc as _grpc
 
     from shared.proto_gen.llamaship.serving.v1 import serving_pb2, serving_pb2_grpc
 
