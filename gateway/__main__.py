@@ -27,10 +27,9 @@ async def serve(settings: config.Settings) -> None:
     await redis_conn.wait_ready(r, settings.redis_url)
     channel = grpc.aio.insecure_channel(settings.compiler_address)
     queue = GenerationQueue(r, settings.queue_max_depth, settings.queue_timeout_s, settings.replica_stale_s,
-                            settings.failover_timeout_s)
-    servicer = GatewayServicer(r, queue, compiler_pb2_grpc.CompilerStub(channel), settings.replica_stale_s)
-
+                            settings.failover_timeout_s, settings.tenant_max_requests)
     interceptors = []
+    keys = None
     if settings.api_keys_file:
         try:
             keys = KeyStore.load(settings.api_keys_file)
@@ -43,6 +42,7 @@ async def serve(settings: config.Settings) -> None:
         if not (settings.tls_cert_file and settings.tls_key_file):
             raise RuntimeError("TLS needs both --tls-cert-file and --tls-key-file")
         tls = (Path(settings.tls_cert_file).read_bytes(), Path(settings.tls_key_file).read_bytes())
+    servicer = GatewayServicer(r, queue, compiler_pb2_grpc.CompilerStub(channel), settings.replica_stale_s, keys)
     server = create_server(interceptors)
     gateway_pb2_grpc.add_GatewayServicer_to_server(servicer, server)
     health = add_health_and_reflection(server, [SERVICE])

@@ -100,7 +100,7 @@ def create_key(path: str | Path, tenant: str, scopes: list[str]) -> str:
     return key
 
 
-def _bearer(metadata) -> str:
+def bearer_key(metadata) -> str:
     for k, v in metadata or ():
         if k == "authorization" and isinstance(v, str) and v.startswith("Bearer "):
             return v[len("Bearer "):].strip()
@@ -124,7 +124,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
             if method.startswith(_SERVICE):  # a Gateway method nobody gave a scope: closed, not open
                 return _deny(grpc.StatusCode.PERMISSION_DENIED, "method not authorised", method)
             return await continuation(details)
-        key = _bearer(details.invocation_metadata)
+        key = bearer_key(details.invocation_metadata)
         tenant = self.keys.tenant_for(key) if key else None
         if tenant is None:
             return _deny(grpc.StatusCode.UNAUTHENTICATED,

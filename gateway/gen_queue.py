@@ -12,47 +12,52 @@ from redis.exceptions import ResponseError
 from shared import redis_keys as keys
 from shared import catalog
 from shared.errors import AlreadyExists, ResourceExhausted, Unavailable
+from shared.fair_queue import DuplicateRequest, Entry, FairQueue, QueueFull, cost_tokens
 from shared.resilience import is_lost_group
 from shared.generation import Chunk, GenRequest
 
 
-# KEYS: queue, request-id claim. Returns the entry id, or "FULL" / "DUPLICATE".
-_BOUNDED_XADD = """
-if redis.call('XLEN', KEYS[1]) >= tonumber(ARGV[1]) then return 'FULL' end
-if not redis.call('SET', KEYS[2], '1', 'NX', 'EX', tonumber(ARGV[3])) then return 'DUPLICATE' end
-return redis.call('XADD', KEYS[1], '*', 'req', ARGV[2])
-"""
-
-
 class GenerationQueue:
     def __init__(self, r: aioredis.Redis, max_depth: int, wait_timeout_s: float, replica_stale_s: float = 10.0,
-                 failover_timeout_s: float = 15.0):
+                 failover_timeout_s: float = 15.0, tenant_max: int = 0):
         self.r = r
         self.max_depth = max_depth
+        self.tenant_max = tenant_max or max_depth
         self.wait_timeout_s = wait_timeout_s
         self.replica_stale_s = replica_stale_s
         self.failover_timeout_s = failover_timeout_s
-        self._bounded_xadd = r.register_script(_BOUNDED_XADD)
+        self._pools: dict[str, FairQueue] = {}
 
-    async def depth(self, pool: str) -> int:
-        return await self.r.xlen(keys.gen_queue(pool))
+    def pool(self, pool: str) -> FairQueue:
+        if pool not in self._pools:
+            self._pools[pool] = FairQueue(self.r, pool)
+        return self._pools[pool]
 
-    async def enqueue(self, req: GenRequest, pool: str) -> str:
-        """Append the request unless the pool's queue is full (checked and added atomically)."""
+    async def depth(self, pool: str) -> dict[str, int]:
+        return await self.pool(pool).depth_by_priority()
+
+    async def enqueue(self, req: GenRequest, pool: str, context_length: int) -> Entry:
+        """Append the request unless the pool's or the tenant's queue is full (checked and added atomically)."""
         req.enqueued_at = time.time()
-        entry_id = await self._bounded_xadd(keys=[keys.gen_queue(pool), keys.request_claim(req.request_id)],
-                                            args=[self.max_depth, req.to_json(), keys.RESPONSE_TTL_S])
-        if entry_id == "FULL":
+        try:
+            return await self.pool(pool).enqueue(
+                req.to_json(), req.request_id, priority=req.priority, tenant=req.tenant, model=req.model,
+                cost=cost_tokens(req.prompt, req.max_tokens, context_length),
+                max_depth=self.max_depth, tenant_max=self.tenant_max)
+        except QueueFull as exc:
+            if exc.scope == "tenant":
+                raise ResourceExhausted(
+                    f"tenant {req.tenant!r} has {self.tenant_max} requests waiting or running in the {pool} pool, "
+                    "its limit; retry later", retry_after_s=1.0) from None
             raise ResourceExhausted(
                 f"the {pool} pool's queue is full ({self.max_depth} requests waiting or running); retry later",
                 retry_after_s=1.0,
-            )
-        if entry_id == "DUPLICATE":
+            ) from None
+        except DuplicateRequest:
             raise AlreadyExists(f"request_id {req.request_id!r} was used in the last "
-                                f"{keys.RESPONSE_TTL_S // 60} minutes; use a new id for a new request")
-        return entry_id
+                                f"{keys.RESPONSE_TTL_S // 60} minutes; use a new id for a new request") from None
 
-    async def responses(self, request_id: str, pool: str, entry_id: str) -> AsyncIterator[Chunk]:
+    async def responses(self, request_id: str, pool: str, entry: Entry) -> AsyncIterator[Chunk]:
         """Yield the request's chunks until its end or error chunk.
 
         While waiting, watches the replica working on the request. When it stops (no heartbeat),
@@ -67,13 +72,13 @@ class GenerationQueue:
         while True:
             resp = await self.r.xread({key: last}, block=1000, count=256)
             if not resp:
-                replica_id = await self._consumer_of(pool, entry_id)
+                replica_id = await self._consumer_of(entry)
                 if not replica_id:
-                    if not await self.r.xrange(keys.gen_queue(pool), entry_id, entry_id, count=1):
+                    if not await self.r.xrange(entry.stream, entry.entry_id, entry.entry_id, count=1):
                         # neither waiting nor taken, and no end seen: Redis lost it (restarted empty)
                         raise Unavailable("the request was lost by the queue (Redis restarted); it may be retried")
                     if lost_since is None and time.monotonic() - waited_since > self.wait_timeout_s:
-                        await self.withdraw(pool, entry_id)
+                        await self.withdraw(entry)
                         raise Unavailable(
                             f"no {pool} replica took the request within {self.wait_timeout_s:.0f}s; it may be retried"
                         )
@@ -100,11 +105,11 @@ class GenerationQueue:
                         await self.r.delete(key)
                         return
 
-    async def _consumer_of(self, pool: str, entry_id: str) -> str:
+    async def _consumer_of(self, entry: Entry) -> str:
         """The replica that took the queue entry, or "" while it waits (or if it is lost)."""
         try:
-            pending = await self.r.xpending_range(keys.gen_queue(pool), keys.GEN_GROUP, min=entry_id, max=entry_id,
-                                                  count=1)
+            pending = await self.r.xpending_range(entry.stream, keys.GEN_GROUP, min=entry.entry_id,
+                                                  max=entry.entry_id, count=1)
         except ResponseError as exc:
             if not is_lost_group(exc):
                 raise
@@ -115,10 +120,10 @@ class GenerationQueue:
         """Tell the replica (now or when it picks the request up) to stop. Idempotent."""
         await self.r.set(keys.cancel_flag(request_id), "1", ex=keys.CANCEL_TTL_S)
 
-    async def withdraw(self, pool: str, entry_id: str) -> None:
+    async def withdraw(self, entry: Entry) -> None:
         """Remove a request that no replica has taken yet."""
-        await self.r.xdel(keys.gen_queue(pool), entry_id)
+        await self.r.xdel(entry.stream, entry.entry_id)
 
-    async def abandon(self, request_id: str, pool: str, entry_id: str) -> None:
-        await asyncio.gather(self.cancel(request_id), self.withdraw(pool, entry_id))
+    async def abandon(self, request_id: str, entry: Entry) -> None:
+        await asyncio.gather(self.cancel(request_id), self.withdraw(entry))
         await self.r.expire(keys.response_stream(request_id), 60)

@@ -14,9 +14,11 @@ import grpc
 import redis.asyncio as aioredis
 
 from gateway import metrics
+from gateway.auth import KeyStore, bearer_key
 from gateway.gen_queue import GenerationQueue
 from shared import catalog
 from shared import redis_keys as keys
+from shared.fair_queue import DEFAULT_TENANT
 from shared.errors import InvalidArgument, LlamashipError, NotFound, Unavailable, from_code_name
 from shared.generation import FINISH_EOS, FINISH_LENGTH, FINISH_STOP, GenRequest, validate
 from shared.proto_gen.llamaship.compiler.v1 import compiler_pb2, compiler_pb2_grpc
@@ -27,6 +29,8 @@ from shared.telemetry import request_id_var
 log = logging.getLogger("llamaship.gateway")
 FINISH_TO_PROTO = {FINISH_LENGTH: pb.FINISH_REASON_LENGTH, FINISH_EOS: pb.FINISH_REASON_EOS, FINISH_STOP: pb.FINISH_REASON_STOP}
 MAX_REQUEST_ID = 128
+PRIORITY_FROM_PROTO = {pb.PRIORITY_UNSPECIFIED: "interactive", pb.PRIORITY_INTERACTIVE: "interactive",
+                       pb.PRIORITY_BATCH: "batch"}
 
 
 def request_from_proto(m: pb.GenerateRequest, request_id: str) -> GenRequest:
@@ -43,6 +47,7 @@ def request_from_proto(m: pb.GenerateRequest, request_id: str) -> GenRequest:
         top_k=m.top_k if m.HasField("top_k") else 0,
         seed=m.seed if m.HasField("seed") else None,
         stop=list(m.stop),
+        priority=PRIORITY_FROM_PROTO[m.priority],
     )
 
 
@@ -55,8 +60,9 @@ def _request_id(m: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> str
 
 class GatewayServicer(pb_grpc.GatewayServicer):
     def __init__(self, r: aioredis.Redis, queue: GenerationQueue, compiler: compiler_pb2_grpc.CompilerStub,
-                 replica_stale_s: float):
+                 replica_stale_s: float, keys: KeyStore | None = None):
         self.r = r
+        self.keys = keys
         self.queue = queue
         self.compiler = compiler
         self.replica_stale_s = replica_stale_s
@@ -72,7 +78,10 @@ class GatewayServicer(pb_grpc.GatewayServicer):
     async def _generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[pb.GenerateChunk]:
         rid = _request_id(request, context)
         request_id_var.set(rid)
+        if request.priority not in PRIORITY_FROM_PROTO:
+            raise InvalidArgument(f"priority: unknown value {request.priority}")
         req = request_from_proto(request, rid)
+        req.tenant = self._tenant(context)
         if not req.model:
             raise InvalidArgument("model: required")
         alias, replicas = await catalog.alias_and_replicas(self.r, req.model, self.replica_stale_s)
@@ -89,13 +98,13 @@ class GatewayServicer(pb_grpc.GatewayServicer):
         if not [hb for hb in replicas if hb.pool == alias.pool]:
             raise Unavailable(f"no live replica in the {alias.pool} pool; the request may be retried")
         t0 = time.perf_counter()
-        entry_id = await self.queue.enqueue(req, alias.pool)
-        metrics.REQUESTS.labels(alias.pool).inc()
+        entry = await self.queue.enqueue(req, alias.pool, alias.context_length)
+        metrics.REQUESTS.labels(alias.pool, req.priority).inc()
         finished = False
         first = True
         last_at = t0
         try:
-            async for chunk in self.queue.responses(rid, alias.pool, entry_id):
+            async for chunk in self.queue.responses(rid, alias.pool, entry):
                 if chunk.kind == "error":
                     finished = True
                     raise from_code_name(chunk.error_code, chunk.error_message)
@@ -122,8 +131,17 @@ class GatewayServicer(pb_grpc.GatewayServicer):
             raise
         finally:
             if not finished:
-                await asyncio.shield(self.queue.abandon(rid, alias.pool, entry_id))
-            metrics.QUEUE_DEPTH.labels(alias.pool).set(await asyncio.shield(self.queue.depth(alias.pool)))
+                await asyncio.shield(self.queue.abandon(rid, entry))
+            depth = await asyncio.shield(self.queue.depth(alias.pool))
+            for priority, n in depth.items():
+                metrics.QUEUE_DEPTH.labels(alias.pool, priority).set(n)
+
+    def _tenant(self, context: grpc.aio.ServicerContext) -> str:
+        """The caller's tenant (the auth interceptor has already checked the key)."""
+        if self.keys is None:
+            return DEFAULT_TENANT
+        tenant = self.keys.tenant_for(bearer_key(context.invocation_metadata()))
+        return tenant.name if tenant else DEFAULT_TENANT
 
     async def CancelGeneration(self, request: pb.CancelGenerationRequest, context) -> pb.CancelGenerationResponse:
         if not request.request_id:

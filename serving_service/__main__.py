@@ -27,11 +27,17 @@ SERVICE = serving_pb2.DESCRIPTOR.services_by_name["Serving"].full_name
 HEARTBEAT_S = 2.0
 
 
+def kv_budget_bytes(budget_mb: int) -> int:
+    if budget_mb:
+        return budget_mb << 20
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 4
+
+
 async def serve(settings: config.Settings) -> None:
     store = BuildStore(settings.store).ensure()
     r = redis_conn.client(settings.redis_url)
     await redis_conn.wait_ready(r, settings.redis_url)
-    engine = Engine(store, settings.pool, settings.slots, settings.threads)
+    engine = Engine(store, settings.pool, settings.slots, settings.threads, kv_budget_bytes(settings.kv_budget_mb))
 
     server = create_server()
     replica_id = settings.replica_id or f"{settings.pool}-{socket.gethostname()}-{os.getpid()}"
@@ -47,8 +53,10 @@ async def serve(settings: config.Settings) -> None:
     async def heartbeat() -> None:
         hb = catalog.ReplicaHeartbeat(replica_id, settings.pool, address, engine.slots, engine.active, engine.served())
         metrics.ACTIVE.labels(settings.pool).set(engine.active)
+        metrics.KV_RESERVED.labels(settings.pool).set(sum(worker.tasks.values()) if worker else 0)
         await catalog.put_heartbeat(r, hb)
 
+    worker: QueueWorker | None = None
     watcher = BuildWatcher(r, engine, on_change=heartbeat)
     await watcher.load_current()
     await heartbeat()

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import AsyncIterator
 
 from shared.errors import InvalidArgument, NotFound, ResourceExhausted, Unavailable
+from shared.fair_queue import cost_tokens
 from shared.generation import FINISH_EOS, FINISH_LENGTH, FINISH_STOP, Chunk, GenRequest, validate
 from shared.pools import POOLS
 from shared.store import BuildStore, Manifest
@@ -35,6 +36,7 @@ class LoadedBuild:
     tokenizer: PromptTokenizer
     eos_ids: frozenset[int]
     vocab_size: int
+    kv_bytes_per_token: int = 0
     load_seconds: float = 0.0
     active: int = 0
     retired: bool = False  # replaced by a newer build: closes once its last stream ends
@@ -64,9 +66,16 @@ async def load_build(store: BuildStore, name: str, build_id: str, pool: str, thr
     tokenizer = await asyncio.to_thread(PromptTokenizer, path)
     worker = await DecodeWorker.start(build_id, str(path), POOLS[pool].genai_provider, threads)
     loaded = LoadedBuild(name, manifest, worker, tokenizer, frozenset(eos if isinstance(eos, list) else [eos]),
-                         int(genai["vocab_size"]))
+                         int(genai["vocab_size"]), kv_bytes_per_token(genai, POOLS[pool].genai_provider))
     loaded.load_seconds = time.perf_counter() - t0
     return loaded
+
+
+def kv_bytes_per_token(genai_model: dict, provider: str | None) -> int:
+    """KV-cache bytes one token holds: keys and values of every layer (float32 on CPU, float16 on GPU)."""
+    d = genai_model["decoder"]
+    dtype_bytes = 2 if provider else 4
+    return 2 * int(d["num_hidden_layers"]) * int(d["num_key_value_heads"]) * int(d["head_size"]) * dtype_bytes
 
 
 def _search_options(loaded: LoadedBuild, req: GenRequest, max_length: int) -> dict:
@@ -89,12 +98,31 @@ class Engine:
     pool: str
     slots: int
     threads: int = 0
+    kv_budget_bytes: int = 1 << 62
     builds: dict[str, LoadedBuild] = field(default_factory=dict)
     active: int = 0
 
     def __post_init__(self) -> None:
         self._load_lock = asyncio.Lock()
         self._reloading: set[str] = set()
+
+    def kv_bytes_per_token(self) -> dict[str, int]:
+        return {name: b.kv_bytes_per_token for name, b in self.builds.items()}
+
+    def max_kv_bytes_per_token(self) -> int:
+        return max((b.kv_bytes_per_token for b in self.builds.values()), default=0)
+
+    def kv_reservation(self, request_json: str) -> int:
+        """KV bytes a queued request may need at most: its decode buffer is sized to the prompt
+        plus max_tokens, capped by the context length (the queue entry's worst case)."""
+        try:
+            req = GenRequest.from_json(request_json)
+        except (ValueError, TypeError):
+            return 0
+        loaded = self.builds.get(req.model)
+        if loaded is None:
+            return 0
+        return cost_tokens(req.prompt, req.max_tokens, loaded.context_length) * loaded.kv_bytes_per_token
 
     def served(self) -> dict[str, str]:
         return {name: b.build_id for name, b in self.builds.items()}

@@ -12,3 +12,6 @@ QUEUE_WAIT = Histogram("llamaship_serving_queue_wait_seconds", "Time a request w
 BUILD_LOAD = Histogram("llamaship_serving_build_load_seconds", "Verify + load + warm time of a build", ["pool"],
                        buckets=(0.1, 0.5, 1, 2, 5, 10, 30, 60, 120))
 FAILOVERS = Counter("llamaship_serving_failovers_total", "Requests continued after their replica stopped", ["pool"])
+ADMISSION_WAITS = Counter("llamaship_serving_admission_waits_total",
+                          "Times the next queued request had to wait because the KV budget was taken", ["pool"])
+KV_RESERVED = Gauge("llamaship_serving_kv_reserved_bytes", "KV-cache bytes reserved by running requests", ["pool"])

@@ -18,20 +18,13 @@ from redis.exceptions import ResponseError
 from shared import catalog
 from shared import redis_keys as keys
 from shared.errors import LlamashipError
+from shared.fair_queue import Entry, FairQueue
 from shared.generation import Chunk, GenRequest
 from shared.telemetry import request_id_var
 from serving_service import metrics
 from serving_service.engine import Engine
 
 log = logging.getLogger("llamaship.serving.queue")
-
-
-async def ensure_group(r: aioredis.Redis, pool: str) -> None:
-    try:
-        await r.xgroup_create(keys.gen_queue(pool), keys.GEN_GROUP, id="0", mkstream=True)
-    except ResponseError as exc:
-        if "BUSYGROUP" not in str(exc):
-            raise
 
 
 # Append only while this replica owns the stream; report a cancel flag in the same round trip.
@@ -52,51 +45,73 @@ class QueueWorker:
         self.replica_id = replica_id
         self.stream_interval_s = stream_interval_s
         self._guarded_xadd = r.register_script(_GUARDED_XADD)
-        self.queue = keys.gen_queue(engine.pool)
-        self.tasks: set[asyncio.Task] = set()
+        self.queue = FairQueue(r, engine.pool)
+        self.tasks: dict[asyncio.Task, int] = {}  # running request -> KV bytes it holds
         self._wake = asyncio.Event()
 
     async def run(self) -> None:
-        await ensure_group(self.r, self.engine.pool)
+        bell = await self.queue.latest_bell()
         await self._resume_own()
         while True:
-            free = self._free_slots()
-            if free <= 0:
+            outcome = await self._take_what_fits()
+            if outcome == "full":
+                # every slot or the KV budget is taken: wait for a request to end
                 self._wake.clear()
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), 0.5)
                 continue
-            resp = await self.r.xreadgroup(
-                keys.GEN_GROUP, self.replica_id, {self.queue: ">"}, count=free, block=1000
-            )
-            for _stream, entries in resp or []:
-                for entry_id, fields in entries:
-                    self._spawn(entry_id, fields, resume=False)
+            bell = await self.queue.wait_bell(bell, 1000)
+
+    async def _take_what_fits(self) -> str:
+        """Take requests while a slot and the KV budget allow: "empty" when nothing waits,
+        "full" when the next request must wait for capacity."""
+        while True:
+            if self._free_slots() <= 0:
+                return "full"
+            picked = await self.queue.pick(self.replica_id, self._free_kv_bytes(), self.engine.kv_budget_bytes,
+                                           self.engine.kv_bytes_per_token(), self.engine.max_kv_bytes_per_token())
+            if picked is None:
+                return "empty"
+            if picked == "WAIT":
+                metrics.ADMISSION_WAITS.labels(self.engine.pool).inc()
+                return "full"
+            self._spawn(picked.entry, {"req": picked.request_json}, resume=False)
 
     def _free_slots(self) -> int:
         """Every request task holds one slot from the moment it is taken until it ends."""
         return self.engine.slots - len(self.tasks)
 
-    def _spawn(self, entry_id: str, fields: dict[str, str], resume: bool) -> None:
-        task = asyncio.create_task(self._handle(entry_id, fields, resume=resume))
-        self.tasks.add(task)
+    def _free_kv_bytes(self) -> int:
+        return self.engine.kv_budget_bytes - sum(self.tasks.values())
+
+    def _spawn(self, entry: Entry, fields: dict[str, str], resume: bool) -> None:
+        reserved = self.engine.kv_reservation(fields.get("req") or "")
+        if reserved > self.engine.kv_budget_bytes:
+            reserved = 0  # refused in _handle: holds nothing
+        task = asyncio.create_task(self._handle(entry, fields, resume=resume))
+        self.tasks[task] = reserved
         task.add_done_callback(self._done)
+
+    def _done(self, task: asyncio.Task) -> None:
+        self.tasks.pop(task, None)
+        self._wake.set()
 
     async def _resume_own(self) -> None:
         """Entries still pending under this replica's name were taken by an earlier process with
         the same id that stopped: continue them like any other stopped replica's."""
-        pending = await self.r.xpending_range(self.queue, keys.GEN_GROUP, min="-", max="+",
-                                              count=self.engine.slots, consumername=self.replica_id)
-        for p in pending:
-            entries = await self.r.xrange(self.queue, p["message_id"], p["message_id"], count=1)
-            if entries:
-                self._spawn(entries[0][0], entries[0][1], resume=True)
-            else:
-                await self._finish_entry(p["message_id"])
-
-    def _done(self, task: asyncio.Task) -> None:
-        self.tasks.discard(task)
-        self._wake.set()
+        for stream in await self.queue.streams():
+            try:
+                pending = await self.r.xpending_range(stream, keys.GEN_GROUP, min="-", max="+",
+                                                      count=self.engine.slots, consumername=self.replica_id)
+            except ResponseError:
+                continue
+            for p in pending:
+                entry = Entry(stream, p["message_id"])
+                found = await self.r.xrange(stream, entry.entry_id, entry.entry_id, count=1)
+                if found:
+                    self._spawn(entry, found[0][1], resume=True)
+                else:
+                    await self.queue.finish(entry)
 
     async def drain(self, timeout_s: float) -> None:
         """Let running requests finish; those still running after `timeout_s` are interrupted and
@@ -108,12 +123,12 @@ class QueueWorker:
         if self.tasks:
             await asyncio.wait(list(self.tasks), timeout=5)
 
-    async def _handle(self, entry_id: str, fields: dict[str, str], resume: bool = False) -> None:
+    async def _handle(self, entry: Entry, fields: dict[str, str], resume: bool = False) -> None:
         try:
             req = GenRequest.from_json(fields["req"])
         except (KeyError, ValueError, TypeError):
-            log.error("dropping malformed queue entry %s", entry_id)
-            await self._finish_entry(entry_id)
+            log.error("dropping malformed queue entry %s", entry)
+            await self.queue.finish(entry)
             return
         request_id_var.set(req.request_id)
         interrupted = False
@@ -133,6 +148,14 @@ class QueueWorker:
                 log.info("dropping request whose deadline passed while queued")
                 await self._write(req.request_id, Chunk("error", error_code="DEADLINE_EXCEEDED",
                                                         error_message="deadline passed while queued"))
+                return
+            need = self.engine.kv_reservation(fields["req"])
+            if need > self.engine.kv_budget_bytes:
+                await self._write(req.request_id, Chunk(
+                    "error", error_code="INVALID_ARGUMENT",
+                    error_message=f"the request may need {need >> 20} MiB of KV cache, more than a {self.engine.pool} "
+                                  f"replica's budget ({self.engine.kv_budget_bytes >> 20} MiB); lower max_tokens or "
+                                  "shorten the prompt"))
                 return
             pool = self.engine.pool
             delivered: list[int] = []
@@ -187,7 +210,7 @@ class QueueWorker:
             raise
         finally:
             if not interrupted:
-                await self._finish_entry(entry_id)
+                await self.queue.finish(entry)
 
     async def _already_written(self, resp_key: str) -> tuple[list[int], str, bool]:
         """(token ids, build id, ended) of what the replica that stopped wrote for a request."""
@@ -210,32 +233,47 @@ class QueueWorker:
                 log.exception("reclaiming requests of stopped replicas failed")
 
     async def reclaim(self, stale_after_s: float) -> int:
-        summary = await self.r.xpending(self.queue, keys.GEN_GROUP)
+        taken = 0
+        holding: set[str] = set()  # stopped replicas that still hold requests
+        for stream in await self.queue.streams():
+            taken += await self._reclaim_stream(stream, stale_after_s, holding)
+        for name, raw in (await self.r.hgetall(keys.REPLICAS)).items():
+            hb = catalog.ReplicaHeartbeat.from_json(raw)
+            if hb.pool == self.engine.pool and name not in holding and not catalog.is_live(hb, 3 * stale_after_s):
+                await catalog.remove_heartbeat(self.r, name)  # long gone and owes nothing: forget it
+        return taken
+
+    async def _reclaim_stream(self, stream: str, stale_after_s: float, holding: set[str]) -> int:
+        try:
+            summary = await self.r.xpending(stream, keys.GEN_GROUP)
+            consumers = await self.r.xinfo_consumers(stream, keys.GEN_GROUP)
+        except ResponseError:  # the stream or its group is gone (Redis restarted empty)
+            return 0
         pending_by = {c["name"]: int(c["pending"]) for c in summary.get("consumers") or []}
-        for info in await self.r.xinfo_consumers(self.queue, keys.GEN_GROUP):
+        for info in consumers:
             pending_by.setdefault(info["name"], 0)
         taken = 0
         for name, pending_count in pending_by.items():
             if name == self.replica_id or await catalog.replica_alive(self.r, name, stale_after_s):
                 continue
-            if not pending_count:  # a stopped replica with nothing left: forget it
-                await self.r.xgroup_delconsumer(self.queue, keys.GEN_GROUP, name)
-                await catalog.remove_heartbeat(self.r, name)
+            if not pending_count:  # a stopped replica with nothing left here: forget it
+                await self.r.xgroup_delconsumer(stream, keys.GEN_GROUP, name)
                 continue
+            holding.add(name)
             free = self._free_slots()
             if free <= 0:
                 return taken
-            pending = await self.r.xpending_range(self.queue, keys.GEN_GROUP, min="-", max="+", count=free,
+            pending = await self.r.xpending_range(stream, keys.GEN_GROUP, min="-", max="+", count=free,
                                                   consumername=name)
             ids = [p["message_id"] for p in pending]
             # min idle: when two replicas race for the same entries, only the first claim succeeds
-            claimed = await self.r.xclaim(self.queue, keys.GEN_GROUP, self.replica_id, min_idle_time=1000,
+            claimed = await self.r.xclaim(stream, keys.GEN_GROUP, self.replica_id, min_idle_time=1000,
                                           message_ids=ids) if ids else []
             for entry_id, fields in claimed:
                 if not fields:  # deleted meanwhile (finished or withdrawn)
-                    await self._finish_entry(entry_id)
+                    await self.queue.finish(Entry(stream, entry_id))
                     continue
-                self._spawn(entry_id, fields, resume=True)
+                self._spawn(Entry(stream, entry_id), fields, resume=True)
                 taken += 1
         return taken
 
@@ -249,9 +287,3 @@ class QueueWorker:
             args=[self.replica_id, chunk.to_fields()["c"], keys.RESPONSE_TTL_S],
         )
         return {0: "", 1: "client cancelled", 2: "another replica took the request over"}[int(result)]
-
-    async def _finish_entry(self, entry_id: str) -> None:
-        async with self.r.pipeline(transaction=True) as pipe:
-            pipe.xack(self.queue, keys.GEN_GROUP, entry_id)
-            pipe.xdel(self.queue, entry_id)
-            await pipe.execute()

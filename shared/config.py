@@ -80,6 +80,7 @@ _DECLARED = [
     Setting("gateway_port", int, 50051, "Gateway gRPC port.", flag="--port", check=_port),
     Setting("compiler_address", str, "127.0.0.1:50052", "Compiler gRPC address the gateway proxies compile jobs to."),
     Setting("queue_max_depth", int, 256, "Requests in a pool's queue (waiting or running) before Generate answers RESOURCE_EXHAUSTED.", check=_positive),
+    Setting("tenant_max_requests", int, 0, "Requests one tenant may have in a pool's queue (waiting or running) before its Generate calls answer RESOURCE_EXHAUSTED; 0 = queue_max_depth.", check=_non_negative),
     Setting("queue_timeout_s", float, 120.0, "Seconds a request may wait for a replica to take it, or a taken request for its next chunk, before UNAVAILABLE.", check=_positive),
     Setting("replica_stale_s", float, 10.0, "A replica whose heartbeat is older than this is treated as gone (its requests are taken over).", check=_positive),
     Setting("api_keys_file", str, "", "JSON file of hashed API keys per tenant (llamaship keys create); empty = no auth (keep the gateway on loopback)."),
@@ -95,6 +96,7 @@ _DECLARED = [
     Setting("serving_port", int, 50053, "Serving replica gRPC port.", flag="--port", check=_port),
     Setting("pool", str, "cpu", "Hardware pool this replica serves: cpu or cuda.", check=_pool),
     Setting("slots", int, 4, "Requests a replica runs at once; it takes work from the queue only when a slot is free.", check=_positive),
+    Setting("kv_budget_mb", int, 0, "KV-cache memory a replica may commit to running requests; it takes a request only when the request's worst-case KV need fits. 0 = a quarter of the machine's memory.", check=_non_negative),
     Setting("threads", int, 0, "Intra-op threads per ONNX Runtime session; 0 lets ONNX Runtime choose.", check=_non_negative),
     Setting("stream_interval_ms", float, 0.0, "Least time between two chunks of one stream; tokens decoded meanwhile share a chunk (the first token is never held). 0 sends each as soon as it exists.", check=_non_negative),
     Setting("replica_id", str, "", "Stable name of this replica (default: pool-host-pid)."),
@@ -104,10 +106,10 @@ _DECLARED = [
 SETTINGS: dict[str, Setting] = {s.name: s for s in _DECLARED}
 
 COMMON = ("redis_url", "store", "host", "log_level", "metrics_port")
-GATEWAY = (*COMMON, "gateway_port", "compiler_address", "queue_max_depth", "queue_timeout_s", "replica_stale_s",
+GATEWAY = (*COMMON, "gateway_port", "compiler_address", "queue_max_depth", "tenant_max_requests", "queue_timeout_s", "replica_stale_s",
            "failover_timeout_s", "api_keys_file", "tls_cert_file", "tls_key_file")
 COMPILER = (*COMMON, "compiler_port", "work_dir", "job_lease_s", "max_attempts")
-SERVING = (*COMMON, "serving_port", "pool", "slots", "threads", "stream_interval_ms", "replica_stale_s", "replica_id",
+SERVING = (*COMMON, "serving_port", "pool", "slots", "kv_budget_mb", "threads", "stream_interval_ms", "replica_stale_s", "replica_id",
            "advertise_address")
 
 

@@ -26,6 +26,8 @@ class GenRequest:
     stop: list[str] = field(default_factory=list)
     enqueued_at: float = 0.0
     deadline: float | None = None  # unix time after which the result is useless
+    priority: str = "interactive"
+    tenant: str = "default"
 
     @property
     def greedy(self) -> bool:

@@ -3,7 +3,10 @@
 Aliases       HASH   ls:aliases                 model name -> JSON alias record
 Announce      STREAM ls:announce                one entry per publish (name, build_id, pool)
 Replicas      HASH   ls:replicas                replica id -> JSON heartbeat (pool, builds, slots, ts)
-Gen queue     STREAM ls:gen:{pool}              requests waiting for a replica; group "replicas"
+Gen queue     STREAM ls:gen:{pool}:{prio}:{tenant}  requests of one tenant at one priority; group "replicas"
+Gen streams   SET    ls:genidx:{pool}           the pool's queue streams
+Tenant ring   LIST   ls:genring:{pool}:{prio}   tenants with waiting requests, in round-robin order
+Doorbell      STREAM ls:genbell:{pool}          one entry per enqueue: wakes idle replicas
 Responses     STREAM ls:resp:{request_id}       chunks a replica produced for one request
 Cancel flag   STRING ls:cancel:{request_id}     set when the client went away or cancelled
 Stream owner  STRING ls:owner:{request_id}      the replica allowed to write the response stream
@@ -17,6 +20,9 @@ Job queue     LIST   ls:compile:queue           job ids waiting for a compiler w
 
 from __future__ import annotations
 
+import hashlib
+import re
+
 PREFIX = "ls:"
 ALIASES = PREFIX + "aliases"
 ANNOUNCE = PREFIX + "announce"
@@ -29,8 +35,39 @@ RESPONSE_TTL_S = 600
 CANCEL_TTL_S = 600
 
 
-def gen_queue(pool: str) -> str:
-    return f"{PREFIX}gen:{pool}"
+_TENANT_SAFE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+
+
+def tenant_part(tenant: str) -> str:
+    """A tenant name as it appears in keys: itself when short and plain, else a digest."""
+    if _TENANT_SAFE.fullmatch(tenant):
+        return tenant
+    return "h-" + hashlib.sha256(tenant.encode()).hexdigest()[:24]
+
+
+def gen_stream(pool: str, priority: str, tenant: str) -> str:
+    """The queue stream of one tenant at one priority ("" tenant: the prefix of all of them)."""
+    return f"{PREFIX}gen:{pool}:{priority}:{tenant_part(tenant) if tenant else ''}"
+
+
+def gen_stream_tenant_suffix(tenant: str) -> str:
+    return ":" + tenant_part(tenant)
+
+
+def gen_stream_priority(stream: str) -> str:
+    return stream.split(":")[3]
+
+
+def gen_streams(pool: str) -> str:
+    return f"{PREFIX}genidx:{pool}"
+
+
+def gen_tenant_ring(pool: str, priority: str) -> str:
+    return f"{PREFIX}genring:{pool}:{priority}"
+
+
+def gen_doorbell(pool: str) -> str:
+    return f"{PREFIX}genbell:{pool}"
 
 
 def response_stream(request_id: str) -> str:

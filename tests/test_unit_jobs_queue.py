@@ -8,7 +8,7 @@ import pytest
 from compiler_service.jobs import CANCELLED, FAILED, QUEUED, RUNNING, JobRequest, JobStore
 from gateway.gen_queue import GenerationQueue
 from shared import redis_conn
-from shared.errors import NotFound, ResourceExhausted
+from shared.errors import AlreadyExists, NotFound, ResourceExhausted
 from shared.generation import Chunk, GenRequest
 from shared import redis_keys as keys
 
@@ -68,16 +68,18 @@ def test_queue_backpressure_cancel_and_relay(redis_url):
         r = await _fresh(redis_url)
         q = GenerationQueue(r, max_depth=2, wait_timeout_s=5)
         reqs = [GenRequest(f"r{i}", "m", "p", 4) for i in range(3)]
-        e0 = await q.enqueue(reqs[0], "cpu")
-        await q.enqueue(reqs[1], "cpu")
+        e0 = await q.enqueue(reqs[0], "cpu", 64)
+        await q.enqueue(reqs[1], "cpu", 64)
         with pytest.raises(ResourceExhausted) as info:
-            await q.enqueue(reqs[2], "cpu")
-        assert info.value.retry_after_s
-        await q.withdraw("cpu", e0)
-        assert await q.depth("cpu") == 1
+            await q.enqueue(reqs[2], "cpu", 64)
+        assert info.value.retry_after_s and "queue is full" in info.value.message
+        await q.withdraw(e0)
+        with pytest.raises(AlreadyExists):
+            await q.enqueue(reqs[1], "cpu", 64)
+        assert await q.depth("cpu") == {"interactive": 1, "batch": 0}
         await r.xadd(keys.response_stream("r1"), Chunk("tokens", text="a", token_ids=[5]).to_fields())
         await r.xadd(keys.response_stream("r1"), Chunk("end", finish_reason="length").to_fields())
-        got = [c async for c in q.responses("r1", "cpu", "0-1")]
+        got = [c async for c in q.responses("r1", "cpu", e0)]
         assert [c.kind for c in got] == ["tokens", "end"] and not await r.exists(keys.response_stream("r1"))
         await q.cancel("r1")
         await q.cancel("r1")
