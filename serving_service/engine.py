@@ -109,9 +109,6 @@ class Engine:
     def kv_bytes_per_token(self) -> dict[str, int]:
         return {name: b.kv_bytes_per_token for name, b in self.builds.items()}
 
-    def max_kv_bytes_per_token(self) -> int:
-        return max((b.kv_bytes_per_token for b in self.builds.values()), default=0)
-
     def kv_reservation(self, request_json: str) -> int:
         """KV bytes a queued request may need at most: its decode buffer is sized to the prompt
         plus max_tokens, capped by the context length (the queue entry's worst case)."""

@@ -69,7 +69,7 @@ class QueueWorker:
             if self._free_slots() <= 0:
                 return "full"
             picked = await self.queue.pick(self.replica_id, self._free_kv_bytes(), self.engine.kv_budget_bytes,
-                                           self.engine.kv_bytes_per_token(), self.engine.max_kv_bytes_per_token())
+                                           self.engine.kv_bytes_per_token())
             if picked is None:
                 return "empty"
             if picked == "WAIT":

@@ -53,11 +53,12 @@ redis.call('XADD', KEYS[5], 'MAXLEN', '~', '100', '*', 'id', id)
 return id
 """
 
-# ARGV: consumer, free KV bytes, JSON {model: KV bytes per token}, KV bytes per token of an
-# unknown model, whole KV budget, then per priority (highest first): its ring key and its stream
-# key prefix. A request larger than the whole budget is taken (for the replica to refuse it)
-# rather than left blocking the queue.
-# Returns {} (nothing waiting), {'WAIT'} (the next request does not fit), or {stream, id, req}.
+# ARGV: consumer, free KV bytes, JSON {model: KV bytes per token} of the models the replica
+# serves, whole KV budget, then per priority (highest first): its ring key and its stream key
+# prefix. A request for a model the replica does not serve (yet) is left for one that does.
+# A request larger than the whole budget is taken (for the replica to refuse it) rather than
+# left blocking the queue.
+# Returns {} (nothing it can take), {'WAIT'} (the next request does not fit), or {stream, id, req}.
 _PICK = """
 local function field(flat, name)
   for i = 1, #flat, 2 do if flat[i] == name then return flat[i + 1] end end
@@ -72,7 +73,7 @@ local function next_waiting(stream)
 end
 local free = tonumber(ARGV[2])
 local per_token = cjson.decode(ARGV[3])
-for p = 6, #ARGV, 2 do
+for p = 5, #ARGV, 2 do
   local ring, prefix = ARGV[p], ARGV[p + 1]
   for _ = 1, redis.call('LLEN', ring) do
     local tenant = redis.call('LINDEX', ring, 0)
@@ -83,12 +84,15 @@ for p = 6, #ARGV, 2 do
       redis.call('LPOP', ring)
     else
       local f = entry[2]
-      local need = tonumber(field(f, 'cost') or '0') * (per_token[field(f, 'model') or ''] or tonumber(ARGV[4]))
-      if need > free and need <= tonumber(ARGV[5]) then return {'WAIT'} end
+      local per = per_token[field(f, 'model') or '']
+      local need = tonumber(field(f, 'cost') or '0') * (per or 0)
+      if per and need > free and need <= tonumber(ARGV[4]) then return {'WAIT'} end
       redis.call('LMOVE', ring, ring, 'LEFT', 'RIGHT')
-      local got = redis.call('XREADGROUP', 'GROUP', 'replicas', ARGV[1], 'COUNT', 1, 'STREAMS', stream, '>')
-      local id = got[1][2][1][1]
-      return {stream, id, field(got[1][2][1][2], 'req')}
+      if per then
+        local got = redis.call('XREADGROUP', 'GROUP', 'replicas', ARGV[1], 'COUNT', 1, 'STREAMS', stream, '>')
+        local e = got[1][2][1]
+        return {stream, e[1], field(e[2], 'req')}
+      end
     end
   end
 end
@@ -154,12 +158,13 @@ class FairQueue:
             raise DuplicateRequest(request_id)
         return Entry(stream, result)
 
-    async def pick(self, consumer: str, free_kv_bytes: int, kv_budget_bytes: int, kv_bytes_per_token: dict[str, int],
-                   unknown_model_bytes: int) -> Picked | str | None:
-        """Take the next request for `consumer`: a Picked, "WAIT" (the next one does not fit the
-        free KV budget), or None (nothing waiting)."""
-        args: list = [consumer, int(free_kv_bytes), json.dumps(kv_bytes_per_token or {"": 0}), unknown_model_bytes,
-                      int(kv_budget_bytes)]
+    async def pick(self, consumer: str, free_kv_bytes: int, kv_budget_bytes: int,
+                   kv_bytes_per_token: dict[str, int]) -> Picked | str | None:
+        """Take the next request for `consumer` among those for the models in `kv_bytes_per_token`:
+        a Picked, "WAIT" (the next one does not fit the free KV budget), or None (nothing to take)."""
+        if not kv_bytes_per_token:
+            return None
+        args: list = [consumer, int(free_kv_bytes), json.dumps(kv_bytes_per_token), int(kv_budget_bytes)]
         for priority in PRIORITIES:
             args += [keys.gen_tenant_ring(self.pool, priority), keys.gen_stream(self.pool, priority, "")]
         result = await self._pick(keys=[self.streams_key], args=args)

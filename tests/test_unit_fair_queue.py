@@ -30,7 +30,7 @@ def _req(rid, tenant="default", priority="interactive", prompt="p", max_tokens=4
 
 async def _drain(fq: FairQueue, free=BUDGET) -> list[str]:
     order = []
-    while isinstance(picked := await fq.pick("replica-a", free, BUDGET, PER_TOKEN, 1), Picked):
+    while isinstance(picked := await fq.pick("replica-a", free, BUDGET, PER_TOKEN), Picked):
         order.append(GenRequest.from_json(picked.request_json).request_id)
     return order
 
@@ -75,15 +75,15 @@ def test_kv_budget_admission_is_head_of_line(redis_url):
         # cost = prompt bytes + 2 + max_tokens (1 byte per token of KV here)
         big = await q.enqueue(_req("big", prompt="x" * 90, max_tokens=8), "cpu", 4096)  # cost 100
         await q.enqueue(_req("small", "b", max_tokens=1), "cpu", 4096)  # cost 4
-        assert await fq.pick("replica-a", 99, 1000, PER_TOKEN, 1) == "WAIT"  # big first, even though small fits
-        picked = await fq.pick("replica-a", 100, 1000, PER_TOKEN, 1)
+        assert await fq.pick("replica-a", 99, 1000, PER_TOKEN) == "WAIT"  # big first, even though small fits
+        picked = await fq.pick("replica-a", 100, 1000, PER_TOKEN)
         assert isinstance(picked, Picked) and picked.entry == big
         # larger than the whole budget: taken (the replica refuses it) instead of blocking the queue
         await q.enqueue(_req("huge", prompt="x" * 5000), "cpu", 4096)
         assert [GenRequest.from_json(p.request_json).request_id for p in
-                [await fq.pick("replica-a", 4, 1000, PER_TOKEN, 1), await fq.pick("replica-a", 1000, 1000, PER_TOKEN, 1)]] \
+                [await fq.pick("replica-a", 4, 1000, PER_TOKEN), await fq.pick("replica-a", 1000, 1000, PER_TOKEN)]] \
             == ["small", "huge"]
-        assert await fq.pick("replica-a", 1000, 1000, PER_TOKEN, 1) is None
+        assert await fq.pick("replica-a", 1000, 1000, PER_TOKEN) is None
         await r.aclose()
 
     run(body())
@@ -98,7 +98,13 @@ def test_withdrawn_request_is_never_picked_and_doorbell_rings(redis_url):
         assert await fq.wait_bell(bell, 100) != bell
         await q.withdraw(e)
         await q.enqueue(_req("kept"), "cpu", 64)
-        assert await _drain(fq) == ["kept"]
+        other = _req("other", "b")
+        other.model = "not-loaded-here"
+        await q.enqueue(other, "cpu", 64)
+        await q.enqueue(_req("c0", "c"), "cpu", 64)
+        assert await _drain(fq) == ["kept", "c0"]  # left for a replica that serves its model
+        picked = await fq.pick("replica-b", BUDGET, BUDGET, {"not-loaded-here": 1})
+        assert isinstance(picked, Picked) and GenRequest.from_json(picked.request_json).request_id == "other"
         await r.aclose()
 
     run(body())
