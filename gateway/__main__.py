@@ -27,7 +27,7 @@ async def serve(settings: config.Settings) -> None:
     await redis_conn.wait_ready(r, settings.redis_url)
     channel = grpc.aio.insecure_channel(settings.compiler_address)
     queue = GenerationQueue(r, settings.queue_max_depth, settings.queue_timeout_s, settings.replica_stale_s,
-                            settings.failover_timeout_s, settings.tenant_max_requests)
+                            settings.failover_timeout_s, settings.tenant_max_requests, settings.relay_lease_s)
     interceptors = []
     keys = None
     if settings.api_keys_file:

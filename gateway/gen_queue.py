@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from typing import AsyncIterator
 
@@ -12,15 +13,16 @@ from redis.exceptions import ResponseError
 from shared import redis_keys as keys
 from shared import catalog
 from shared.errors import AlreadyExists, ResourceExhausted, Unavailable
-from shared.fair_queue import DuplicateRequest, Entry, FairQueue, QueueFull, cost_tokens
+from shared.fair_queue import DuplicateRequest, Entry, FairQueue, QueueFull, cost_tokens, lookup
 from shared.resilience import is_lost_group
 from shared.generation import Chunk, GenRequest
 
 
 class GenerationQueue:
     def __init__(self, r: aioredis.Redis, max_depth: int, wait_timeout_s: float, replica_stale_s: float = 10.0,
-                 failover_timeout_s: float = 15.0, tenant_max: int = 0):
+                 failover_timeout_s: float = 15.0, tenant_max: int = 0, relay_lease_s: float = 10.0):
         self.r = r
+        self.relay_lease_s = relay_lease_s
         self.max_depth = max_depth
         self.tenant_max = tenant_max or max_depth
         self.wait_timeout_s = wait_timeout_s
@@ -43,7 +45,7 @@ class GenerationQueue:
             return await self.pool(pool).enqueue(
                 req.to_json(), req.request_id, priority=req.priority, tenant=req.tenant, model=req.model,
                 cost=cost_tokens(req.prompt, req.max_tokens, context_length),
-                max_depth=self.max_depth, tenant_max=self.tenant_max)
+                max_depth=self.max_depth, tenant_max=self.tenant_max, relay_lease_s=self.relay_lease_s)
         except QueueFull as exc:
             if exc.scope == "tenant":
                 raise ResourceExhausted(
@@ -57,8 +59,21 @@ class GenerationQueue:
             raise AlreadyExists(f"request_id {req.request_id!r} was used in the last "
                                 f"{keys.RESPONSE_TTL_S // 60} minutes; use a new id for a new request") from None
 
-    async def responses(self, request_id: str, pool: str, entry: Entry) -> AsyncIterator[Chunk]:
-        """Yield the request's chunks until its end or error chunk.
+    async def find(self, request_id: str, tenant: str) -> Entry | None:
+        """The queue entry of a request `tenant` started and whose stream can still be resumed."""
+        found = await lookup(self.r, request_id)
+        if found is None or found[0] != keys.tenant_part(tenant):
+            return None
+        if not await self.r.exists(keys.relay_lease(request_id)):
+            return None  # no gateway relayed it for a lease: the replica stopped it
+        return found[1]
+
+    async def responses(self, request_id: str, pool: str, entry: Entry, after: str = "0-0"
+                        ) -> AsyncIterator[tuple[str, Chunk]]:
+        """Yield (cursor, chunk) for the request's chunks after `after`, until its end or error chunk.
+
+        While relaying, renews the request's relay lease: a request whose gateway went away is
+        stopped by its replica once the lease runs out, unless a client resumed it meanwhile.
 
         While waiting, watches the replica working on the request. When it stops (no heartbeat),
         another replica of the pool takes the request over and continues the same stream; if
@@ -66,10 +81,16 @@ class GenerationQueue:
         instead of leaving the caller hanging.
         """
         key = keys.response_stream(request_id)
-        last = "0-0"
-        waited_since = last_data = time.monotonic()
+        lease_key = keys.relay_lease(request_id)
+        lease_ttl = max(1, math.ceil(self.relay_lease_s))
+        last = after
+        waited_since = last_data = renewed = time.monotonic()
+        await self.r.set(lease_key, "1", ex=lease_ttl)
         lost_since: float | None = None
         while True:
+            if time.monotonic() - renewed > self.relay_lease_s / 3:
+                await self.r.set(lease_key, "1", ex=lease_ttl)
+                renewed = time.monotonic()
             resp = await self.r.xread({key: last}, block=1000, count=256)
             if not resp:
                 replica_id = await self._consumer_of(entry)
@@ -100,9 +121,9 @@ class GenerationQueue:
             for _stream, entries in resp:
                 for last, fields in entries:
                     chunk = Chunk.from_fields(fields)
-                    yield chunk
+                    yield last, chunk
                     if chunk.kind in ("end", "error"):
-                        await self.r.delete(key)
+                        await self.r.delete(key, lease_key)
                         return
 
     async def _consumer_of(self, entry: Entry) -> str:

@@ -6,6 +6,7 @@ import asyncio
 import logging
 import secrets
 import math
+import re
 import time
 import uuid
 from typing import AsyncIterator
@@ -29,6 +30,7 @@ from shared.telemetry import request_id_var
 log = logging.getLogger("llamaship.gateway")
 FINISH_TO_PROTO = {FINISH_LENGTH: pb.FINISH_REASON_LENGTH, FINISH_EOS: pb.FINISH_REASON_EOS, FINISH_STOP: pb.FINISH_REASON_STOP}
 MAX_REQUEST_ID = 128
+_CURSOR = re.compile(r"\d{1,20}-\d{1,20}")
 PRIORITY_FROM_PROTO = {pb.PRIORITY_UNSPECIFIED: "interactive", pb.PRIORITY_INTERACTIVE: "interactive",
                        pb.PRIORITY_BATCH: "batch"}
 
@@ -78,6 +80,10 @@ class GatewayServicer(pb_grpc.GatewayServicer):
     async def _generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[pb.GenerateChunk]:
         rid = _request_id(request, context)
         request_id_var.set(rid)
+        if request.resume_cursor:
+            async for out in self._resume(request, rid, context):
+                yield out
+            return
         if request.priority not in PRIORITY_FROM_PROTO:
             raise InvalidArgument(f"priority: unknown value {request.priority}")
         req = request_from_proto(request, rid)
@@ -97,33 +103,48 @@ class GatewayServicer(pb_grpc.GatewayServicer):
             req.deadline = time.time() + remaining
         if not [hb for hb in replicas if hb.pool == alias.pool]:
             raise Unavailable(f"no live replica in the {alias.pool} pool; the request may be retried")
-        t0 = time.perf_counter()
         entry = await self.queue.enqueue(req, alias.pool, alias.context_length)
         metrics.REQUESTS.labels(alias.pool, req.priority).inc()
+        async for out in self._relay(rid, alias.pool, entry, "0-0"):
+            yield out
+
+    async def _resume(self, request: pb.GenerateRequest, rid: str, context) -> AsyncIterator[pb.GenerateChunk]:
+        if not request.request_id or not _CURSOR.fullmatch(request.resume_cursor):
+            raise InvalidArgument("resume_cursor: needs the request_id and a cursor from one of its chunks")
+        entry = await self.queue.find(rid, self._tenant(context))
+        if entry is None:
+            raise NotFound(f"no stream of request {rid!r} to resume: unknown, finished, or stopped unrelayed")
+        log.info("resuming the stream after %s", request.resume_cursor)
+        async for out in self._relay(rid, keys.gen_stream_pool(entry.stream), entry, request.resume_cursor):
+            yield out
+
+    async def _relay(self, rid: str, pool: str, entry, after: str) -> AsyncIterator[pb.GenerateChunk]:
+        t0 = time.perf_counter()
         finished = False
         first = True
         last_at = t0
         try:
-            async for chunk in self.queue.responses(rid, alias.pool, entry):
+            async for cursor, chunk in self.queue.responses(rid, pool, entry, after):
                 if chunk.kind == "error":
                     finished = True
                     raise from_code_name(chunk.error_code, chunk.error_message)
                 now = time.perf_counter()
                 if first:
-                    metrics.TTFT.labels(alias.pool).observe(now - t0)
+                    metrics.TTFT.labels(pool).observe(now - t0)
                     first = False
                 elif chunk.token_ids:
                     per_token = (now - last_at) / len(chunk.token_ids)
                     for _ in chunk.token_ids:
-                        metrics.INTER_TOKEN.labels(alias.pool).observe(per_token)
+                        metrics.INTER_TOKEN.labels(pool).observe(per_token)
                 last_at = now
-                out = pb.GenerateChunk(request_id=rid, text=chunk.text, token_ids=chunk.token_ids, build_id=chunk.build_id)
+                out = pb.GenerateChunk(request_id=rid, text=chunk.text, token_ids=chunk.token_ids,
+                                       build_id=chunk.build_id, cursor=cursor)
                 if chunk.kind == "end":
                     finished = True
                     out.finish_reason = FINISH_TO_PROTO[chunk.finish_reason]
                     out.usage.prompt_tokens = chunk.prompt_tokens
                     out.usage.completion_tokens = chunk.completion_tokens
-                    metrics.TOKENS.labels(alias.pool).inc(chunk.completion_tokens)
+                    metrics.TOKENS.labels(pool).inc(chunk.completion_tokens)
                 if out.text or out.token_ids or chunk.kind == "end":
                     yield out
         except (asyncio.CancelledError, GeneratorExit):
@@ -132,9 +153,9 @@ class GatewayServicer(pb_grpc.GatewayServicer):
         finally:
             if not finished:
                 await asyncio.shield(self.queue.abandon(rid, entry))
-            depth = await asyncio.shield(self.queue.depth(alias.pool))
+            depth = await asyncio.shield(self.queue.depth(pool))
             for priority, n in depth.items():
-                metrics.QUEUE_DEPTH.labels(alias.pool, priority).set(n)
+                metrics.QUEUE_DEPTH.labels(pool, priority).set(n)
 
     def _tenant(self, context: grpc.aio.ServicerContext) -> str:
         """The caller's tenant (the auth interceptor has already checked the key)."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import time
+import uuid
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
@@ -62,21 +63,37 @@ class Completion:
 
 class GatewayClient:
     def __init__(self, address: str | None = None, api_key: str | None = None, tls_ca: str | None = None):
-        """`api_key` defaults to $LLAMASHIP_API_KEY; `tls_ca` (a PEM file, or $LLAMASHIP_TLS_CA) turns on TLS."""
-        self.address = gateway_address(address)
+        """`address` may list several gateways, comma-separated: `generate` continues a stream on
+        the next one when its gateway goes away. `api_key` defaults to $LLAMASHIP_API_KEY;
+        `tls_ca` (a PEM file, or $LLAMASHIP_TLS_CA) turns on TLS."""
+        self.addresses = [a.strip() for a in gateway_address(address).split(",") if a.strip()]
+        self.address = self.addresses[0]
         tls_ca = tls_ca or os.environ.get("LLAMASHIP_TLS_CA")
-        if tls_ca:
-            with open(tls_ca, "rb") as f:
-                self.channel = grpc.secure_channel(self.address, grpc.ssl_channel_credentials(f.read()))
+        self._ca = open(tls_ca, "rb").read() if tls_ca else None  # noqa: SIM115 - read once, closed by GC
+        self._api_key = api_key or os.environ.get("LLAMASHIP_API_KEY")
+        self._channels = [self._channel(a) for a in self.addresses]
+        self._current = 0
+        self.channel = self._channels[0]
+        self.stub = gateway_pb2_grpc.GatewayStub(self.channel)
+
+    def _channel(self, address: str) -> grpc.Channel:
+        if self._ca:
+            channel = grpc.secure_channel(address, grpc.ssl_channel_credentials(self._ca))
         else:
-            self.channel = grpc.insecure_channel(self.address)
-        api_key = api_key or os.environ.get("LLAMASHIP_API_KEY")
-        if api_key:
-            self.channel = grpc.intercept_channel(self.channel, _AuthHeader(api_key))
+            channel = grpc.insecure_channel(address)
+        if self._api_key:
+            channel = grpc.intercept_channel(channel, _AuthHeader(self._api_key))
+        return channel
+
+    def _next_gateway(self) -> None:
+        self._current = (self._current + 1) % len(self._channels)
+        self.address = self.addresses[self._current]
+        self.channel = self._channels[self._current]
         self.stub = gateway_pb2_grpc.GatewayStub(self.channel)
 
     def close(self) -> None:
-        self.channel.close()
+        for channel in self._channels:
+            channel.close()
 
     def __enter__(self) -> "GatewayClient":
         return self
@@ -89,11 +106,50 @@ class GatewayClient:
         req = gateway_pb2.GenerateRequest(model=model, prompt=prompt, max_tokens=max_tokens, **options)
         return self.stub.Generate(req, timeout=timeout)
 
+    def _chunks(self, model: str, prompt: str, max_tokens: int, timeout: float | None,
+                options: dict) -> Iterator[gateway_pb2.GenerateChunk]:
+        """The request's chunks; when its gateway goes away mid-stream, the stream is resumed
+        through the next gateway after the last chunk received (each gateway tried once)."""
+        if len(self.addresses) == 1:
+            yield from self.stream(model, prompt, max_tokens, timeout=timeout, **options)
+            return
+        options.setdefault("request_id", uuid.uuid4().hex)
+        cursor = ""
+        tries = 0
+        while True:
+            try:
+                if cursor:
+                    req = gateway_pb2.GenerateRequest(request_id=options["request_id"], resume_cursor=cursor)
+                    call = self.stub.Generate(req, timeout=timeout)
+                else:
+                    call = self.stream(model, prompt, max_tokens, timeout=timeout, **options)
+                for chunk in call:
+                    cursor = chunk.cursor or cursor
+                    yield chunk
+                return
+            except grpc.RpcError as exc:
+                if cursor == "0-0" and exc.code() == grpc.StatusCode.NOT_FOUND:
+                    # the gateway went away before the request was queued: send it afresh
+                    options["request_id"], cursor = uuid.uuid4().hex, ""
+                    continue
+                tries += 1
+                if exc.code() != grpc.StatusCode.UNAVAILABLE or tries >= len(self.addresses) or not self._gateway_gone():
+                    raise
+                self._next_gateway()
+                cursor = cursor or "0-0"
+
+    def _gateway_gone(self) -> bool:
+        try:
+            grpc.channel_ready_future(self.channel).result(timeout=1.0)
+            return False
+        except grpc.FutureTimeoutError:
+            return True
+
     def generate(self, model: str, prompt: str, max_tokens: int = 64, on_text: Callable[[str], None] | None = None,
                  timeout: float | None = None, **options) -> Completion:
         out = Completion()
         t0 = time.perf_counter()
-        for chunk in self.stream(model, prompt, max_tokens, timeout=timeout, **options):
+        for chunk in self._chunks(model, prompt, max_tokens, timeout, options):
             now = time.perf_counter() - t0
             if chunk.token_ids and not out.token_ids:
                 out.time_to_first_token_s = now

@@ -27,15 +27,24 @@ from serving_service.engine import Engine
 log = logging.getLogger("llamaship.serving.queue")
 
 
-# Append only while this replica owns the stream; report a cancel flag in the same round trip.
+# Append only while this replica owns the stream and a gateway relays it (else close the stream
+# with ARGV[4]); report a cancel flag in the same round trip.
 _GUARDED_XADD = """
 if redis.call('GET', KEYS[2]) ~= ARGV[1] then return 2 end
+if redis.call('EXISTS', KEYS[4]) == 0 then
+  redis.call('XADD', KEYS[1], '*', 'c', ARGV[4])
+  redis.call('EXPIRE', KEYS[1], tonumber(ARGV[3]))
+  return 3
+end
 redis.call('XADD', KEYS[1], '*', 'c', ARGV[2])
 redis.call('EXPIRE', KEYS[1], tonumber(ARGV[3]))
 redis.call('EXPIRE', KEYS[2], tonumber(ARGV[3]))
 if redis.call('EXISTS', KEYS[3]) == 1 then return 1 end
 return 0
 """
+_ABANDONED = Chunk("error", error_code="UNAVAILABLE",
+                   error_message="the stream was stopped: no gateway relayed it (its gateway went away and no "
+                                 "client resumed it in time); it may be retried").to_fields()["c"]
 
 
 class QueueWorker:
@@ -280,10 +289,13 @@ class QueueWorker:
     async def _write(self, request_id: str, chunk: Chunk) -> str:
         """Append a chunk to the request's response stream if this replica still owns it.
 
-        Returns "" to go on, or why to stop: the client cancelled, or another replica took the
-        request over (this one was presumed dead) and nothing was written."""
+        Returns "" to go on, or why to stop: the client cancelled; another replica took the
+        request over (this one was presumed dead) and nothing was written; or no gateway relays
+        the stream any more, and it was closed with a retryable error instead of the chunk."""
         result = await self._guarded_xadd(
-            keys=[keys.response_stream(request_id), keys.stream_owner(request_id), keys.cancel_flag(request_id)],
-            args=[self.replica_id, chunk.to_fields()["c"], keys.RESPONSE_TTL_S],
+            keys=[keys.response_stream(request_id), keys.stream_owner(request_id), keys.cancel_flag(request_id),
+                  keys.relay_lease(request_id)],
+            args=[self.replica_id, chunk.to_fields()["c"], keys.RESPONSE_TTL_S, _ABANDONED],
         )
-        return {0: "", 1: "client cancelled", 2: "another replica took the request over"}[int(result)]
+        return {0: "", 1: "client cancelled", 2: "another replica took the request over",
+                3: "no gateway relays the stream any more"}[int(result)]

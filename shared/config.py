@@ -86,6 +86,7 @@ _DECLARED = [
     Setting("api_keys_file", str, "", "JSON file of hashed API keys per tenant (llamaship keys create); empty = no auth (keep the gateway on loopback)."),
     Setting("tls_cert_file", str, "", "PEM certificate chain: serve the gateway over TLS (with --tls-key-file)."),
     Setting("tls_key_file", str, "", "PEM private key of the gateway's TLS certificate."),
+    Setting("relay_lease_s", float, 10.0, "A request no gateway relays for this long (its gateway died and no client resumed it) is stopped by its replica.", check=_positive),
     Setting("failover_timeout_s", float, 15.0, "Seconds a stream whose replica stopped waits for another replica to continue it before UNAVAILABLE.", check=_positive),
     # Compiler
     Setting("compiler_port", int, 50052, "Compiler gRPC port.", flag="--port", check=_port),
@@ -107,7 +108,7 @@ SETTINGS: dict[str, Setting] = {s.name: s for s in _DECLARED}
 
 COMMON = ("redis_url", "store", "host", "log_level", "metrics_port")
 GATEWAY = (*COMMON, "gateway_port", "compiler_address", "queue_max_depth", "tenant_max_requests", "queue_timeout_s", "replica_stale_s",
-           "failover_timeout_s", "api_keys_file", "tls_cert_file", "tls_key_file")
+           "failover_timeout_s", "relay_lease_s", "api_keys_file", "tls_cert_file", "tls_key_file")
 COMPILER = (*COMMON, "compiler_port", "work_dir", "job_lease_s", "max_attempts")
 SERVING = (*COMMON, "serving_port", "pool", "slots", "kv_budget_mb", "threads", "stream_interval_ms", "replica_stale_s", "replica_id",
            "advertise_address")

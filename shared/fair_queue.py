@@ -19,6 +19,7 @@ Picking and taking are one atomic script, so a request is never taken twice or d
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 
 import redis.asyncio as aioredis
@@ -29,8 +30,9 @@ PRIORITIES = ("interactive", "batch")  # served strictly in this order
 DEFAULT_TENANT = "default"
 
 
-# KEYS: streams set, tenant ring, stream, request-id claim, doorbell.
-# ARGV: request json, max depth, tenant max, rid ttl, tenant, cost tokens, model, tenant stream prefix.
+# KEYS: streams set, tenant ring, stream, request-id claim, doorbell, relay lease.
+# ARGV: request json, max depth, tenant max, rid ttl, tenant, cost tokens, model, tenant stream
+# suffix, relay lease seconds.
 # Returns the entry id, or FULL / TENANT_FULL / DUPLICATE.
 _ENQUEUE = """
 local total, mine = 0, 0
@@ -50,6 +52,8 @@ redis.call('SADD', KEYS[1], KEYS[3])
 local id = redis.call('XADD', KEYS[3], '*', 'req', ARGV[1], 'cost', ARGV[6], 'model', ARGV[7])
 if not redis.call('LPOS', KEYS[2], ARGV[5]) then redis.call('RPUSH', KEYS[2], ARGV[5]) end
 redis.call('XADD', KEYS[5], 'MAXLEN', '~', '100', '*', 'id', id)
+redis.call('SET', KEYS[4], ARGV[5] .. '\t' .. KEYS[3] .. '\t' .. id, 'EX', tonumber(ARGV[4]))
+redis.call('SET', KEYS[6], '1', 'EX', tonumber(ARGV[9]))
 return id
 """
 
@@ -140,15 +144,15 @@ class FairQueue:
         self.bell = keys.gen_doorbell(pool)
 
     async def enqueue(self, request_json: str, request_id: str, *, priority: str, tenant: str, cost: int,
-                      model: str, max_depth: int, tenant_max: int) -> Entry:
+                      model: str, max_depth: int, tenant_max: int, relay_lease_s: float = 10.0) -> Entry:
         if priority not in PRIORITIES:
             raise ValueError(f"unknown priority {priority!r}")
         stream = keys.gen_stream(self.pool, priority, tenant)
         result = await self._enqueue(
             keys=[self.streams_key, keys.gen_tenant_ring(self.pool, priority), stream,
-                  keys.request_claim(request_id), self.bell],
+                  keys.request_claim(request_id), self.bell, keys.relay_lease(request_id)],
             args=[request_json, max_depth, tenant_max, keys.RESPONSE_TTL_S, keys.tenant_part(tenant), cost, model,
-                  keys.gen_stream_tenant_suffix(tenant)],
+                  keys.gen_stream_tenant_suffix(tenant), max(1, math.ceil(relay_lease_s))],
         )
         if result == "FULL":
             raise QueueFull("pool")
@@ -206,3 +210,12 @@ class FairQueue:
             pipe.xack(entry.stream, keys.GEN_GROUP, entry.entry_id)
             pipe.xdel(entry.stream, entry.entry_id)
             await pipe.execute()
+
+
+async def lookup(r: aioredis.Redis, request_id: str) -> tuple[str, Entry] | None:
+    """(tenant key part, queue entry) of a request enqueued in the last RESPONSE_TTL_S seconds."""
+    raw = await r.get(keys.request_claim(request_id))
+    parts = raw.split("\t") if raw else []
+    if len(parts) != 3:
+        return None
+    return parts[0], Entry(parts[1], parts[2])

@@ -10,7 +10,8 @@ Doorbell      STREAM ls:genbell:{pool}          one entry per enqueue: wakes idl
 Responses     STREAM ls:resp:{request_id}       chunks a replica produced for one request
 Cancel flag   STRING ls:cancel:{request_id}     set when the client went away or cancelled
 Stream owner  STRING ls:owner:{request_id}      the replica allowed to write the response stream
-Request claim STRING ls:rid:{request_id}        a request id in use (ids are not reused for 10 minutes)
+Request claim STRING ls:rid:{request_id}        a request id in use (not reused for 10 minutes): tenant, stream, entry
+Relay lease   STRING ls:relay:{request_id}      a gateway relays the request's stream (expires when none does)
 Jobs          STRING ls:job:{job_id}            one compile job's state (JSON)
 Job events    STREAM ls:job:{job_id}:events     progress of one compile job
 Job cancel  STRING ls:job:{job_id}:cancel      set when a running job should stop
@@ -58,6 +59,10 @@ def gen_stream_priority(stream: str) -> str:
     return stream.split(":")[3]
 
 
+def gen_stream_pool(stream: str) -> str:
+    return stream.split(":")[2]
+
+
 def gen_streams(pool: str) -> str:
     return f"{PREFIX}genidx:{pool}"
 
@@ -80,6 +85,10 @@ def cancel_flag(request_id: str) -> str:
 
 def request_claim(request_id: str) -> str:
     return f"{PREFIX}rid:{request_id}"
+
+
+def relay_lease(request_id: str) -> str:
+    return f"{PREFIX}relay:{request_id}"
 
 
 def stream_owner(request_id: str) -> str:

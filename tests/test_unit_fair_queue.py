@@ -108,3 +108,16 @@ def test_withdrawn_request_is_never_picked_and_doorbell_rings(redis_url):
         await r.aclose()
 
     run(body())
+
+
+def test_only_the_owning_tenant_finds_a_relayed_request(redis_url):
+    async def body():
+        r, q = await _setup(redis_url, max_depth=10, relay_lease_s=1)
+        e = await q.enqueue(_req("mine", "acme"), "cpu", 64)
+        assert await q.find("mine", "acme") == e
+        assert await q.find("mine", "other") is None and await q.find("unknown", "acme") is None
+        await asyncio.sleep(2.2)  # nobody relays it: the lease runs out
+        assert await q.find("mine", "acme") is None
+        await r.aclose()
+
+    run(body())

@@ -79,7 +79,7 @@ def test_queue_backpressure_cancel_and_relay(redis_url):
         assert await q.depth("cpu") == {"interactive": 1, "batch": 0}
         await r.xadd(keys.response_stream("r1"), Chunk("tokens", text="a", token_ids=[5]).to_fields())
         await r.xadd(keys.response_stream("r1"), Chunk("end", finish_reason="length").to_fields())
-        got = [c async for c in q.responses("r1", "cpu", e0)]
+        got = [c async for _cursor, c in q.responses("r1", "cpu", e0)]
         assert [c.kind for c in got] == ["tokens", "end"] and not await r.exists(keys.response_stream("r1"))
         await q.cancel("r1")
         await q.cancel("r1")
