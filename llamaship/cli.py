@@ -42,8 +42,15 @@ def cmd_keys(args: argparse.Namespace) -> int:
     return 0
 
 
+LOOPBACK = ("127.0.0.1", "::1", "localhost")
+
+
 def cmd_up(args: argparse.Namespace) -> int:
     from llamaship.stack import Stack, StackConfig
+
+    if not args.api_keys_file and args.host not in LOOPBACK and not args.allow_open:
+        return _fail(f"refusing to serve on {args.host} without API keys: pass --api-keys-file "
+                     "(llamaship keys create), or --allow-open to serve anyone who can reach it")
 
     cfg = StackConfig(
         store=Path(args.store).resolve(), log_dir=Path(args.log_dir).resolve(), redis_url=args.redis_url,
@@ -70,7 +77,7 @@ def cmd_up(args: argparse.Namespace) -> int:
             print(f"  {name:<13} grpc {proc.address}   metrics http://{cfg.host}:{metrics}/metrics   log {proc.log_path}")
     print(f"  store     {cfg.store}")
     auth = f"API keys from {args.api_keys_file}" if args.api_keys_file else \
-        f"no API keys: open to anyone who can reach {args.host}" + (" (loopback only)" if args.host in ("127.0.0.1", "::1", "localhost") else "")
+        f"no API keys: open to anyone who can reach {args.host}" + (" (loopback only)" if args.host in LOOPBACK else "")
     print(f"gateway ready at {stack.gateway_address} ({auth}{', TLS' if args.tls_cert_file else ''}). Ctrl-C stops.",
           flush=True)
     try:
@@ -242,6 +249,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--log-dir", default="./.llamaship/logs")
     p.add_argument("--api-keys-file", default=None, help="require API keys from this file (llamaship keys create)")
+    p.add_argument("--allow-open", action="store_true",
+                   help="serve without API keys on a non-loopback --host (by default that is refused)")
     p.add_argument("--tls-cert-file", default=None, help="serve the gateway over TLS with this PEM certificate chain")
     p.add_argument("--tls-key-file", default=None, help="the TLS certificate's PEM private key")
     p.add_argument("-v", "--verbose", action="store_true", help="echo service logs to the terminal")

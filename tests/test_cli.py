@@ -77,3 +77,8 @@ def test_client_commands_fail_cleanly_without_a_gateway():
     env = dict(os.environ, LLAMASHIP_GATEWAY=f"127.0.0.1:{free_port()}")
     out = _cli("models", env=env, timeout=60)
     assert out.returncode == 1 and "UNAVAILABLE" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_up_refuses_an_open_gateway_off_loopback(tmp_path):
+    out = _cli("up", "--host", "0.0.0.0", "--store", str(tmp_path / "s"), timeout=60)
+    assert out.returncode == 1 and "without API keys" in out.stderr and "--allow-open" in out.stderr
