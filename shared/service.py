@@ -39,13 +39,22 @@ def run_service(
     return 0
 
 
+# Distributions that install the same module as another: the GPU builds of ONNX Runtime.
+_VARIANTS = {"onnxruntime": ("onnxruntime-gpu",), "onnxruntime-genai": ("onnxruntime-genai-cuda",)}
+
+
 def package_versions(packages: Sequence[str]) -> dict[str, str]:
+    """Installed versions by package name; a GPU variant counts as its package ("1.31.1 (onnxruntime-gpu)"),
+    and is preferred where both are installed."""
     from importlib.metadata import PackageNotFoundError, version
 
     out = {}
     for pkg in packages:
-        try:
-            out[pkg] = version(pkg)
-        except PackageNotFoundError:
-            pass
+        for dist in (*_VARIANTS.get(pkg, ()), pkg):
+            try:
+                v = version(dist)
+            except PackageNotFoundError:
+                continue
+            out[pkg] = v if dist == pkg else f"{v} ({dist})"
+            break
     return out
