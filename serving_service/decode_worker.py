@@ -2,13 +2,16 @@
 
 onnxruntime-genai 0.18 holds the GIL for the whole of `generate_next_token`, so decoding in a
 thread of the serving process stalls its event loop (token relaying, Redis, gRPC) for a full
-decode step at a time. In a child process the event loop never waits on the model. The child
-interleaves the steps of its running sequences and reports each token over a pipe; a crash of
-the runtime takes down the child, not the replica.
+decode step at a time. In a child process the event loop never waits on the model, and a crash
+of the runtime takes down the child, not the replica.
 
-Messages, parent → child: ("start", rid, prompt_ids, search_options), ("cancel", rid), ("stop",)
-child → parent: ("ready",) | ("failed", reason), then ("tok", rid, id), ("done", rid),
-("error", rid, reason).
+The child batches continuously (serving_service.cohorts): sequences that arrive together start
+a cohort, one static-batch generator; running cohorts decode one step each in turn, so new
+sequences join between steps.
+
+Messages, parent -> child: ("start", rid, prompt_ids, search_options, reserved_tokens),
+("cancel", rid), ("stop",). child -> parent: ("ready",) | ("failed", reason), then
+("step", [(rid, token), ...], [finished rid, ...]) and ("error", rid, reason).
 """
 
 from __future__ import annotations
@@ -18,10 +21,14 @@ import json
 import logging
 import multiprocessing as mp
 import threading
+from collections import Counter
+from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from typing import Any
 
 from shared.errors import Unavailable
+from serving_service import metrics
+from serving_service.cohorts import CohortPlan, Waiting, padded_prompts, plan_cohorts
 
 log = logging.getLogger("llamaship.serving.decode")
 _CTX = mp.get_context("spawn")
@@ -46,51 +53,149 @@ def _load_model(build_dir: str, provider: str | None, threads: int):
     return og, model
 
 
-def worker_main(build_dir: str, provider: str | None, threads: int, conn: Connection) -> None:
+@dataclass
+class _Row:
+    rid: str
+    max_new: int
+    produced: int = 0
+    done: bool = False
+
+
+@dataclass
+class _Cohort:
+    gen: Any
+    rows: list[_Row] = field(default_factory=list)
+
+    def live(self) -> bool:
+        return any(not r.done for r in self.rows)
+
+
+class _Scheduler:
+    """The child's loop state: waiting sequences, running cohorts, and one decode round."""
+
+    def __init__(self, og, model, conn: Connection, genai: dict, max_rows: int):
+        self.og, self.model, self.conn = og, model, conn
+        eos = genai.get("eos_token_id", [])
+        self.eos = frozenset(eos if isinstance(eos, list) else [eos])
+        pad = genai.get("pad_token_id")
+        self.pad = pad if isinstance(pad, int) else None
+        self.context_length = int(genai["context_length"])
+        self.max_rows = max_rows if self.pad is not None else 1
+        self.waiting: list[Waiting] = []
+        self.cohorts: list[_Cohort] = []
+        self.rows: dict[str, _Row] = {}
+
+    def busy(self) -> bool:
+        return bool(self.waiting or self.cohorts)
+
+    def handle(self, msg: tuple) -> bool:
+        if msg[0] == "stop":
+            return False
+        if msg[0] == "cancel":
+            rid = msg[1]
+            waiting = [w for w in self.waiting if w.rid == rid]
+            row = self.rows.get(rid)
+            if waiting:
+                self.waiting.remove(waiting[0])
+            elif row is not None and not row.done:
+                row.done = True  # its cohort goes on for the others; this row's output is dropped
+            else:
+                return True
+            self.rows.pop(rid, None)
+            self.conn.send(("step", [], [rid]))
+        elif msg[0] == "start":
+            _, rid, prompt_ids, options, reserved = msg
+            options = dict(options)
+            max_new = int(options.pop("max_length")) - len(prompt_ids)
+            self.waiting.append(Waiting(rid, list(prompt_ids), max_new, options, int(reserved)))
+        return True
+
+    def admit(self) -> None:
+        """Start a cohort for the sequences that arrived since the last round."""
+        plans = plan_cohorts(self.waiting, self.max_rows, self.pad, self.context_length)
+        self.waiting = []
+        for plan in plans:
+            self._start(plan)
+
+    def _start(self, plan: CohortPlan) -> None:
+        og = self.og
+        try:
+            params = og.GeneratorParams(self.model)
+            params.set_search_options(**plan.rows[0].options, max_length=plan.max_length, batch_size=len(plan.rows))
+            gen = og.Generator(self.model, params)
+            if len(plan.rows) == 1:
+                gen.append_tokens(plan.rows[0].prompt_ids)
+            else:
+                import numpy as np
+
+                gen.append_tokens(np.asarray(padded_prompts(plan, self.pad), dtype=np.int32))
+        except Exception as exc:  # noqa: BLE001 - reported to each request
+            for w in plan.rows:
+                self.conn.send(("error", w.rid, f"{type(exc).__name__}: {exc}"))
+            return
+        cohort = _Cohort(gen, [_Row(w.rid, w.max_new) for w in plan.rows])
+        for row in cohort.rows:
+            self.rows[row.rid] = row
+        self.cohorts.append(cohort)
+
+    def round(self) -> None:
+        """One decode step of every running cohort."""
+        for cohort in list(self.cohorts):
+            if not cohort.live():  # every row was cancelled
+                self._drop(cohort)
+                continue
+            tokens: list[tuple[str, int]] = []
+            finished: list[str] = []
+            try:
+                cohort.gen.generate_next_token()
+                ids = cohort.gen.get_next_tokens()
+                ended = cohort.gen.is_done()
+            except Exception as exc:  # noqa: BLE001 - reported to each request
+                self._drop(cohort)
+                for row in cohort.rows:
+                    if not row.done:
+                        self.conn.send(("error", row.rid, f"{type(exc).__name__}: {exc}"))
+                continue
+            for row, token in zip(cohort.rows, ids):
+                if row.done:
+                    continue
+                token = int(token)
+                tokens.append((row.rid, token))
+                row.produced += 1
+                if token in self.eos or row.produced >= row.max_new or ended:
+                    row.done = True
+                    finished.append(row.rid)
+            self.conn.send(("step", tokens, finished))
+            if not cohort.live():
+                self._drop(cohort)
+
+    def _drop(self, cohort: _Cohort) -> None:
+        self.cohorts.remove(cohort)
+        for row in cohort.rows:
+            if self.rows.get(row.rid) is row:
+                del self.rows[row.rid]
+
+
+def worker_main(build_dir: str, provider: str | None, threads: int, max_rows: int, conn: Connection) -> None:
     try:
         og, model = _load_model(build_dir, provider, threads)
+        with open(f"{build_dir}/genai_config.json") as f:
+            genai = json.load(f)["model"]
     except Exception as exc:  # noqa: BLE001 - reported to the parent
         conn.send(("failed", f"{type(exc).__name__}: {exc}"))
         return
     conn.send(("ready",))
-    active: dict[str, Any] = {}
-
-    def handle(msg: tuple) -> bool:
-        if msg[0] == "stop":
-            return False
-        if msg[0] == "cancel":
-            if active.pop(msg[1], None) is not None:
-                conn.send(("done", msg[1]))
-        elif msg[0] == "start":
-            _, rid, prompt_ids, options = msg
-            try:
-                params = og.GeneratorParams(model)
-                params.set_search_options(**options)
-                gen = og.Generator(model, params)
-                gen.append_tokens(prompt_ids)
-                active[rid] = gen
-            except Exception as exc:  # noqa: BLE001 - reported to the request
-                conn.send(("error", rid, f"{type(exc).__name__}: {exc}"))
-        return True
-
+    sched = _Scheduler(og, model, conn, genai, max_rows)
     try:
         while True:
-            if not active and not handle(conn.recv()):
+            if not sched.busy() and not sched.handle(conn.recv()):
                 return
             while conn.poll(0):
-                if not handle(conn.recv()):
+                if not sched.handle(conn.recv()):
                     return
-            for rid, gen in list(active.items()):
-                try:
-                    if not gen.is_done():
-                        gen.generate_next_token()
-                        conn.send(("tok", rid, int(gen.get_next_tokens()[0])))
-                    if gen.is_done():
-                        del active[rid]
-                        conn.send(("done", rid))
-                except Exception as exc:  # noqa: BLE001 - reported to the request
-                    active.pop(rid, None)
-                    conn.send(("error", rid, f"{type(exc).__name__}: {exc}"))
+            if sched.waiting:
+                sched.admit()
+            sched.round()
     except (EOFError, BrokenPipeError, KeyboardInterrupt):
         return
 
@@ -102,18 +207,20 @@ class DecodeWorkerError(Unavailable):
 class DecodeWorker:
     """The parent's handle on one child: submit sequences, receive their tokens on asyncio queues."""
 
-    def __init__(self, build_id: str, proc, conn: Connection):
+    def __init__(self, build_id: str, proc, conn: Connection, pool: str = "cpu"):
         self.build_id = build_id
+        self.pool = pool
+        self.step_rows: Counter[int] = Counter()  # decode steps by how many sequences they advanced
         self.proc = proc
         self.conn = conn
         self.streams: dict[str, asyncio.Queue] = {}
         self.closed = False
 
     @classmethod
-    async def start(cls, build_id: str, build_dir: str, provider: str | None, threads: int,
-                    timeout_s: float = 300.0) -> "DecodeWorker":
+    async def start(cls, build_id: str, build_dir: str, provider: str | None, threads: int, max_rows: int = 1,
+                    pool: str = "cpu", timeout_s: float = 300.0) -> "DecodeWorker":
         parent, child = _CTX.Pipe()
-        proc = _CTX.Process(target=worker_main, args=(build_dir, provider, threads, child), daemon=True,
+        proc = _CTX.Process(target=worker_main, args=(build_dir, provider, threads, max_rows, child), daemon=True,
                             name=f"decode-{build_id}")
         proc.start()
         child.close()
@@ -134,7 +241,7 @@ class DecodeWorker:
             parent.close()
             await asyncio.to_thread(proc.join, 5)
             raise DecodeWorkerError(f"cannot load build {build_id}: {msg[1]}")
-        worker = cls(build_id, proc, parent)
+        worker = cls(build_id, proc, parent, pool)
         asyncio.get_running_loop().add_reader(parent.fileno(), worker._on_readable)
         return worker
 
@@ -142,14 +249,17 @@ class DecodeWorker:
         try:
             while self.conn.poll():
                 msg = self.conn.recv()
-                queue = self.streams.get(msg[1])
-                if queue is None:
-                    continue
-                if msg[0] == "tok":
-                    queue.put_nowait(("token", msg[2]))
-                elif msg[0] == "done":
-                    queue.put_nowait(("done", None))
-                else:
+                if msg[0] == "step":
+                    if msg[1]:
+                        self.step_rows[len(msg[1])] += 1
+                        metrics.BATCH_ROWS.labels(self.pool).observe(len(msg[1]))
+                    for rid, token in msg[1]:
+                        if (queue := self.streams.get(rid)) is not None:
+                            queue.put_nowait(("token", token))
+                    for rid in msg[2]:
+                        if (queue := self.streams.get(rid)) is not None:
+                            queue.put_nowait(("done", None))
+                elif (queue := self.streams.get(msg[1])) is not None:
                     queue.put_nowait(("error", DecodeWorkerError(f"decode failed on build {self.build_id}: {msg[2]}")))
         except (EOFError, OSError):
             self._lost()
@@ -162,12 +272,12 @@ class DecodeWorker:
         for queue in self.streams.values():
             queue.put_nowait(("error", DecodeWorkerError(f"the decode worker for build {self.build_id} exited")))
 
-    def submit(self, rid: str, prompt_ids: list[int], options: dict) -> asyncio.Queue:
+    def submit(self, rid: str, prompt_ids: list[int], options: dict, reserved_tokens: int = 0) -> asyncio.Queue:
         if self.closed:
             raise DecodeWorkerError(f"the decode worker for build {self.build_id} is closed")
         queue: asyncio.Queue = asyncio.Queue()
         self.streams[rid] = queue
-        self.conn.send(("start", rid, prompt_ids, options))
+        self.conn.send(("start", rid, prompt_ids, options, reserved_tokens))
         return queue
 
     def release(self, rid: str, finished: bool) -> None:

@@ -54,7 +54,8 @@ class LoadedBuild:
             self.worker.close()
 
 
-async def load_build(store: BuildStore, name: str, build_id: str, pool: str, threads: int = 0) -> LoadedBuild:
+async def load_build(store: BuildStore, name: str, build_id: str, pool: str, threads: int = 0,
+                     max_rows: int = 1) -> LoadedBuild:
     """Verify a build from the store and start (load and warm) its decode worker."""
     t0 = time.perf_counter()
     manifest = await asyncio.to_thread(store.verify, build_id, full=True)
@@ -64,7 +65,9 @@ async def load_build(store: BuildStore, name: str, build_id: str, pool: str, thr
     genai = json.loads((path / "genai_config.json").read_text())["model"]
     eos = genai.get("eos_token_id", [])
     tokenizer = await asyncio.to_thread(PromptTokenizer, path)
-    worker = await DecodeWorker.start(build_id, str(path), POOLS[pool].genai_provider, threads)
+    # a cohort holds at most the build's max batch (the compile request's limit) and the slots
+    worker = await DecodeWorker.start(build_id, str(path), POOLS[pool].genai_provider, threads,
+                                      max(1, min(max_rows, manifest.max_batch or 1)), pool)
     loaded = LoadedBuild(name, manifest, worker, tokenizer, frozenset(eos if isinstance(eos, list) else [eos]),
                          int(genai["vocab_size"]), kv_bytes_per_token(genai, POOLS[pool].genai_provider))
     loaded.load_seconds = time.perf_counter() - t0
@@ -131,7 +134,7 @@ class Engine:
             current = self.builds.get(name)
             if current is not None and current.build_id == build_id and not current.worker.closed:
                 return None
-            loaded = await load_build(self.store, name, build_id, self.pool, self.threads)
+            loaded = await load_build(self.store, name, build_id, self.pool, self.threads, self.slots)
             self.builds[name] = loaded
             if current is not None:
                 current.retired = True
@@ -192,7 +195,8 @@ class Engine:
         self.active += 1
         loaded.active += 1
         try:
-            queue = loaded.worker.submit(req.request_id, prompt_ids, _search_options(loaded, req, max_length))
+            queue = loaded.worker.submit(req.request_id, prompt_ids, _search_options(loaded, req, max_length),
+                                         cost_tokens(req.prompt, req.max_tokens, loaded.context_length))
             while True:
                 # Take every token already decoded, so a slow reader gets them in one chunk.
                 items = [await queue.get()]

@@ -15,3 +15,5 @@ FAILOVERS = Counter("llamaship_serving_failovers_total", "Requests continued aft
 ADMISSION_WAITS = Counter("llamaship_serving_admission_waits_total",
                           "Times the next queued request had to wait because the KV budget was taken", ["pool"])
 KV_RESERVED = Gauge("llamaship_serving_kv_reserved_bytes", "KV-cache bytes reserved by running requests", ["pool"])
+BATCH_ROWS = Histogram("llamaship_serving_batch_rows", "Sequences that produced a token in one decode step of a cohort",
+                       ["pool"], buckets=(1, 2, 4, 8, 16, 32, 64))
