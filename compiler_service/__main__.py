@@ -39,7 +39,7 @@ async def serve(settings: config.Settings) -> None:
         log.warning("recovered %d job(s) left by a compiler that stopped", len(recovered))
 
     server = create_server()
-    compiler_pb2_grpc.add_CompilerServicer_to_server(CompilerServicer(jobs), server)
+    compiler_pb2_grpc.add_CompilerServicer_to_server(CompilerServicer(jobs, store), server)
     health = add_health_and_reflection(server, [SERVICE])
     port = bind(server, settings.host, settings.compiler_port)
     await server.start()

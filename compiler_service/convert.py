@@ -14,6 +14,48 @@ STATE_TO_PROTO = {
 }
 
 
+GATE_THRESHOLDS = ("min_top1_agreement", "max_mean_kl", "max_perplexity_increase_pct")
+
+
+def quality_from_proto(q: pb.QualityGate) -> dict:
+    out: dict = {name: getattr(q, name) for name in GATE_THRESHOLDS if q.HasField(name)}
+    if q.force_publish:
+        out["force_publish"] = True
+    if q.eval_prompts:
+        out["eval_prompts"] = list(q.eval_prompts)
+    return out
+
+
+def quality_to_proto(d: dict) -> pb.QualityGate:
+    q = pb.QualityGate(force_publish=bool(d.get("force_publish")), eval_prompts=d.get("eval_prompts", []))
+    for name in GATE_THRESHOLDS:
+        if d.get(name) is not None:
+            setattr(q, name, d[name])
+    return q
+
+
+def report_to_proto(d: dict) -> pb.QualityReport:
+    if not d:
+        return pb.QualityReport(skipped_reason="no quality report (built before the gate existed)")
+    m, t = d.get("metrics", {}), d.get("thresholds", {})
+    return pb.QualityReport(
+        passed=d.get("passed", False), failures=d.get("failures", []),
+        top1_agreement=m.get("top1_agreement", 0.0), mean_kl=m.get("mean_kl", 0.0),
+        max_abs_logit_diff=m.get("max_abs_logit_diff", 0.0), perplexity_reference=m.get("perplexity_reference", 0.0),
+        perplexity_build=m.get("perplexity_build", 0.0), prompt_source=d.get("prompt_source", ""),
+        prompts=d.get("prompts", 0), tokens=m.get("tokens", 0), forced=d.get("forced", False),
+        skipped_reason=d.get("skipped_reason", ""), **{k: t[k] for k in GATE_THRESHOLDS if k in t},
+    )
+
+
+def build_to_proto(manifest) -> pb.BuildInfo:
+    return pb.BuildInfo(
+        build_id=manifest.build_id, model_name=manifest.model_name, recipe=manifest.recipe,
+        target_pool=manifest.target_pool, total_bytes=manifest.total_bytes, context_length=manifest.context_length,
+        max_batch=manifest.max_batch, quality=report_to_proto(manifest.quality), manifest_json=manifest.to_json(),
+    )
+
+
 def request_from_proto(m: pb.CompileRequest) -> JobRequest:
     return JobRequest(
         checkpoint_path=m.checkpoint_path,
@@ -22,6 +64,7 @@ def request_from_proto(m: pb.CompileRequest) -> JobRequest:
         target_pool=m.target_pool or "cpu",
         max_sequence_length=m.max_sequence_length,
         max_batch=m.max_batch,
+        quality=quality_from_proto(m.quality),
     )
 
 
@@ -33,6 +76,7 @@ def job_to_proto(job: Job) -> pb.CompileJob:
         request=pb.CompileRequest(
             checkpoint_path=r.checkpoint_path, model_name=r.model_name, recipe=r.recipe,
             target_pool=r.target_pool, max_sequence_length=r.max_sequence_length, max_batch=r.max_batch,
+            quality=quality_to_proto(r.quality or {}),
         ),
         build_id=job.build_id,
         stage=job.stage,

@@ -12,7 +12,7 @@ import json
 import logging
 import time
 import uuid
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import redis.asyncio as aioredis
 
@@ -34,6 +34,8 @@ class JobRequest:
     target_pool: str = "cpu"
     max_sequence_length: int = 4096
     max_batch: int = 32
+    # the quality gate: threshold overrides, force_publish, eval_prompts (see compiler_service.quality)
+    quality: dict = field(default_factory=dict)
 
 
 @dataclass

@@ -21,7 +21,7 @@ from shared import catalog
 from shared.service import package_versions
 from shared.store import BuildStore, Manifest
 from compiler_service import checkpoint as ckpt
-from compiler_service import recipes
+from compiler_service import quality, recipes
 from compiler_service.builder_runner import BuildCancelled, run_builder
 from compiler_service.jobs import JobRequest
 
@@ -35,6 +35,14 @@ Progress = Callable[[str, float, str], Awaitable[None]]
 
 class CompileError(ValueError):
     """The job cannot succeed; the message is the one-line reason shown to the user."""
+
+
+class QualityGateFailed(CompileError):
+    """The build exists in the store with its report, but is not the model's current build."""
+
+    def __init__(self, message: str, build_id: str):
+        super().__init__(message)
+        self.build_id = build_id
 
 
 @dataclass
@@ -74,7 +82,9 @@ def normalize(req: JobRequest) -> JobRequest:
         raise CompileError("max_sequence_length must be >= 16 and max_batch >= 1")
     try:
         recipes.get(req.recipe, req.target_pool)
-    except recipes.RecipeError as exc:
+        quality.thresholds_for(req.recipe, req.quality or {})
+        quality.eval_prompts((req.quality or {}).get("eval_prompts", []))
+    except (recipes.RecipeError, quality.GateInputError) as exc:
         raise CompileError(str(exc)) from None
     return req
 
@@ -159,6 +169,11 @@ class CompilePipeline:
 
         if self.store.exists(build_id):
             manifest = self.store.manifest(build_id)
+            report = await self._gate(req, source.path, self.store.path(build_id), manifest.quality, progress)
+            if report.to_dict() != manifest.quality:
+                manifest.quality = report.to_dict()
+                await asyncio.to_thread(self.store.update_manifest, manifest)
+            await self._publish_if_passed(req, manifest, report, reused=True)
             await progress("publish", 0.5, f"identical build {build_id} exists; publishing it")
             await self._publish_alias(req, manifest)
             return Outcome(build_id, True, manifest)
@@ -183,6 +198,7 @@ class CompilePipeline:
             await progress("verify", 0.0, "checking graph shapes and fused kernels; smoke test")
             graph = await asyncio.to_thread(inspect_graph, staging, recipe)
             await asyncio.to_thread(smoke_test, staging)
+            report = await self._gate(req, source.path, staging, {}, progress)
 
             if await should_cancel():
                 raise BuildCancelled("cancelled before publishing")
@@ -207,13 +223,46 @@ class CompilePipeline:
                 tool_versions=versions,
                 architecture=source.architecture,
                 parameters=source.parameters,
+                quality=report.to_dict(),
             )
             manifest = await asyncio.to_thread(self.store.publish, staging, manifest)
+            await self._publish_if_passed(req, manifest, report, reused=False)
             await self._publish_alias(req, manifest)
             return Outcome(build_id, False, manifest)
         finally:
             self.store.discard_staging(staging)
             shutil.rmtree(job_dir / "cache", ignore_errors=True)
+
+    async def _gate(self, req: JobRequest, checkpoint: Path, build_dir: Path, previous: dict,
+                    progress: Progress) -> quality.QualityReport:
+        """Run the quality gate, or re-judge an earlier report made on the same prompts."""
+        options = req.quality or {}
+        thresholds = quality.thresholds_for(req.recipe, options)
+        prompts, source = quality.eval_prompts(options.get("eval_prompts", []))
+        old = quality.QualityReport.from_dict(previous) if previous.get("metrics") else None
+        if old is not None and old.prompts_digest == quality.prompts_digest(prompts):
+            return quality.rejudge(old, thresholds)
+        note = "the built-in default prompts (no eval_prompts given)" if source == "default" else f"{len(prompts)} given prompts"
+        await progress("quality", 0.0, f"comparing with the PyTorch reference on {note}")
+        return await asyncio.to_thread(quality.run_gate, checkpoint, build_dir, req.recipe, req.target_pool,
+                                       prompts, source, thresholds)
+
+    async def _publish_if_passed(self, req: JobRequest, manifest: Manifest, report: quality.QualityReport,
+                                 reused: bool) -> None:
+        """Raise QualityGateFailed unless the build passed (or the request forces it, recorded)."""
+        if report.passed or report.skipped_reason:
+            return
+        failures = "; ".join(report.failures)
+        if not (req.quality or {}).get("force_publish"):
+            raise QualityGateFailed(
+                f"quality gate failed ({failures}); build {manifest.build_id} is stored with its report "
+                f"(llamaship builds show {manifest.build_id}) but not published as {req.model_name}", manifest.build_id)
+        log.warning("publishing build %s although it failed the quality gate (%s): forced by the request",
+                    manifest.build_id, failures)
+        manifest.quality = {**manifest.quality, "forced": True,
+                            "forced_publishes": [*manifest.quality.get("forced_publishes", []),
+                                                 {"model_name": req.model_name, "at": time.time()}]}
+        await asyncio.to_thread(self.store.update_manifest, manifest)
 
     async def _publish_alias(self, req: JobRequest, manifest: Manifest) -> None:
         await catalog.publish_alias(

@@ -2,21 +2,25 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import AsyncIterator
 
 import grpc
 
-from compiler_service.convert import job_to_proto, request_from_proto
+from compiler_service.convert import build_to_proto, job_to_proto, request_from_proto
 from compiler_service.jobs import JobStore
 from compiler_service.pipeline import CompileError, normalize
+from compiler_service.quality import GateInputError
+from shared.store import BuildStore
 from shared.errors import InvalidArgument
 from shared.proto_gen.llamaship.compiler.v1 import compiler_pb2 as pb
 from shared.proto_gen.llamaship.compiler.v1 import compiler_pb2_grpc as pb_grpc
 
 
 class CompilerServicer(pb_grpc.CompilerServicer):
-    def __init__(self, jobs: JobStore):
+    def __init__(self, jobs: JobStore, store: BuildStore):
         self.jobs = jobs
+        self.store = store
 
     async def SubmitCompile(self, request: pb.CompileRequest, context: grpc.aio.ServicerContext) -> pb.CompileJob:
         req = request_from_proto(request)
@@ -24,7 +28,7 @@ class CompilerServicer(pb_grpc.CompilerServicer):
             raise InvalidArgument("checkpoint_path: required")
         try:
             normalize(req)
-        except CompileError as exc:
+        except (CompileError, GateInputError) as exc:
             raise InvalidArgument(str(exc)) from None
         return job_to_proto(await self.jobs.create(req))
 
@@ -51,3 +55,9 @@ class CompilerServicer(pb_grpc.CompilerServicer):
 
     async def GetCompile(self, request: pb.GetCompileRequest, context: grpc.aio.ServicerContext) -> pb.CompileJob:
         return job_to_proto(await self.jobs.get(request.job_id))
+
+    async def GetBuild(self, request: pb.GetBuildRequest, context: grpc.aio.ServicerContext) -> pb.BuildInfo:
+        if not request.build_id:
+            raise InvalidArgument("build_id: required")
+        manifest = await asyncio.to_thread(self.store.manifest, request.build_id)
+        return build_to_proto(manifest)

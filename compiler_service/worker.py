@@ -9,7 +9,7 @@ import time
 
 from compiler_service.builder_runner import BuildCancelled, BuildFailed
 from compiler_service.jobs import CANCELLED, FAILED, RUNNING, SUCCEEDED, JobStore
-from compiler_service.pipeline import CompileError, CompilePipeline
+from compiler_service.pipeline import CompileError, CompilePipeline, QualityGateFailed
 from shared.telemetry import request_id_var
 
 log = logging.getLogger("llamaship.compiler.worker")
@@ -82,6 +82,8 @@ class CompileWorker:
             raise
         except BuildCancelled:
             job.state, job.stage, job.message = CANCELLED, "cancelled", "cancelled while building; nothing published"
+        except QualityGateFailed as exc:
+            job.state, job.stage, job.message, job.build_id = FAILED, "failed", str(exc), exc.build_id
         except (CompileError, BuildFailed) as exc:
             job.state, job.stage, job.message = FAILED, "failed", str(exc)
         except Exception as exc:  # noqa: BLE001 - a job failure must not stop the worker

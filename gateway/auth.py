@@ -25,6 +25,7 @@ METHOD_SCOPES: dict[str, str | None] = {
     _SERVICE + "SubmitCompile": "compile",
     _SERVICE + "WatchCompile": "compile",
     _SERVICE + "CancelCompile": "compile",
+    _SERVICE + "GetBuild": "compile",
     _SERVICE + "ListModels": None,  # any valid key
 }
 

@@ -187,6 +187,9 @@ class GatewayServicer(pb_grpc.GatewayServicer):
         finally:
             call.cancel()
 
+    async def GetBuild(self, request: compiler_pb2.GetBuildRequest, context) -> compiler_pb2.BuildInfo:
+        return await self._call_compiler(self.compiler.GetBuild, request, context)
+
     async def _call_compiler(self, method, request, context):
         try:
             return await method(request, timeout=30)

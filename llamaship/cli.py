@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import signal
 import sys
 import threading
@@ -130,8 +131,8 @@ def cmd_compile(args: argparse.Namespace) -> int:
     from shared.proto_gen.llamaship.compiler.v1 import compiler_pb2
 
     bar = tqdm(total=100, desc="queued", unit="%", bar_format="{desc:<40} {bar} {n:.0f}%")
-    stage_weight = {"validate": (0, 2), "hash": (2, 8), "build": (10, 70), "configure": (80, 2), "verify": (82, 10),
-                    "publish": (92, 8), "done": (100, 0)}
+    stage_weight = {"validate": (0, 2), "hash": (2, 8), "build": (10, 60), "configure": (70, 2), "verify": (72, 8),
+                    "quality": (80, 12), "publish": (92, 8), "done": (100, 0)}
 
     def on_update(job: compiler_pb2.CompileJob) -> None:
         start, span = stage_weight.get(job.stage, (bar.n, 0))
@@ -143,7 +144,8 @@ def cmd_compile(args: argparse.Namespace) -> int:
         with _client(args) as client:
             job = client.compile(str(Path(args.dir).resolve()), args.name, args.recipe, args.pool,
                                  on_update=on_update, wait_served=False,
-                                 max_sequence_length=args.max_seq_len, max_batch=args.max_batch)
+                                 max_sequence_length=args.max_seq_len, max_batch=args.max_batch,
+                                 quality=_quality_gate(args))
             if job.state == compiler_pb2.JOB_STATE_SUCCEEDED:
                 bar.set_description_str("waiting for a replica to serve it")
                 bar.refresh()
@@ -158,6 +160,58 @@ def cmd_compile(args: argparse.Namespace) -> int:
     if job.state != compiler_pb2.JOB_STATE_SUCCEEDED:
         return _fail(f"compile {compiler_pb2.JobState.Name(job.state).removeprefix('JOB_STATE_').lower()}: {job.message}")
     print(f"{args.name} = build {job.build_id} ({args.recipe}{', reused' if job.reused else ''}) is served")
+    return 0
+
+
+def _quality_gate(args: argparse.Namespace):
+    from shared.proto_gen.llamaship.compiler.v1 import compiler_pb2
+
+    gate = compiler_pb2.QualityGate(force_publish=args.force_publish)
+    for name in ("min_top1_agreement", "max_mean_kl", "max_perplexity_increase_pct"):
+        if getattr(args, name) is not None:
+            setattr(gate, name, getattr(args, name))
+    if args.eval_prompts:
+        with open(args.eval_prompts) as f:
+            for n, line in enumerate(f, 1):
+                if line.strip():
+                    try:
+                        gate.eval_prompts.append(json.loads(line)["prompt"])
+                    except (ValueError, KeyError, TypeError):
+                        raise SystemExit(f"llamaship: {args.eval_prompts}:{n}: expected a JSON object with a "
+                                         "\"prompt\" string per line") from None
+    return gate
+
+
+def cmd_builds_show(args: argparse.Namespace) -> int:
+    from shared.proto_gen.llamaship.compiler.v1 import compiler_pb2
+
+    try:
+        with _client(args) as client:
+            info = client.stub.GetBuild(compiler_pb2.GetBuildRequest(build_id=args.build_id), timeout=30)
+    except grpc.RpcError as exc:
+        return _rpc_error(exc)
+    if args.json:
+        print(info.manifest_json)
+        return 0
+    q = info.quality
+    print(f"build {info.build_id}: {info.model_name}, recipe {info.recipe}, pool {info.target_pool}, "
+          f"{info.total_bytes / 1e6:.1f} MB, context {info.context_length}, max batch {info.max_batch}")
+    if q.skipped_reason:
+        print(f"quality gate: not run: {q.skipped_reason}")
+    else:
+        verdict = "passed" if q.passed else "FAILED" + (" (published anyway: forced)" if q.forced else "")
+        print(f"quality gate: {verdict} on {q.prompts} {q.prompt_source} prompts ({q.tokens} positions)")
+        print(f"  top-1 agreement  {q.top1_agreement:.4f}  (min {q.min_top1_agreement:.4f})")
+        print(f"  mean KL          {q.mean_kl:.5f} (max {q.max_mean_kl:.5f})")
+        inc = 100 * (q.perplexity_build / q.perplexity_reference - 1) if q.perplexity_reference else 0.0
+        print(f"  perplexity       {q.perplexity_reference:.3f} -> {q.perplexity_build:.3f} ({inc:+.2f}%, "
+              f"max +{q.max_perplexity_increase_pct:.2f}%)")
+        print(f"  max |Δlogit|     {q.max_abs_logit_diff:.4f}")
+        for f in q.failures:
+            print(f"  failed: {f}")
+    profile = json.loads(info.manifest_json).get("profile") or {}
+    if profile:
+        print(f"profile: {json.dumps(profile.get('summary', profile))[:400]}")
     return 0
 
 
@@ -228,8 +282,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="llamaship", description="Llama checkpoints to production on ONNX Runtime.")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    def client_parser(name: str, help: str) -> argparse.ArgumentParser:
-        p = sub.add_parser(name, help=help, description=help)
+    def client_parser(name: str, help: str, parent=None) -> argparse.ArgumentParser:
+        p = (parent or sub).add_parser(name, help=help, description=help)
         p.add_argument("--gateway", metavar="HOST:PORT", default=None,
                        help=f"gateway address [env LLAMASHIP_GATEWAY; default {DEFAULT_GATEWAY}]")
         p.add_argument("--api-key", default=None, help="API key [env LLAMASHIP_API_KEY]")
@@ -279,6 +333,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-seq-len", type=int, default=0, help="context limit (default 4096, capped by the model)")
     p.add_argument("--max-batch", type=int, default=0, help="max batch (default 32)")
     p.add_argument("--serve-timeout", type=float, default=120.0)
+    g = p.add_argument_group("quality gate (defaults per recipe; see README)")
+    g.add_argument("--min-top1-agreement", dest="min_top1_agreement", type=float, default=None)
+    g.add_argument("--max-mean-kl", dest="max_mean_kl", type=float, default=None)
+    g.add_argument("--max-perplexity-increase-pct", dest="max_perplexity_increase_pct", type=float, default=None)
+    g.add_argument("--eval-prompts", default=None, metavar="JSONL",
+                   help='evaluation prompts, one {"prompt": "..."} per line (default: a built-in set)')
+    g.add_argument("--force-publish", action="store_true", help="publish even if the build fails the gate")
     p.set_defaults(func=cmd_compile)
 
     p = client_parser("generate", "stream a completion")
@@ -296,6 +357,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = client_parser("models", "list model names, their builds and the replicas serving them")
     p.set_defaults(func=cmd_models)
+
+    p = sub.add_parser("builds", help="inspect stored builds")
+    bsub = p.add_subparsers(dest="builds_command", required=True)
+    p = client_parser("show", "a build's manifest and quality report", parent=bsub)
+    p.add_argument("build_id")
+    p.add_argument("--json", action="store_true", help="print the whole manifest as JSON")
+    p.set_defaults(func=cmd_builds_show)
 
     p = sub.add_parser("bench", help="benchmark PyTorch, direct ONNX Runtime GenAI and the whole stack",
                        description="Measure time to first token, inter-token latency, decode and aggregate tokens/s, "

@@ -167,13 +167,16 @@ class GatewayClient:
         out.total_s = time.perf_counter() - t0
         return out
 
+    def build(self, build_id: str) -> compiler_pb2.BuildInfo:
+        return self.stub.GetBuild(compiler_pb2.GetBuildRequest(build_id=build_id), timeout=30)
+
     def models(self) -> list[gateway_pb2.ModelInfo]:
         return list(self.stub.ListModels(gateway_pb2.ListModelsRequest(), timeout=10).models)
 
     def submit_compile(self, checkpoint: str, name: str, recipe: str, pool: str = "cpu", max_sequence_length: int = 0,
-                       max_batch: int = 0) -> compiler_pb2.CompileJob:
+                       max_batch: int = 0, quality: compiler_pb2.QualityGate | None = None) -> compiler_pb2.CompileJob:
         req = compiler_pb2.CompileRequest(checkpoint_path=checkpoint, model_name=name, recipe=recipe, target_pool=pool,
-                                          max_sequence_length=max_sequence_length, max_batch=max_batch)
+                                          max_sequence_length=max_sequence_length, max_batch=max_batch, quality=quality)
         return self.stub.SubmitCompile(req, timeout=30)
 
     def watch_compile(self, job_id: str) -> Iterator[compiler_pb2.CompileJob]:

@@ -63,6 +63,8 @@ class Manifest:
     created_at: float = 0.0
     architecture: str = ""
     parameters: int = 0
+    quality: dict[str, Any] = field(default_factory=dict)  # the quality gate's report
+    profile: dict[str, Any] = field(default_factory=dict)  # ONNX Runtime profile summary
     manifest_version: int = MANIFEST_VERSION
 
     def to_json(self) -> str:
@@ -161,6 +163,17 @@ class BuildStore:
                 raise StoreError(f"build {manifest.build_id}: {entry.path} has the wrong size")
             if full and sha256_file(path) != entry.sha256:
                 raise StoreError(f"build {manifest.build_id}: {entry.path} does not match its sha256")
+
+    def update_manifest(self, manifest: Manifest) -> None:
+        """Rewrite a published build's manifest (records made after publishing, e.g. a forced
+        publish); the files and their hashes do not change."""
+        current = self.manifest(manifest.build_id)
+        if current.files != manifest.files:
+            raise StoreError(f"build {manifest.build_id}: a manifest update may not change the files")
+        path = self.path(manifest.build_id) / MANIFEST
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(manifest.to_json())
+        os.replace(tmp, path)
 
     def discard_staging(self, staging: Path) -> None:
         shutil.rmtree(staging, ignore_errors=True)

@@ -1,7 +1,8 @@
+from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
-from collections.abc import Mapping as _Mapping
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
 from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
@@ -22,20 +23,98 @@ JOB_STATE_FAILED: JobState
 JOB_STATE_CANCELLED: JobState
 
 class CompileRequest(_message.Message):
-    __slots__ = ("checkpoint_path", "model_name", "recipe", "target_pool", "max_sequence_length", "max_batch")
+    __slots__ = ("checkpoint_path", "model_name", "recipe", "target_pool", "max_sequence_length", "max_batch", "quality")
     CHECKPOINT_PATH_FIELD_NUMBER: _ClassVar[int]
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
     RECIPE_FIELD_NUMBER: _ClassVar[int]
     TARGET_POOL_FIELD_NUMBER: _ClassVar[int]
     MAX_SEQUENCE_LENGTH_FIELD_NUMBER: _ClassVar[int]
     MAX_BATCH_FIELD_NUMBER: _ClassVar[int]
+    QUALITY_FIELD_NUMBER: _ClassVar[int]
     checkpoint_path: str
     model_name: str
     recipe: str
     target_pool: str
     max_sequence_length: int
     max_batch: int
-    def __init__(self, checkpoint_path: _Optional[str] = ..., model_name: _Optional[str] = ..., recipe: _Optional[str] = ..., target_pool: _Optional[str] = ..., max_sequence_length: _Optional[int] = ..., max_batch: _Optional[int] = ...) -> None: ...
+    quality: QualityGate
+    def __init__(self, checkpoint_path: _Optional[str] = ..., model_name: _Optional[str] = ..., recipe: _Optional[str] = ..., target_pool: _Optional[str] = ..., max_sequence_length: _Optional[int] = ..., max_batch: _Optional[int] = ..., quality: _Optional[_Union[QualityGate, _Mapping]] = ...) -> None: ...
+
+class QualityGate(_message.Message):
+    __slots__ = ("min_top1_agreement", "max_mean_kl", "max_perplexity_increase_pct", "force_publish", "eval_prompts")
+    MIN_TOP1_AGREEMENT_FIELD_NUMBER: _ClassVar[int]
+    MAX_MEAN_KL_FIELD_NUMBER: _ClassVar[int]
+    MAX_PERPLEXITY_INCREASE_PCT_FIELD_NUMBER: _ClassVar[int]
+    FORCE_PUBLISH_FIELD_NUMBER: _ClassVar[int]
+    EVAL_PROMPTS_FIELD_NUMBER: _ClassVar[int]
+    min_top1_agreement: float
+    max_mean_kl: float
+    max_perplexity_increase_pct: float
+    force_publish: bool
+    eval_prompts: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, min_top1_agreement: _Optional[float] = ..., max_mean_kl: _Optional[float] = ..., max_perplexity_increase_pct: _Optional[float] = ..., force_publish: _Optional[bool] = ..., eval_prompts: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class QualityReport(_message.Message):
+    __slots__ = ("passed", "failures", "top1_agreement", "mean_kl", "max_abs_logit_diff", "perplexity_reference", "perplexity_build", "prompt_source", "prompts", "tokens", "min_top1_agreement", "max_mean_kl", "max_perplexity_increase_pct", "forced", "skipped_reason")
+    PASSED_FIELD_NUMBER: _ClassVar[int]
+    FAILURES_FIELD_NUMBER: _ClassVar[int]
+    TOP1_AGREEMENT_FIELD_NUMBER: _ClassVar[int]
+    MEAN_KL_FIELD_NUMBER: _ClassVar[int]
+    MAX_ABS_LOGIT_DIFF_FIELD_NUMBER: _ClassVar[int]
+    PERPLEXITY_REFERENCE_FIELD_NUMBER: _ClassVar[int]
+    PERPLEXITY_BUILD_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_SOURCE_FIELD_NUMBER: _ClassVar[int]
+    PROMPTS_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    MIN_TOP1_AGREEMENT_FIELD_NUMBER: _ClassVar[int]
+    MAX_MEAN_KL_FIELD_NUMBER: _ClassVar[int]
+    MAX_PERPLEXITY_INCREASE_PCT_FIELD_NUMBER: _ClassVar[int]
+    FORCED_FIELD_NUMBER: _ClassVar[int]
+    SKIPPED_REASON_FIELD_NUMBER: _ClassVar[int]
+    passed: bool
+    failures: _containers.RepeatedScalarFieldContainer[str]
+    top1_agreement: float
+    mean_kl: float
+    max_abs_logit_diff: float
+    perplexity_reference: float
+    perplexity_build: float
+    prompt_source: str
+    prompts: int
+    tokens: int
+    min_top1_agreement: float
+    max_mean_kl: float
+    max_perplexity_increase_pct: float
+    forced: bool
+    skipped_reason: str
+    def __init__(self, passed: _Optional[bool] = ..., failures: _Optional[_Iterable[str]] = ..., top1_agreement: _Optional[float] = ..., mean_kl: _Optional[float] = ..., max_abs_logit_diff: _Optional[float] = ..., perplexity_reference: _Optional[float] = ..., perplexity_build: _Optional[float] = ..., prompt_source: _Optional[str] = ..., prompts: _Optional[int] = ..., tokens: _Optional[int] = ..., min_top1_agreement: _Optional[float] = ..., max_mean_kl: _Optional[float] = ..., max_perplexity_increase_pct: _Optional[float] = ..., forced: _Optional[bool] = ..., skipped_reason: _Optional[str] = ...) -> None: ...
+
+class GetBuildRequest(_message.Message):
+    __slots__ = ("build_id",)
+    BUILD_ID_FIELD_NUMBER: _ClassVar[int]
+    build_id: str
+    def __init__(self, build_id: _Optional[str] = ...) -> None: ...
+
+class BuildInfo(_message.Message):
+    __slots__ = ("build_id", "model_name", "recipe", "target_pool", "total_bytes", "context_length", "max_batch", "quality", "manifest_json")
+    BUILD_ID_FIELD_NUMBER: _ClassVar[int]
+    MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
+    RECIPE_FIELD_NUMBER: _ClassVar[int]
+    TARGET_POOL_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_BYTES_FIELD_NUMBER: _ClassVar[int]
+    CONTEXT_LENGTH_FIELD_NUMBER: _ClassVar[int]
+    MAX_BATCH_FIELD_NUMBER: _ClassVar[int]
+    QUALITY_FIELD_NUMBER: _ClassVar[int]
+    MANIFEST_JSON_FIELD_NUMBER: _ClassVar[int]
+    build_id: str
+    model_name: str
+    recipe: str
+    target_pool: str
+    total_bytes: int
+    context_length: int
+    max_batch: int
+    quality: QualityReport
+    manifest_json: str
+    def __init__(self, build_id: _Optional[str] = ..., model_name: _Optional[str] = ..., recipe: _Optional[str] = ..., target_pool: _Optional[str] = ..., total_bytes: _Optional[int] = ..., context_length: _Optional[int] = ..., max_batch: _Optional[int] = ..., quality: _Optional[_Union[QualityReport, _Mapping]] = ..., manifest_json: _Optional[str] = ...) -> None: ...
 
 class CompileJob(_message.Message):
     __slots__ = ("job_id", "state", "request", "build_id", "stage", "progress", "message", "reused", "created_at", "updated_at", "attempts")

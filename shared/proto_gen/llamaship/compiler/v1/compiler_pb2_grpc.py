@@ -55,6 +55,11 @@ class CompilerStub:
                 request_serializer=llamaship_dot_compiler_dot_v1_dot_compiler__pb2.GetCompileRequest.SerializeToString,
                 response_deserializer=llamaship_dot_compiler_dot_v1_dot_compiler__pb2.CompileJob.FromString,
                 _registered_method=True)
+        self.GetBuild = channel.unary_unary(
+                '/llamaship.compiler.v1.Compiler/GetBuild',
+                request_serializer=llamaship_dot_compiler_dot_v1_dot_compiler__pb2.GetBuildRequest.SerializeToString,
+                response_deserializer=llamaship_dot_compiler_dot_v1_dot_compiler__pb2.BuildInfo.FromString,
+                _registered_method=True)
 
 
 class CompilerServicer:
@@ -89,6 +94,13 @@ class CompilerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetBuild(self, request, context):
+        """A stored build: its manifest and quality report (also for builds the gate kept unpublished).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CompilerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -111,6 +123,11 @@ def add_CompilerServicer_to_server(servicer, server):
                     servicer.GetCompile,
                     request_deserializer=llamaship_dot_compiler_dot_v1_dot_compiler__pb2.GetCompileRequest.FromString,
                     response_serializer=llamaship_dot_compiler_dot_v1_dot_compiler__pb2.CompileJob.SerializeToString,
+            ),
+            'GetBuild': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetBuild,
+                    request_deserializer=llamaship_dot_compiler_dot_v1_dot_compiler__pb2.GetBuildRequest.FromString,
+                    response_serializer=llamaship_dot_compiler_dot_v1_dot_compiler__pb2.BuildInfo.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -222,6 +239,33 @@ class Compiler:
             '/llamaship.compiler.v1.Compiler/GetCompile',
             llamaship_dot_compiler_dot_v1_dot_compiler__pb2.GetCompileRequest.SerializeToString,
             llamaship_dot_compiler_dot_v1_dot_compiler__pb2.CompileJob.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetBuild(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/llamaship.compiler.v1.Compiler/GetBuild',
+            llamaship_dot_compiler_dot_v1_dot_compiler__pb2.GetBuildRequest.SerializeToString,
+            llamaship_dot_compiler_dot_v1_dot_compiler__pb2.BuildInfo.FromString,
             options,
             channel_credentials,
             insecure,

@@ -67,6 +67,11 @@ class GatewayStub:
                 request_serializer=llamaship_dot_gateway_dot_v1_dot_gateway__pb2.ListModelsRequest.SerializeToString,
                 response_deserializer=llamaship_dot_gateway_dot_v1_dot_gateway__pb2.ListModelsResponse.FromString,
                 _registered_method=True)
+        self.GetBuild = channel.unary_unary(
+                '/llamaship.gateway.v1.Gateway/GetBuild',
+                request_serializer=llamaship_dot_compiler_dot_v1_dot_compiler__pb2.GetBuildRequest.SerializeToString,
+                response_deserializer=llamaship_dot_compiler_dot_v1_dot_compiler__pb2.BuildInfo.FromString,
+                _registered_method=True)
 
 
 class GatewayServicer:
@@ -112,6 +117,12 @@ class GatewayServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetBuild(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_GatewayServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -144,6 +155,11 @@ def add_GatewayServicer_to_server(servicer, server):
                     servicer.ListModels,
                     request_deserializer=llamaship_dot_gateway_dot_v1_dot_gateway__pb2.ListModelsRequest.FromString,
                     response_serializer=llamaship_dot_gateway_dot_v1_dot_gateway__pb2.ListModelsResponse.SerializeToString,
+            ),
+            'GetBuild': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetBuild,
+                    request_deserializer=llamaship_dot_compiler_dot_v1_dot_compiler__pb2.GetBuildRequest.FromString,
+                    response_serializer=llamaship_dot_compiler_dot_v1_dot_compiler__pb2.BuildInfo.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -310,6 +326,33 @@ class Gateway:
             '/llamaship.gateway.v1.Gateway/ListModels',
             llamaship_dot_gateway_dot_v1_dot_gateway__pb2.ListModelsRequest.SerializeToString,
             llamaship_dot_gateway_dot_v1_dot_gateway__pb2.ListModelsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetBuild(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/llamaship.gateway.v1.Gateway/GetBuild',
+            llamaship_dot_compiler_dot_v1_dot_compiler__pb2.GetBuildRequest.SerializeToString,
+            llamaship_dot_compiler_dot_v1_dot_compiler__pb2.BuildInfo.FromString,
             options,
             channel_credentials,
             insecure,
