@@ -102,14 +102,49 @@ def inspect(path: str | Path) -> Checkpoint:
     if missing:
         raise CheckpointError(f"{p} has no {', '.join(missing)} (the serving replicas tokenize with it)")
     params = 0
+    shapes: dict[str, list[int]] = {}
     for w in weights:
         for name, info in _safetensors_header(w).items():
             if name != "__metadata__":
+                shapes[name] = [int(d) for d in info.get("shape", [])]
                 n = 1
-                for d in info.get("shape", []):
-                    n *= int(d)
+                for d in shapes[name]:
+                    n *= d
                 params += n
+    check_config_matches_weights(config, shapes)
     return Checkpoint(p.resolve(), arch, config, weights, params)
+
+
+def check_config_matches_weights(config: dict, shapes: dict[str, list[int]]) -> None:
+    """config.json must describe the tensors the weights hold (a mismatch would make the builder
+    fail late or, worse, build a wrong graph)."""
+    try:
+        hidden = int(config["hidden_size"])
+        layers = int(config["num_hidden_layers"])
+        heads = int(config["num_attention_heads"])
+        kv_heads = int(config.get("num_key_value_heads") or heads)
+        head_dim = int(config.get("head_dim") or hidden // heads)
+        vocab = int(config["vocab_size"])
+        inter = int(config["intermediate_size"])
+    except (KeyError, TypeError, ValueError, ZeroDivisionError) as exc:
+        raise CheckpointError(f"config.json lacks or mangles a Llama field ({exc})") from None
+    prefix = "model." if any(k.startswith("model.") for k in shapes) else ""
+    expected = {
+        f"{prefix}embed_tokens.weight": [vocab, hidden],
+        f"{prefix}layers.0.self_attn.q_proj.weight": [heads * head_dim, hidden],
+        f"{prefix}layers.0.self_attn.k_proj.weight": [kv_heads * head_dim, hidden],
+        f"{prefix}layers.0.mlp.gate_proj.weight": [inter, hidden],
+    }
+    for name, want in expected.items():
+        got = shapes.get(name)
+        if got is None:
+            raise CheckpointError(f"the weights have no {name}: not a Llama checkpoint, or a config for another model")
+        if got != want:
+            raise CheckpointError(f"config.json and the weights disagree: {name} is {got}, the config implies {want}")
+    found = {int(k.split(".")[len(prefix.split(".")) ]) for k in shapes if k.startswith(f"{prefix}layers.")}
+    if found != set(range(layers)):
+        raise CheckpointError(f"config.json and the weights disagree: num_hidden_layers is {layers}, "
+                              f"the weights hold {len(found)} layers")
 
 
 def content_hash(path: Path, progress: Callable[[float], None] | None = None) -> str:

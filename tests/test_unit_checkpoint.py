@@ -36,3 +36,18 @@ def test_missing_tokenizer_and_unknown_architecture(scratch_checkpoint):
     (scratch_checkpoint / "tokenizer.json").unlink()
     with pytest.raises(ckpt.CheckpointError, match="tokenizer.json"):
         ckpt.inspect(scratch_checkpoint)
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("hidden_size", 128, "embed_tokens.weight is \\[2048, 256\\], the config implies \\[2048, 128\\]"),
+    ("num_key_value_heads", 4, "k_proj.weight is \\[64, 256\\], the config implies \\[128, 256\\]"),
+    ("intermediate_size", 999, "gate_proj.weight"),
+    ("num_hidden_layers", 6, "num_hidden_layers is 6, the weights hold 4 layers"),
+    ("vocab_size", 32000, "embed_tokens.weight"),
+])
+def test_config_and_weights_that_disagree(scratch_checkpoint, field, value, message):
+    cfg = json.loads((scratch_checkpoint / "config.json").read_text())
+    cfg[field] = value
+    (scratch_checkpoint / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ckpt.CheckpointError, match=message):
+        ckpt.inspect(scratch_checkpoint)

@@ -1,0 +1,96 @@
+"""The quality gate on real builds of the demo model: each recipe's report is measured and meets
+its thresholds; a gate no build can pass keeps the build out of the alias (unless forced); bad
+gate settings are refused up front."""
+
+from __future__ import annotations
+
+import json
+
+import grpc
+import pytest
+
+from compiler_service.quality import DEFAULT_THRESHOLDS
+from shared.proto_gen.llamaship.compiler.v1 import compiler_pb2
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.mark.parametrize("recipe", ["fp32", "int8", "hybrid-int8", "int4"])
+def test_each_recipe_passes_its_gate_with_measured_numbers(client, demo_model, fp32_build, recipe):
+    job = client.compile(str(demo_model), f"q-{recipe}", recipe)
+    assert job.state == compiler_pb2.JOB_STATE_SUCCEEDED, job.message
+    q = client.build(job.build_id).quality
+    t = DEFAULT_THRESHOLDS[recipe]
+    assert q.passed and not q.failures and not q.skipped_reason
+    assert q.prompt_source == "default" and q.prompts >= 10 and q.tokens > 200
+    assert q.top1_agreement >= t.min_top1_agreement and q.mean_kl <= t.max_mean_kl
+    assert q.perplexity_build <= q.perplexity_reference * (1 + t.max_perplexity_increase_pct / 100)
+    assert q.min_top1_agreement == pytest.approx(t.min_top1_agreement)
+    if recipe == "fp32":  # the same math as PyTorch, to float rounding
+        assert q.top1_agreement == 1.0 and q.max_abs_logit_diff < 1e-3
+    else:  # quantization moves the logits, measurably
+        assert 0 < q.mean_kl and q.max_abs_logit_diff > 1e-3
+
+
+def test_a_failed_gate_keeps_the_build_out_until_forced(client, demo_model, fp32_build):
+    assert client.compile(str(demo_model), "gated", "fp32").build_id == fp32_build
+    impossible = compiler_pb2.QualityGate(min_top1_agreement=1.0, max_mean_kl=0.0,
+                                          eval_prompts=["def f(x):\n    return x * 2\n", "import sys\nprint(sys.argv)"])
+    job = client.compile(str(demo_model), "gated", "int4", quality=impossible)
+    assert job.state == compiler_pb2.JOB_STATE_FAILED and "quality gate failed" in job.message
+    assert job.build_id and job.build_id != fp32_build  # stored, with its report
+    info = client.build(job.build_id)
+    assert not info.quality.passed and info.quality.failures and info.quality.prompt_source == "request"
+    assert info.quality.prompts == 2
+    served = {m.name: m.build_id for m in client.models()}
+    assert served["gated"] == fp32_build  # the alias did not move
+
+    impossible.force_publish = True
+    forced = client.compile(str(demo_model), "gated", "int4", quality=impossible)
+    assert forced.state == compiler_pb2.JOB_STATE_SUCCEEDED and forced.build_id == job.build_id
+    assert {m.name: m.build_id for m in client.models()}["gated"] == job.build_id
+    manifest = json.loads(client.build(job.build_id).manifest_json)
+    assert manifest["quality"]["forced"] and manifest["quality"]["forced_publishes"][0]["model_name"] == "gated"
+
+
+@pytest.mark.parametrize("gate, field", [
+    (compiler_pb2.QualityGate(min_top1_agreement=1.5), "min_top1_agreement"),
+    (compiler_pb2.QualityGate(max_mean_kl=-0.1), "max_mean_kl"),
+    (compiler_pb2.QualityGate(max_perplexity_increase_pct=float("nan")), "max_perplexity_increase_pct"),
+    (compiler_pb2.QualityGate(eval_prompts=["ok", "  "]), "eval_prompts[1]"),
+])
+def test_bad_gate_settings_are_invalid_argument(client, demo_model, gate, field):
+    with pytest.raises(grpc.RpcError) as info:
+        client.submit_compile(str(demo_model), "bad-gate", "int8", quality=gate)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and field in info.value.details()
+
+
+def test_get_build_of_an_unknown_build_is_not_found(client):
+    with pytest.raises(grpc.RpcError) as info:
+        client.build("0" * 20)
+    assert info.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_dynamic_shape_check_rejects_a_static_graph(stack, fp32_build, tmp_path):
+    import onnx
+
+    from compiler_service import recipes
+    from compiler_service.pipeline import CompileError, inspect_graph
+
+    model = onnx.load(str(stack.cfg.store / "builds" / fp32_build / "model.onnx"), load_external_data=False)
+    assert inspect_graph_ok(inspect_graph, model, tmp_path, recipes)
+    input_ids = next(i for i in model.graph.input if i.name == "input_ids")
+    for dim, value in zip(input_ids.type.tensor_type.shape.dim, (1, 128)):
+        dim.ClearField("dim_param")
+        dim.dim_value = value  # what a static export (batch 1, padded to 128) looks like
+    onnx.save(model, str(tmp_path / "model.onnx"))
+    with pytest.raises(CompileError, match="static input_ids dims"):
+        inspect_graph(tmp_path, recipes.get("fp32", "cpu"))
+
+
+def inspect_graph_ok(inspect_graph, model, tmp_path, recipes) -> bool:
+    import onnx
+
+    onnx.save(model, str(tmp_path / "model.onnx"))
+    summary = inspect_graph(tmp_path, recipes.get("fp32", "cpu"))
+    return all(isinstance(d, str) for d in summary["inputs"])
