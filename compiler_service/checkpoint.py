@@ -71,8 +71,9 @@ def _safetensors_header(path: Path) -> dict:
     return header
 
 
-def inspect(path: str | Path) -> Checkpoint:
-    """Check that `path` is a Hugging Face Llama checkpoint the builder can take."""
+def inspect(path: str | Path, allow_pickle: bool = False) -> Checkpoint:
+    """Check that `path` is a Hugging Face Llama checkpoint the builder can take. Pickle weights
+    (.bin/.pt) count only with `allow_pickle`: unpickling can run code from the file."""
     p = Path(path)
     if not p.exists():
         raise CheckpointError(f"checkpoint path {p} does not exist (it must be visible to the compiler)")
@@ -94,13 +95,17 @@ def inspect(path: str | Path) -> Checkpoint:
             f"architecture {arch or '(none in config.json)'} is not supported; supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
         )
     weights = tuple(sorted(p.glob("*.safetensors")))
-    if not weights:
-        if list(p.glob("*.bin")) or list(p.glob("*.pt")):
-            raise CheckpointError(f"{p} has only pickle weights (.bin/.pt); Llamaship accepts safetensors only")
+    pickles = tuple(sorted([*p.glob("*.bin"), *p.glob("*.pt")]))
+    if not weights and not (pickles and allow_pickle):
+        if pickles:
+            raise CheckpointError(f"{p} has only pickle weights (.bin/.pt); Llamaship accepts safetensors unless the "
+                                  "request sets allow_pickle (loading pickles can run code from the file)")
         raise CheckpointError(f"{p} has no *.safetensors weights")
     missing = [f for f in TOKENIZER_FILES if not (p / f).is_file()]
     if missing:
         raise CheckpointError(f"{p} has no {', '.join(missing)} (the serving replicas tokenize with it)")
+    if not weights:  # pickles, allowed: their shapes cannot be read without unpickling
+        return Checkpoint(p.resolve(), arch, config, pickles, 0)
     params = 0
     shapes: dict[str, list[int]] = {}
     for w in weights:

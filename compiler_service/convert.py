@@ -65,6 +65,18 @@ def request_from_proto(m: pb.CompileRequest) -> JobRequest:
         max_sequence_length=m.max_sequence_length,
         max_batch=m.max_batch,
         quality=quality_from_proto(m.quality),
+        hub_id=m.hub_id,
+        upload_id=m.upload_id,
+        allow_pickle=m.allow_pickle,
+    )
+
+
+def upload_to_proto(state) -> pb.Upload:
+    return pb.Upload(
+        upload_id=state.upload_id, complete=state.complete, total_bytes=state.total_bytes,
+        received_bytes=state.received_bytes,
+        files=[pb.UploadFile(path=f.path, size=f.size, sha256=f.sha256, received=f.received, verified=f.verified)
+               for f in state.files],
     )
 
 
@@ -76,7 +88,8 @@ def job_to_proto(job: Job) -> pb.CompileJob:
         request=pb.CompileRequest(
             checkpoint_path=r.checkpoint_path, model_name=r.model_name, recipe=r.recipe,
             target_pool=r.target_pool, max_sequence_length=r.max_sequence_length, max_batch=r.max_batch,
-            quality=quality_to_proto(r.quality or {}),
+            quality=quality_to_proto(r.quality or {}), hub_id=r.hub_id, upload_id=r.upload_id,
+            allow_pickle=r.allow_pickle,
         ),
         build_id=job.build_id,
         stage=job.stage,

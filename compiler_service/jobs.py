@@ -36,6 +36,9 @@ class JobRequest:
     max_batch: int = 32
     # the quality gate: threshold overrides, force_publish, eval_prompts (see compiler_service.quality)
     quality: dict = field(default_factory=dict)
+    hub_id: str = ""
+    upload_id: str = ""
+    allow_pickle: bool = False
 
 
 @dataclass

@@ -18,10 +18,12 @@ from pathlib import Path
 from typing import Awaitable, Callable
 
 from shared import catalog
+from shared.errors import LlamashipError
 from shared.service import package_versions
 from shared.store import BuildStore, Manifest
 from compiler_service import checkpoint as ckpt
-from compiler_service import quality, recipes
+from compiler_service import quality, recipes, sources
+from compiler_service.uploads import UploadStore
 from compiler_service.builder_runner import BuildCancelled, run_builder
 from compiler_service.jobs import JobRequest
 
@@ -81,10 +83,11 @@ def normalize(req: JobRequest) -> JobRequest:
     if req.max_sequence_length < 16 or req.max_batch < 1:
         raise CompileError("max_sequence_length must be >= 16 and max_batch >= 1")
     try:
+        sources.check_one_source(req)
         recipes.get(req.recipe, req.target_pool)
         quality.thresholds_for(req.recipe, req.quality or {})
         quality.eval_prompts((req.quality or {}).get("eval_prompts", []))
-    except (recipes.RecipeError, quality.GateInputError) as exc:
+    except (recipes.RecipeError, quality.GateInputError, sources.SourceError) as exc:
         raise CompileError(str(exc)) from None
     return req
 
@@ -140,6 +143,8 @@ class CompilePipeline:
         self.store = store
         self.r = redis
         self.work_dir = work_dir
+        self.uploads = UploadStore(store.root)
+        self.hub_cache = store.root / ".hub"
 
     async def run(
         self,
@@ -151,11 +156,20 @@ class CompilePipeline:
         req = normalize(req)
         recipe = recipes.get(req.recipe, req.target_pool)
 
-        await progress("validate", 0.0, f"checking checkpoint {req.checkpoint_path}")
+        where = req.checkpoint_path or (f"hub {req.hub_id}" if req.hub_id else f"upload {req.upload_id}")
+        await progress("validate", 0.0, f"checking checkpoint {where}")
         try:
-            source = await asyncio.to_thread(ckpt.inspect, req.checkpoint_path)
-        except ckpt.CheckpointError as exc:
+            path = await asyncio.to_thread(sources.resolve, req, self.uploads, self.hub_cache)
+            source = await asyncio.to_thread(ckpt.inspect, path, req.allow_pickle)
+            if req.upload_id and not (req.quality or {}).get("eval_prompts"):
+                prompts = await asyncio.to_thread(sources.upload_prompts, path)
+                if prompts:
+                    req.quality = {**(req.quality or {}), "eval_prompts": prompts}
+                    quality.eval_prompts(prompts)
+        except (ckpt.CheckpointError, sources.SourceError, quality.GateInputError) as exc:
             raise CompileError(str(exc)) from None
+        except LlamashipError as exc:  # an incomplete or unknown upload
+            raise CompileError(exc.message) from None
         context_length = min(req.max_sequence_length, source.max_position_embeddings or req.max_sequence_length)
 
         await progress("hash", 0.0, "hashing checkpoint")

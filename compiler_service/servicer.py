@@ -7,7 +7,8 @@ from typing import AsyncIterator
 
 import grpc
 
-from compiler_service.convert import build_to_proto, job_to_proto, request_from_proto
+from compiler_service.convert import build_to_proto, job_to_proto, request_from_proto, upload_to_proto
+from compiler_service.uploads import UploadStore
 from compiler_service.jobs import JobStore
 from compiler_service.pipeline import CompileError, normalize
 from compiler_service.quality import GateInputError
@@ -21,15 +22,16 @@ class CompilerServicer(pb_grpc.CompilerServicer):
     def __init__(self, jobs: JobStore, store: BuildStore):
         self.jobs = jobs
         self.store = store
+        self.uploads = UploadStore(store.root)
 
     async def SubmitCompile(self, request: pb.CompileRequest, context: grpc.aio.ServicerContext) -> pb.CompileJob:
         req = request_from_proto(request)
-        if not req.checkpoint_path:
-            raise InvalidArgument("checkpoint_path: required")
         try:
             normalize(req)
         except (CompileError, GateInputError) as exc:
             raise InvalidArgument(str(exc)) from None
+        if req.upload_id:  # unknown (NOT_FOUND) or incomplete (INVALID_ARGUMENT): say so now
+            await asyncio.to_thread(self.uploads.checkpoint_dir, req.upload_id)
         return job_to_proto(await self.jobs.create(req))
 
     async def WatchCompile(self, request: pb.WatchCompileRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[pb.CompileEvent]:
@@ -61,3 +63,18 @@ class CompilerServicer(pb_grpc.CompilerServicer):
             raise InvalidArgument("build_id: required")
         manifest = await asyncio.to_thread(self.store.manifest, request.build_id)
         return build_to_proto(manifest)
+
+    async def CreateUpload(self, request: pb.CreateUploadRequest, context: grpc.aio.ServicerContext) -> pb.Upload:
+        files = [(f.path, f.size, f.sha256) for f in request.files]
+        return upload_to_proto(await asyncio.to_thread(self.uploads.create, files))
+
+    async def UploadFiles(self, request_iterator, context: grpc.aio.ServicerContext) -> pb.Upload:
+        state = None
+        async for chunk in request_iterator:
+            state = await asyncio.to_thread(self.uploads.append, chunk.upload_id, chunk.path, chunk.offset, chunk.data)
+        if state is None:
+            raise InvalidArgument("UploadFiles: send at least one chunk")
+        return upload_to_proto(state)
+
+    async def GetUpload(self, request: pb.GetUploadRequest, context: grpc.aio.ServicerContext) -> pb.Upload:
+        return upload_to_proto(await asyncio.to_thread(self.uploads.get, request.upload_id))

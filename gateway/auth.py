@@ -26,11 +26,15 @@ METHOD_SCOPES: dict[str, str | None] = {
     _SERVICE + "WatchCompile": "compile",
     _SERVICE + "CancelCompile": "compile",
     _SERVICE + "GetBuild": "compile",
+    _SERVICE + "CreateUpload": "compile",
+    _SERVICE + "UploadFiles": "compile",
+    _SERVICE + "GetUpload": "compile",
     _SERVICE + "ListModels": None,  # any valid key
 }
 
 
 STREAMING_METHODS = frozenset({_SERVICE + "Generate", _SERVICE + "WatchCompile"})
+CLIENT_STREAMING_METHODS = frozenset({_SERVICE + "UploadFiles"})
 
 
 class KeysFileError(ValueError):
@@ -146,4 +150,6 @@ def _deny(code: grpc.StatusCode, message: str, method: str) -> grpc.RpcMethodHan
 
     if method in STREAMING_METHODS:
         return grpc.unary_stream_rpc_method_handler(stream)
+    if method in CLIENT_STREAMING_METHODS:
+        return grpc.stream_unary_rpc_method_handler(unary)
     return grpc.unary_unary_rpc_method_handler(unary)

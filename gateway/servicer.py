@@ -190,6 +190,21 @@ class GatewayServicer(pb_grpc.GatewayServicer):
     async def GetBuild(self, request: compiler_pb2.GetBuildRequest, context) -> compiler_pb2.BuildInfo:
         return await self._call_compiler(self.compiler.GetBuild, request, context)
 
+    async def CreateUpload(self, request: compiler_pb2.CreateUploadRequest, context) -> compiler_pb2.Upload:
+        return await self._call_compiler(self.compiler.CreateUpload, request, context)
+
+    async def GetUpload(self, request: compiler_pb2.GetUploadRequest, context) -> compiler_pb2.Upload:
+        return await self._call_compiler(self.compiler.GetUpload, request, context)
+
+    async def UploadFiles(self, request_iterator, context) -> compiler_pb2.Upload:
+        """Relays the chunks to the compiler as they arrive (a client-streaming call)."""
+        try:
+            return await self.compiler.UploadFiles(request_iterator, timeout=3600)
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() == grpc.StatusCode.UNAVAILABLE:
+                raise Unavailable("the compiler service is unreachable; resume the upload later (GetUpload)") from None
+            await context.abort(exc.code(), exc.details() or "compiler error")
+
     async def _call_compiler(self, method, request, context):
         try:
             return await method(request, timeout=30)

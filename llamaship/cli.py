@@ -140,12 +140,28 @@ def cmd_compile(args: argparse.Namespace) -> int:
         bar.set_description_str(f"{job.stage}: {job.message}"[:40])
         bar.refresh()
 
+    if bool(args.dir) == bool(args.hub):
+        return _fail("give a checkpoint directory or --hub ORG/NAME (one of them)")
+    if args.upload and not args.dir:
+        return _fail("--upload needs the local checkpoint directory")
     try:
         with _client(args) as client:
-            job = client.compile(str(Path(args.dir).resolve()), args.name, args.recipe, args.pool,
+            source: dict = {"hub_id": args.hub} if args.hub else {}
+            checkpoint = "" if args.hub else str(Path(args.dir).resolve())
+            if args.upload:
+                up = tqdm(desc="upload", unit="B", unit_scale=True)
+
+                def shown(done: int, total: int) -> None:
+                    up.total, up.n = total, done
+                    up.refresh()
+
+                state = client.upload(checkpoint, on_progress=shown)
+                up.close()
+                source, checkpoint = {"upload_id": state.upload_id}, ""
+            job = client.compile(checkpoint, args.name, args.recipe, args.pool,
                                  on_update=on_update, wait_served=False,
                                  max_sequence_length=args.max_seq_len, max_batch=args.max_batch,
-                                 quality=_quality_gate(args))
+                                 quality=_quality_gate(args), allow_pickle=args.allow_pickle, **source)
             if job.state == compiler_pb2.JOB_STATE_SUCCEEDED:
                 bar.set_description_str("waiting for a replica to serve it")
                 bar.refresh()
@@ -326,7 +342,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_make_model)
 
     p = client_parser("compile", "compile a checkpoint, publish it, and wait until it is served")
-    p.add_argument("dir", help="checkpoint directory visible to the compiler")
+    p.add_argument("dir", nargs="?", default=None,
+                   help="checkpoint directory visible to the compiler (with --upload: a local directory to upload)")
+    p.add_argument("--hub", default=None, metavar="ORG/NAME[@REV]", help="fetch the checkpoint from the Hugging Face hub")
+    p.add_argument("--upload", action="store_true",
+                   help="upload DIR through the gateway into the shared store first (resumable), then compile it")
+    p.add_argument("--allow-pickle", action="store_true", help="accept .bin/.pt weights where there are no safetensors")
     p.add_argument("--name", required=True, help="model name to publish under")
     p.add_argument("--recipe", default="fp32", choices=RECIPES)
     p.add_argument("--pool", default="cpu", help="target hardware pool (cpu, cuda)")

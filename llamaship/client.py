@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import time
 import uuid
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, Iterator
 
 import grpc
@@ -15,6 +17,14 @@ from shared.proto_gen.llamaship.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 
 DEFAULT_GATEWAY = "127.0.0.1:50051"
 TERMINAL = (compiler_pb2.JOB_STATE_SUCCEEDED, compiler_pb2.JOB_STATE_FAILED, compiler_pb2.JOB_STATE_CANCELLED)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            h.update(block)
+    return h.hexdigest()
 
 
 def gateway_address(explicit: str | None = None) -> str:
@@ -167,6 +177,50 @@ class GatewayClient:
         out.total_s = time.perf_counter() - t0
         return out
 
+    def upload(self, directory: str, upload_id: str = "", chunk_bytes: int = 1 << 20,
+               on_progress: Callable[[int, int], None] | None = None, max_attempts: int = 5) -> compiler_pb2.Upload:
+        # on_progress(bytes sent or already there, total bytes)
+        """Upload a checkpoint directory (its regular files) into the shared store. Resumable: with
+        the `upload_id` of an interrupted upload, only what is missing is sent; a dropped
+        connection is resumed here up to `max_attempts` times."""
+        root = Path(directory)
+        files = sorted(p for p in root.rglob("*") if p.is_file() and not any(x.startswith(".") for x in p.relative_to(root).parts))
+        if upload_id:
+            state = self.stub.GetUpload(compiler_pb2.GetUploadRequest(upload_id=upload_id), timeout=30)
+        else:
+            declared = [compiler_pb2.UploadFile(path=str(p.relative_to(root)), size=p.stat().st_size, sha256=_sha256(p))
+                        for p in files]
+            state = self.stub.CreateUpload(compiler_pb2.CreateUploadRequest(files=declared), timeout=60)
+        attempts = 0
+        while not state.complete:
+            def chunks(state=state):
+                sent = state.received_bytes
+                for f in state.files:
+                    if f.verified:
+                        continue
+                    with open(root / f.path, "rb") as src:
+                        src.seek(f.received)
+                        offset = f.received
+                        while offset < f.size:
+                            data = src.read(chunk_bytes)
+                            yield compiler_pb2.UploadChunk(upload_id=state.upload_id, path=f.path, offset=offset,
+                                                           data=data)
+                            offset += len(data)
+                            sent += len(data)
+                            if on_progress:
+                                on_progress(sent, state.total_bytes)
+            try:
+                state = self.stub.UploadFiles(chunks())
+            except grpc.RpcError as exc:
+                attempts += 1
+                if exc.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INTERNAL,
+                                      grpc.StatusCode.INVALID_ARGUMENT) or attempts >= max_attempts:
+                    raise
+                # resume from what arrived (a hash mismatch discarded that file: it is sent again)
+                time.sleep(min(2.0, 0.2 * attempts))
+                state = self.stub.GetUpload(compiler_pb2.GetUploadRequest(upload_id=state.upload_id), timeout=30)
+        return state
+
     def build(self, build_id: str) -> compiler_pb2.BuildInfo:
         return self.stub.GetBuild(compiler_pb2.GetBuildRequest(build_id=build_id), timeout=30)
 
@@ -174,9 +228,11 @@ class GatewayClient:
         return list(self.stub.ListModels(gateway_pb2.ListModelsRequest(), timeout=10).models)
 
     def submit_compile(self, checkpoint: str, name: str, recipe: str, pool: str = "cpu", max_sequence_length: int = 0,
-                       max_batch: int = 0, quality: compiler_pb2.QualityGate | None = None) -> compiler_pb2.CompileJob:
+                       max_batch: int = 0, quality: compiler_pb2.QualityGate | None = None, hub_id: str = "",
+                       upload_id: str = "", allow_pickle: bool = False) -> compiler_pb2.CompileJob:
         req = compiler_pb2.CompileRequest(checkpoint_path=checkpoint, model_name=name, recipe=recipe, target_pool=pool,
-                                          max_sequence_length=max_sequence_length, max_batch=max_batch, quality=quality)
+                                          max_sequence_length=max_sequence_length, max_batch=max_batch, quality=quality,
+                                          hub_id=hub_id, upload_id=upload_id, allow_pickle=allow_pickle)
         return self.stub.SubmitCompile(req, timeout=30)
 
     def watch_compile(self, job_id: str) -> Iterator[compiler_pb2.CompileJob]:

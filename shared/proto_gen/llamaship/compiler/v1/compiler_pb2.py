@@ -24,35 +24,45 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n$llamaship/compiler/v1/compiler.proto\x12\x15llamaship.compiler.v1\"\xc7\x01\n\x0e\x43ompileRequest\x12\x17\n\x0f\x63heckpoint_path\x18\x01 \x01(\t\x12\x12\n\nmodel_name\x18\x02 \x01(\t\x12\x0e\n\x06recipe\x18\x03 \x01(\t\x12\x13\n\x0btarget_pool\x18\x04 \x01(\t\x12\x1b\n\x13max_sequence_length\x18\x05 \x01(\x05\x12\x11\n\tmax_batch\x18\x06 \x01(\x05\x12\x33\n\x07quality\x18\x07 \x01(\x0b\x32\".llamaship.compiler.v1.QualityGate\"\xe6\x01\n\x0bQualityGate\x12\x1f\n\x12min_top1_agreement\x18\x01 \x01(\x02H\x00\x88\x01\x01\x12\x18\n\x0bmax_mean_kl\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12(\n\x1bmax_perplexity_increase_pct\x18\x03 \x01(\x02H\x02\x88\x01\x01\x12\x15\n\rforce_publish\x18\x04 \x01(\x08\x12\x14\n\x0c\x65val_prompts\x18\x05 \x03(\tB\x15\n\x13_min_top1_agreementB\x0e\n\x0c_max_mean_klB\x1e\n\x1c_max_perplexity_increase_pct\"\xe4\x02\n\rQualityReport\x12\x0e\n\x06passed\x18\x01 \x01(\x08\x12\x10\n\x08\x66\x61ilures\x18\x02 \x03(\t\x12\x16\n\x0etop1_agreement\x18\x03 \x01(\x01\x12\x0f\n\x07mean_kl\x18\x04 \x01(\x01\x12\x1a\n\x12max_abs_logit_diff\x18\x05 \x01(\x01\x12\x1c\n\x14perplexity_reference\x18\x06 \x01(\x01\x12\x18\n\x10perplexity_build\x18\x07 \x01(\x01\x12\x15\n\rprompt_source\x18\x08 \x01(\t\x12\x0f\n\x07prompts\x18\t \x01(\x05\x12\x0e\n\x06tokens\x18\n \x01(\x05\x12\x1a\n\x12min_top1_agreement\x18\x0b \x01(\x02\x12\x13\n\x0bmax_mean_kl\x18\x0c \x01(\x02\x12#\n\x1bmax_perplexity_increase_pct\x18\r \x01(\x02\x12\x0e\n\x06\x66orced\x18\x0e \x01(\x08\x12\x16\n\x0eskipped_reason\x18\x0f \x01(\t\"#\n\x0fGetBuildRequest\x12\x10\n\x08\x62uild_id\x18\x01 \x01(\t\"\xe4\x01\n\tBuildInfo\x12\x10\n\x08\x62uild_id\x18\x01 \x01(\t\x12\x12\n\nmodel_name\x18\x02 \x01(\t\x12\x0e\n\x06recipe\x18\x03 \x01(\t\x12\x13\n\x0btarget_pool\x18\x04 \x01(\t\x12\x13\n\x0btotal_bytes\x18\x05 \x01(\x03\x12\x16\n\x0e\x63ontext_length\x18\x06 \x01(\x05\x12\x11\n\tmax_batch\x18\x07 \x01(\x05\x12\x35\n\x07quality\x18\x08 \x01(\x0b\x32$.llamaship.compiler.v1.QualityReport\x12\x15\n\rmanifest_json\x18\t \x01(\t\"\x92\x02\n\nCompileJob\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12.\n\x05state\x18\x02 \x01(\x0e\x32\x1f.llamaship.compiler.v1.JobState\x12\x36\n\x07request\x18\x03 \x01(\x0b\x32%.llamaship.compiler.v1.CompileRequest\x12\x10\n\x08\x62uild_id\x18\x04 \x01(\t\x12\r\n\x05stage\x18\x05 \x01(\t\x12\x10\n\x08progress\x18\x06 \x01(\x02\x12\x0f\n\x07message\x18\x07 \x01(\t\x12\x0e\n\x06reused\x18\x08 \x01(\x08\x12\x12\n\ncreated_at\x18\t \x01(\x01\x12\x12\n\nupdated_at\x18\n \x01(\x01\x12\x10\n\x08\x61ttempts\x18\x0b \x01(\x05\"%\n\x13WatchCompileRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\">\n\x0c\x43ompileEvent\x12.\n\x03job\x18\x01 \x01(\x0b\x32!.llamaship.compiler.v1.CompileJob\"&\n\x14\x43\x61ncelCompileRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"#\n\x11GetCompileRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t*\x9a\x01\n\x08JobState\x12\x19\n\x15JOB_STATE_UNSPECIFIED\x10\x00\x12\x14\n\x10JOB_STATE_QUEUED\x10\x01\x12\x15\n\x11JOB_STATE_RUNNING\x10\x02\x12\x17\n\x13JOB_STATE_SUCCEEDED\x10\x03\x12\x14\n\x10JOB_STATE_FAILED\x10\x04\x12\x17\n\x13JOB_STATE_CANCELLED\x10\x05\x32\xda\x03\n\x08\x43ompiler\x12Y\n\rSubmitCompile\x12%.llamaship.compiler.v1.CompileRequest\x1a!.llamaship.compiler.v1.CompileJob\x12\x61\n\x0cWatchCompile\x12*.llamaship.compiler.v1.WatchCompileRequest\x1a#.llamaship.compiler.v1.CompileEvent0\x01\x12_\n\rCancelCompile\x12+.llamaship.compiler.v1.CancelCompileRequest\x1a!.llamaship.compiler.v1.CompileJob\x12Y\n\nGetCompile\x12(.llamaship.compiler.v1.GetCompileRequest\x1a!.llamaship.compiler.v1.CompileJob\x12T\n\x08GetBuild\x12&.llamaship.compiler.v1.GetBuildRequest\x1a .llamaship.compiler.v1.BuildInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n$llamaship/compiler/v1/compiler.proto\x12\x15llamaship.compiler.v1\"\x80\x02\n\x0e\x43ompileRequest\x12\x17\n\x0f\x63heckpoint_path\x18\x01 \x01(\t\x12\x12\n\nmodel_name\x18\x02 \x01(\t\x12\x0e\n\x06recipe\x18\x03 \x01(\t\x12\x13\n\x0btarget_pool\x18\x04 \x01(\t\x12\x1b\n\x13max_sequence_length\x18\x05 \x01(\x05\x12\x11\n\tmax_batch\x18\x06 \x01(\x05\x12\x33\n\x07quality\x18\x07 \x01(\x0b\x32\".llamaship.compiler.v1.QualityGate\x12\x0e\n\x06hub_id\x18\x08 \x01(\t\x12\x11\n\tupload_id\x18\t \x01(\t\x12\x14\n\x0c\x61llow_pickle\x18\n \x01(\x08\"\\\n\nUploadFile\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x0c\n\x04size\x18\x02 \x01(\x03\x12\x0e\n\x06sha256\x18\x03 \x01(\t\x12\x10\n\x08received\x18\x04 \x01(\x03\x12\x10\n\x08verified\x18\x05 \x01(\x08\"G\n\x13\x43reateUploadRequest\x12\x30\n\x05\x66iles\x18\x01 \x03(\x0b\x32!.llamaship.compiler.v1.UploadFile\"L\n\x0bUploadChunk\x12\x11\n\tupload_id\x18\x01 \x01(\t\x12\x0c\n\x04path\x18\x02 \x01(\t\x12\x0e\n\x06offset\x18\x03 \x01(\x03\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\"%\n\x10GetUploadRequest\x12\x11\n\tupload_id\x18\x01 \x01(\t\"\x8c\x01\n\x06Upload\x12\x11\n\tupload_id\x18\x01 \x01(\t\x12\x30\n\x05\x66iles\x18\x02 \x03(\x0b\x32!.llamaship.compiler.v1.UploadFile\x12\x10\n\x08\x63omplete\x18\x03 \x01(\x08\x12\x13\n\x0btotal_bytes\x18\x04 \x01(\x03\x12\x16\n\x0ereceived_bytes\x18\x05 \x01(\x03\"\xe6\x01\n\x0bQualityGate\x12\x1f\n\x12min_top1_agreement\x18\x01 \x01(\x02H\x00\x88\x01\x01\x12\x18\n\x0bmax_mean_kl\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12(\n\x1bmax_perplexity_increase_pct\x18\x03 \x01(\x02H\x02\x88\x01\x01\x12\x15\n\rforce_publish\x18\x04 \x01(\x08\x12\x14\n\x0c\x65val_prompts\x18\x05 \x03(\tB\x15\n\x13_min_top1_agreementB\x0e\n\x0c_max_mean_klB\x1e\n\x1c_max_perplexity_increase_pct\"\xe4\x02\n\rQualityReport\x12\x0e\n\x06passed\x18\x01 \x01(\x08\x12\x10\n\x08\x66\x61ilures\x18\x02 \x03(\t\x12\x16\n\x0etop1_agreement\x18\x03 \x01(\x01\x12\x0f\n\x07mean_kl\x18\x04 \x01(\x01\x12\x1a\n\x12max_abs_logit_diff\x18\x05 \x01(\x01\x12\x1c\n\x14perplexity_reference\x18\x06 \x01(\x01\x12\x18\n\x10perplexity_build\x18\x07 \x01(\x01\x12\x15\n\rprompt_source\x18\x08 \x01(\t\x12\x0f\n\x07prompts\x18\t \x01(\x05\x12\x0e\n\x06tokens\x18\n \x01(\x05\x12\x1a\n\x12min_top1_agreement\x18\x0b \x01(\x02\x12\x13\n\x0bmax_mean_kl\x18\x0c \x01(\x02\x12#\n\x1bmax_perplexity_increase_pct\x18\r \x01(\x02\x12\x0e\n\x06\x66orced\x18\x0e \x01(\x08\x12\x16\n\x0eskipped_reason\x18\x0f \x01(\t\"#\n\x0fGetBuildRequest\x12\x10\n\x08\x62uild_id\x18\x01 \x01(\t\"\xe4\x01\n\tBuildInfo\x12\x10\n\x08\x62uild_id\x18\x01 \x01(\t\x12\x12\n\nmodel_name\x18\x02 \x01(\t\x12\x0e\n\x06recipe\x18\x03 \x01(\t\x12\x13\n\x0btarget_pool\x18\x04 \x01(\t\x12\x13\n\x0btotal_bytes\x18\x05 \x01(\x03\x12\x16\n\x0e\x63ontext_length\x18\x06 \x01(\x05\x12\x11\n\tmax_batch\x18\x07 \x01(\x05\x12\x35\n\x07quality\x18\x08 \x01(\x0b\x32$.llamaship.compiler.v1.QualityReport\x12\x15\n\rmanifest_json\x18\t \x01(\t\"\x92\x02\n\nCompileJob\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12.\n\x05state\x18\x02 \x01(\x0e\x32\x1f.llamaship.compiler.v1.JobState\x12\x36\n\x07request\x18\x03 \x01(\x0b\x32%.llamaship.compiler.v1.CompileRequest\x12\x10\n\x08\x62uild_id\x18\x04 \x01(\t\x12\r\n\x05stage\x18\x05 \x01(\t\x12\x10\n\x08progress\x18\x06 \x01(\x02\x12\x0f\n\x07message\x18\x07 \x01(\t\x12\x0e\n\x06reused\x18\x08 \x01(\x08\x12\x12\n\ncreated_at\x18\t \x01(\x01\x12\x12\n\nupdated_at\x18\n \x01(\x01\x12\x10\n\x08\x61ttempts\x18\x0b \x01(\x05\"%\n\x13WatchCompileRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\">\n\x0c\x43ompileEvent\x12.\n\x03job\x18\x01 \x01(\x0b\x32!.llamaship.compiler.v1.CompileJob\"&\n\x14\x43\x61ncelCompileRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"#\n\x11GetCompileRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t*\x9a\x01\n\x08JobState\x12\x19\n\x15JOB_STATE_UNSPECIFIED\x10\x00\x12\x14\n\x10JOB_STATE_QUEUED\x10\x01\x12\x15\n\x11JOB_STATE_RUNNING\x10\x02\x12\x17\n\x13JOB_STATE_SUCCEEDED\x10\x03\x12\x14\n\x10JOB_STATE_FAILED\x10\x04\x12\x17\n\x13JOB_STATE_CANCELLED\x10\x05\x32\xde\x05\n\x08\x43ompiler\x12Y\n\rSubmitCompile\x12%.llamaship.compiler.v1.CompileRequest\x1a!.llamaship.compiler.v1.CompileJob\x12\x61\n\x0cWatchCompile\x12*.llamaship.compiler.v1.WatchCompileRequest\x1a#.llamaship.compiler.v1.CompileEvent0\x01\x12_\n\rCancelCompile\x12+.llamaship.compiler.v1.CancelCompileRequest\x1a!.llamaship.compiler.v1.CompileJob\x12Y\n\nGetCompile\x12(.llamaship.compiler.v1.GetCompileRequest\x1a!.llamaship.compiler.v1.CompileJob\x12T\n\x08GetBuild\x12&.llamaship.compiler.v1.GetBuildRequest\x1a .llamaship.compiler.v1.BuildInfo\x12Y\n\x0c\x43reateUpload\x12*.llamaship.compiler.v1.CreateUploadRequest\x1a\x1d.llamaship.compiler.v1.Upload\x12R\n\x0bUploadFiles\x12\".llamaship.compiler.v1.UploadChunk\x1a\x1d.llamaship.compiler.v1.Upload(\x01\x12S\n\tGetUpload\x12\'.llamaship.compiler.v1.GetUploadRequest\x1a\x1d.llamaship.compiler.v1.Uploadb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'llamaship.compiler.v1.compiler_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_JOBSTATE']._serialized_start=1583
-  _globals['_JOBSTATE']._serialized_end=1737
+  _globals['_JOBSTATE']._serialized_start=2067
+  _globals['_JOBSTATE']._serialized_end=2221
   _globals['_COMPILEREQUEST']._serialized_start=64
-  _globals['_COMPILEREQUEST']._serialized_end=263
-  _globals['_QUALITYGATE']._serialized_start=266
-  _globals['_QUALITYGATE']._serialized_end=496
-  _globals['_QUALITYREPORT']._serialized_start=499
-  _globals['_QUALITYREPORT']._serialized_end=855
-  _globals['_GETBUILDREQUEST']._serialized_start=857
-  _globals['_GETBUILDREQUEST']._serialized_end=892
-  _globals['_BUILDINFO']._serialized_start=895
-  _globals['_BUILDINFO']._serialized_end=1123
-  _globals['_COMPILEJOB']._serialized_start=1126
-  _globals['_COMPILEJOB']._serialized_end=1400
-  _globals['_WATCHCOMPILEREQUEST']._serialized_start=1402
-  _globals['_WATCHCOMPILEREQUEST']._serialized_end=1439
-  _globals['_COMPILEEVENT']._serialized_start=1441
-  _globals['_COMPILEEVENT']._serialized_end=1503
-  _globals['_CANCELCOMPILEREQUEST']._serialized_start=1505
-  _globals['_CANCELCOMPILEREQUEST']._serialized_end=1543
-  _globals['_GETCOMPILEREQUEST']._serialized_start=1545
-  _globals['_GETCOMPILEREQUEST']._serialized_end=1580
-  _globals['_COMPILER']._serialized_start=1740
-  _globals['_COMPILER']._serialized_end=2214
+  _globals['_COMPILEREQUEST']._serialized_end=320
+  _globals['_UPLOADFILE']._serialized_start=322
+  _globals['_UPLOADFILE']._serialized_end=414
+  _globals['_CREATEUPLOADREQUEST']._serialized_start=416
+  _globals['_CREATEUPLOADREQUEST']._serialized_end=487
+  _globals['_UPLOADCHUNK']._serialized_start=489
+  _globals['_UPLOADCHUNK']._serialized_end=565
+  _globals['_GETUPLOADREQUEST']._serialized_start=567
+  _globals['_GETUPLOADREQUEST']._serialized_end=604
+  _globals['_UPLOAD']._serialized_start=607
+  _globals['_UPLOAD']._serialized_end=747
+  _globals['_QUALITYGATE']._serialized_start=750
+  _globals['_QUALITYGATE']._serialized_end=980
+  _globals['_QUALITYREPORT']._serialized_start=983
+  _globals['_QUALITYREPORT']._serialized_end=1339
+  _globals['_GETBUILDREQUEST']._serialized_start=1341
+  _globals['_GETBUILDREQUEST']._serialized_end=1376
+  _globals['_BUILDINFO']._serialized_start=1379
+  _globals['_BUILDINFO']._serialized_end=1607
+  _globals['_COMPILEJOB']._serialized_start=1610
+  _globals['_COMPILEJOB']._serialized_end=1884
+  _globals['_WATCHCOMPILEREQUEST']._serialized_start=1886
+  _globals['_WATCHCOMPILEREQUEST']._serialized_end=1923
+  _globals['_COMPILEEVENT']._serialized_start=1925
+  _globals['_COMPILEEVENT']._serialized_end=1987
+  _globals['_CANCELCOMPILEREQUEST']._serialized_start=1989
+  _globals['_CANCELCOMPILEREQUEST']._serialized_end=2027
+  _globals['_GETCOMPILEREQUEST']._serialized_start=2029
+  _globals['_GETCOMPILEREQUEST']._serialized_end=2064
+  _globals['_COMPILER']._serialized_start=2224
+  _globals['_COMPILER']._serialized_end=2958
 # @@protoc_insertion_point(module_scope)

@@ -23,7 +23,7 @@ JOB_STATE_FAILED: JobState
 JOB_STATE_CANCELLED: JobState
 
 class CompileRequest(_message.Message):
-    __slots__ = ("checkpoint_path", "model_name", "recipe", "target_pool", "max_sequence_length", "max_batch", "quality")
+    __slots__ = ("checkpoint_path", "model_name", "recipe", "target_pool", "max_sequence_length", "max_batch", "quality", "hub_id", "upload_id", "allow_pickle")
     CHECKPOINT_PATH_FIELD_NUMBER: _ClassVar[int]
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
     RECIPE_FIELD_NUMBER: _ClassVar[int]
@@ -31,6 +31,9 @@ class CompileRequest(_message.Message):
     MAX_SEQUENCE_LENGTH_FIELD_NUMBER: _ClassVar[int]
     MAX_BATCH_FIELD_NUMBER: _ClassVar[int]
     QUALITY_FIELD_NUMBER: _ClassVar[int]
+    HUB_ID_FIELD_NUMBER: _ClassVar[int]
+    UPLOAD_ID_FIELD_NUMBER: _ClassVar[int]
+    ALLOW_PICKLE_FIELD_NUMBER: _ClassVar[int]
     checkpoint_path: str
     model_name: str
     recipe: str
@@ -38,7 +41,62 @@ class CompileRequest(_message.Message):
     max_sequence_length: int
     max_batch: int
     quality: QualityGate
-    def __init__(self, checkpoint_path: _Optional[str] = ..., model_name: _Optional[str] = ..., recipe: _Optional[str] = ..., target_pool: _Optional[str] = ..., max_sequence_length: _Optional[int] = ..., max_batch: _Optional[int] = ..., quality: _Optional[_Union[QualityGate, _Mapping]] = ...) -> None: ...
+    hub_id: str
+    upload_id: str
+    allow_pickle: bool
+    def __init__(self, checkpoint_path: _Optional[str] = ..., model_name: _Optional[str] = ..., recipe: _Optional[str] = ..., target_pool: _Optional[str] = ..., max_sequence_length: _Optional[int] = ..., max_batch: _Optional[int] = ..., quality: _Optional[_Union[QualityGate, _Mapping]] = ..., hub_id: _Optional[str] = ..., upload_id: _Optional[str] = ..., allow_pickle: _Optional[bool] = ...) -> None: ...
+
+class UploadFile(_message.Message):
+    __slots__ = ("path", "size", "sha256", "received", "verified")
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    SIZE_FIELD_NUMBER: _ClassVar[int]
+    SHA256_FIELD_NUMBER: _ClassVar[int]
+    RECEIVED_FIELD_NUMBER: _ClassVar[int]
+    VERIFIED_FIELD_NUMBER: _ClassVar[int]
+    path: str
+    size: int
+    sha256: str
+    received: int
+    verified: bool
+    def __init__(self, path: _Optional[str] = ..., size: _Optional[int] = ..., sha256: _Optional[str] = ..., received: _Optional[int] = ..., verified: _Optional[bool] = ...) -> None: ...
+
+class CreateUploadRequest(_message.Message):
+    __slots__ = ("files",)
+    FILES_FIELD_NUMBER: _ClassVar[int]
+    files: _containers.RepeatedCompositeFieldContainer[UploadFile]
+    def __init__(self, files: _Optional[_Iterable[_Union[UploadFile, _Mapping]]] = ...) -> None: ...
+
+class UploadChunk(_message.Message):
+    __slots__ = ("upload_id", "path", "offset", "data")
+    UPLOAD_ID_FIELD_NUMBER: _ClassVar[int]
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    upload_id: str
+    path: str
+    offset: int
+    data: bytes
+    def __init__(self, upload_id: _Optional[str] = ..., path: _Optional[str] = ..., offset: _Optional[int] = ..., data: _Optional[bytes] = ...) -> None: ...
+
+class GetUploadRequest(_message.Message):
+    __slots__ = ("upload_id",)
+    UPLOAD_ID_FIELD_NUMBER: _ClassVar[int]
+    upload_id: str
+    def __init__(self, upload_id: _Optional[str] = ...) -> None: ...
+
+class Upload(_message.Message):
+    __slots__ = ("upload_id", "files", "complete", "total_bytes", "received_bytes")
+    UPLOAD_ID_FIELD_NUMBER: _ClassVar[int]
+    FILES_FIELD_NUMBER: _ClassVar[int]
+    COMPLETE_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_BYTES_FIELD_NUMBER: _ClassVar[int]
+    RECEIVED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    upload_id: str
+    files: _containers.RepeatedCompositeFieldContainer[UploadFile]
+    complete: bool
+    total_bytes: int
+    received_bytes: int
+    def __init__(self, upload_id: _Optional[str] = ..., files: _Optional[_Iterable[_Union[UploadFile, _Mapping]]] = ..., complete: _Optional[bool] = ..., total_bytes: _Optional[int] = ..., received_bytes: _Optional[int] = ...) -> None: ...
 
 class QualityGate(_message.Message):
     __slots__ = ("min_top1_agreement", "max_mean_kl", "max_perplexity_increase_pct", "force_publish", "eval_prompts")

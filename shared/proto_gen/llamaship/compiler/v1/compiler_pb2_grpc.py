@@ -60,6 +60,21 @@ class CompilerStub:
                 request_serializer=llamaship_dot_compiler_dot_v1_dot_compiler__pb2.GetBuildRequest.SerializeToString,
                 response_deserializer=llamaship_dot_compiler_dot_v1_dot_compiler__pb2.BuildInfo.FromString,
                 _registered_method=True)
+        self.CreateUpload = channel.unary_unary(
+                '/llamaship.compiler.v1.Compiler/CreateUpload',
+                request_serializer=llamaship_dot_compiler_dot_v1_dot_compiler__pb2.CreateUploadRequest.SerializeToString,
+                response_deserializer=llamaship_dot_compiler_dot_v1_dot_compiler__pb2.Upload.FromString,
+                _registered_method=True)
+        self.UploadFiles = channel.stream_unary(
+                '/llamaship.compiler.v1.Compiler/UploadFiles',
+                request_serializer=llamaship_dot_compiler_dot_v1_dot_compiler__pb2.UploadChunk.SerializeToString,
+                response_deserializer=llamaship_dot_compiler_dot_v1_dot_compiler__pb2.Upload.FromString,
+                _registered_method=True)
+        self.GetUpload = channel.unary_unary(
+                '/llamaship.compiler.v1.Compiler/GetUpload',
+                request_serializer=llamaship_dot_compiler_dot_v1_dot_compiler__pb2.GetUploadRequest.SerializeToString,
+                response_deserializer=llamaship_dot_compiler_dot_v1_dot_compiler__pb2.Upload.FromString,
+                _registered_method=True)
 
 
 class CompilerServicer:
@@ -101,6 +116,26 @@ class CompilerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CreateUpload(self, request, context):
+        """Uploads: declare the files (size, sha256), stream their bytes (resumable: GetUpload says how
+        much of each file arrived; send from there), then name the upload in a CompileRequest.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UploadFiles(self, request_iterator, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetUpload(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CompilerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -128,6 +163,21 @@ def add_CompilerServicer_to_server(servicer, server):
                     servicer.GetBuild,
                     request_deserializer=llamaship_dot_compiler_dot_v1_dot_compiler__pb2.GetBuildRequest.FromString,
                     response_serializer=llamaship_dot_compiler_dot_v1_dot_compiler__pb2.BuildInfo.SerializeToString,
+            ),
+            'CreateUpload': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateUpload,
+                    request_deserializer=llamaship_dot_compiler_dot_v1_dot_compiler__pb2.CreateUploadRequest.FromString,
+                    response_serializer=llamaship_dot_compiler_dot_v1_dot_compiler__pb2.Upload.SerializeToString,
+            ),
+            'UploadFiles': grpc.stream_unary_rpc_method_handler(
+                    servicer.UploadFiles,
+                    request_deserializer=llamaship_dot_compiler_dot_v1_dot_compiler__pb2.UploadChunk.FromString,
+                    response_serializer=llamaship_dot_compiler_dot_v1_dot_compiler__pb2.Upload.SerializeToString,
+            ),
+            'GetUpload': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetUpload,
+                    request_deserializer=llamaship_dot_compiler_dot_v1_dot_compiler__pb2.GetUploadRequest.FromString,
+                    response_serializer=llamaship_dot_compiler_dot_v1_dot_compiler__pb2.Upload.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -266,6 +316,87 @@ class Compiler:
             '/llamaship.compiler.v1.Compiler/GetBuild',
             llamaship_dot_compiler_dot_v1_dot_compiler__pb2.GetBuildRequest.SerializeToString,
             llamaship_dot_compiler_dot_v1_dot_compiler__pb2.BuildInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateUpload(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/llamaship.compiler.v1.Compiler/CreateUpload',
+            llamaship_dot_compiler_dot_v1_dot_compiler__pb2.CreateUploadRequest.SerializeToString,
+            llamaship_dot_compiler_dot_v1_dot_compiler__pb2.Upload.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UploadFiles(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/llamaship.compiler.v1.Compiler/UploadFiles',
+            llamaship_dot_compiler_dot_v1_dot_compiler__pb2.UploadChunk.SerializeToString,
+            llamaship_dot_compiler_dot_v1_dot_compiler__pb2.Upload.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetUpload(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/llamaship.compiler.v1.Compiler/GetUpload',
+            llamaship_dot_compiler_dot_v1_dot_compiler__pb2.GetUploadRequest.SerializeToString,
+            llamaship_dot_compiler_dot_v1_dot_compiler__pb2.Upload.FromString,
             options,
             channel_credentials,
             insecure,

@@ -72,6 +72,21 @@ class GatewayStub:
                 request_serializer=llamaship_dot_compiler_dot_v1_dot_compiler__pb2.GetBuildRequest.SerializeToString,
                 response_deserializer=llamaship_dot_compiler_dot_v1_dot_compiler__pb2.BuildInfo.FromString,
                 _registered_method=True)
+        self.CreateUpload = channel.unary_unary(
+                '/llamaship.gateway.v1.Gateway/CreateUpload',
+                request_serializer=llamaship_dot_compiler_dot_v1_dot_compiler__pb2.CreateUploadRequest.SerializeToString,
+                response_deserializer=llamaship_dot_compiler_dot_v1_dot_compiler__pb2.Upload.FromString,
+                _registered_method=True)
+        self.UploadFiles = channel.stream_unary(
+                '/llamaship.gateway.v1.Gateway/UploadFiles',
+                request_serializer=llamaship_dot_compiler_dot_v1_dot_compiler__pb2.UploadChunk.SerializeToString,
+                response_deserializer=llamaship_dot_compiler_dot_v1_dot_compiler__pb2.Upload.FromString,
+                _registered_method=True)
+        self.GetUpload = channel.unary_unary(
+                '/llamaship.gateway.v1.Gateway/GetUpload',
+                request_serializer=llamaship_dot_compiler_dot_v1_dot_compiler__pb2.GetUploadRequest.SerializeToString,
+                response_deserializer=llamaship_dot_compiler_dot_v1_dot_compiler__pb2.Upload.FromString,
+                _registered_method=True)
 
 
 class GatewayServicer:
@@ -123,6 +138,24 @@ class GatewayServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CreateUpload(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UploadFiles(self, request_iterator, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetUpload(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_GatewayServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -160,6 +193,21 @@ def add_GatewayServicer_to_server(servicer, server):
                     servicer.GetBuild,
                     request_deserializer=llamaship_dot_compiler_dot_v1_dot_compiler__pb2.GetBuildRequest.FromString,
                     response_serializer=llamaship_dot_compiler_dot_v1_dot_compiler__pb2.BuildInfo.SerializeToString,
+            ),
+            'CreateUpload': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateUpload,
+                    request_deserializer=llamaship_dot_compiler_dot_v1_dot_compiler__pb2.CreateUploadRequest.FromString,
+                    response_serializer=llamaship_dot_compiler_dot_v1_dot_compiler__pb2.Upload.SerializeToString,
+            ),
+            'UploadFiles': grpc.stream_unary_rpc_method_handler(
+                    servicer.UploadFiles,
+                    request_deserializer=llamaship_dot_compiler_dot_v1_dot_compiler__pb2.UploadChunk.FromString,
+                    response_serializer=llamaship_dot_compiler_dot_v1_dot_compiler__pb2.Upload.SerializeToString,
+            ),
+            'GetUpload': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetUpload,
+                    request_deserializer=llamaship_dot_compiler_dot_v1_dot_compiler__pb2.GetUploadRequest.FromString,
+                    response_serializer=llamaship_dot_compiler_dot_v1_dot_compiler__pb2.Upload.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -353,6 +401,87 @@ class Gateway:
             '/llamaship.gateway.v1.Gateway/GetBuild',
             llamaship_dot_compiler_dot_v1_dot_compiler__pb2.GetBuildRequest.SerializeToString,
             llamaship_dot_compiler_dot_v1_dot_compiler__pb2.BuildInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateUpload(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/llamaship.gateway.v1.Gateway/CreateUpload',
+            llamaship_dot_compiler_dot_v1_dot_compiler__pb2.CreateUploadRequest.SerializeToString,
+            llamaship_dot_compiler_dot_v1_dot_compiler__pb2.Upload.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UploadFiles(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/llamaship.gateway.v1.Gateway/UploadFiles',
+            llamaship_dot_compiler_dot_v1_dot_compiler__pb2.UploadChunk.SerializeToString,
+            llamaship_dot_compiler_dot_v1_dot_compiler__pb2.Upload.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetUpload(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/llamaship.gateway.v1.Gateway/GetUpload',
+            llamaship_dot_compiler_dot_v1_dot_compiler__pb2.GetUploadRequest.SerializeToString,
+            llamaship_dot_compiler_dot_v1_dot_compiler__pb2.Upload.FromString,
             options,
             channel_credentials,
             insecure,
