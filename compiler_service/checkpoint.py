@@ -153,8 +153,10 @@ def check_config_matches_weights(config: dict, shapes: dict[str, list[int]]) -> 
 
 
 def content_hash(path: Path, progress: Callable[[float], None] | None = None) -> str:
-    """sha256 over every visible file's relative path and sha256, in sorted order."""
-    files = sorted(f for f in path.rglob("*") if f.is_file() and not any(part.startswith(".") for part in f.relative_to(path).parts))
+    """sha256 over every visible file's relative path and sha256, in sorted order (an upload's
+    eval_prompts.jsonl is not part of the model and does not count)."""
+    files = sorted(f for f in path.rglob("*") if f.is_file() and f.relative_to(path) != Path("eval_prompts.jsonl")
+                   and not any(part.startswith(".") for part in f.relative_to(path).parts))
     total = sum(f.stat().st_size for f in files) or 1
     done = 0
     h = hashlib.sha256()

@@ -28,7 +28,7 @@ from compiler_service.builder_runner import BuildCancelled, run_builder
 from compiler_service.jobs import JobRequest
 
 log = logging.getLogger("llamaship.compiler.pipeline")
-BUILD_FORMAT = 1
+BUILD_FORMAT = 2  # 2: mixed recipes through per-node overrides, q/k/v kept fused
 DEFAULT_MAX_SEQ = 4096
 DEFAULT_MAX_BATCH = 32
 
@@ -113,14 +113,25 @@ def inspect_graph(build_dir: Path, recipe: recipes.Recipe) -> dict:
     ops = Counter(n.op_type for n in model.graph.node)
     if not ops.get("GroupQueryAttention"):
         raise CompileError("built graph has no fused GroupQueryAttention kernel")
-    quantized = sorted(n.name for n in model.graph.node if n.op_type == "MatMulNBits")
+    bits = {n.name: next((a.i for a in n.attribute if a.name == "bits"), 0)
+            for n in model.graph.node if n.op_type == "MatMulNBits"}
     float_matmuls = sorted(n.name for n in model.graph.node if n.op_type == "MatMul")
-    if not recipe.quantize_attention and any("/attn/" in n for n in quantized):
-        raise CompileError("recipe keeps attention in float but the builder quantized attention projections")
+    want = recipe.group_precision()
+    expected_bits = {"int4": 4, "int8": 8}
+    for name, b in bits.items():
+        group = recipes.node_group(name)
+        if group in want and expected_bits.get(want[group]) != b:
+            raise CompileError(f"recipe {recipe.name} wants {group} projections {want[group]}, but the builder made "
+                               f"{name} {b}-bit")
+    for name in float_matmuls:
+        group = recipes.node_group(name)
+        if group in want and want[group] != "float":
+            raise CompileError(f"recipe {recipe.name} wants {group} projections {want[group]}, but {name} stayed float")
+    quantized = sorted(bits)
     return {
         "ops": dict(sorted(ops.items())),
         "inputs": dims.get("input_ids"),
-        "quantized_matmuls": quantized,
+        "quantized_matmuls": {name: bits[name] for name in quantized},
         "float_matmuls": float_matmuls,
     }
 

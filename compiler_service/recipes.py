@@ -1,7 +1,13 @@
-"""Quantization recipes: the names are API, each maps to exact GenAI model builder options."""
+"""Quantization recipes: the names are API, each maps to exact GenAI model builder options.
+
+Mixed recipes assign a precision to each projection group (attn: the fused q/k/v and o
+projections; mlp: gate/up/down; lm_head) and reach the builder as exact per-node overrides
+(`--target_options` quant_config), which keeps q/k/v fused.
+"""
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 
 from shared.pools import POOLS
@@ -18,6 +24,14 @@ class Recipe:
     description: str
     quantize_attention: bool = True
     extra_options: dict[str, str] = field(default_factory=dict)
+    # mixed recipes: (group, "int4" | "int8" | "float") for attn, mlp, lm_head
+    assignment: tuple[tuple[str, str], ...] = ()
+
+    def group_precision(self) -> dict[str, str]:
+        if self.assignment:
+            return dict(self.assignment)
+        q = self.precision if self.precision in ("int4", "int8") else "float"
+        return {"attn": q, "mlp": q, "lm_head": q}
 
 
 RECIPES: dict[str, Recipe] = {
@@ -38,23 +52,52 @@ RECIPES: dict[str, Recipe] = {
             extra_options={"block_size": "32"},
         ),
         Recipe(
-            "hybrid-int8", "int8",
+            "hybrid-int8", "mixed",
             "MLP projections (gate/up/down) and lm_head as MatMulNBits 8-bit weight-only, block 32, symmetric RTN; "
-            "attention projections (q/k/v/o) kept float32.",
+            "attention projections (fused q/k/v, o) kept float32.",
             quantize_attention=False,
-            extra_options={"block_size": "32"},
+            assignment=(("attn", "float"), ("mlp", "int8"), ("lm_head", "int8")),
+        ),
+        Recipe(
+            "hybrid-int4", "mixed",
+            "MLP projections (gate/up/down) as MatMulNBits 4-bit weight-only; attention projections (fused q/k/v, o) "
+            "and lm_head as MatMulNBits 8-bit; block 32, symmetric RTN, accuracy level 4.",
+            assignment=(("attn", "int8"), ("mlp", "int4"), ("lm_head", "int8")),
         ),
     )
 }
 
 
-def attention_nodes(num_layers: int) -> list[str]:
-    """Builder node names of the attention projections, fused (qkv_proj) or not."""
-    names = []
+def group_nodes(num_layers: int) -> dict[str, list[str]]:
+    """Builder node names of the projection MatMuls per group (q/k/v fused, as the CPU builder makes them)."""
+    groups: dict[str, list[str]] = {"attn": [], "mlp": [], "lm_head": ["/lm_head/MatMul"]}
     for i in range(num_layers):
-        for proj in ("qkv_proj", "q_proj", "k_proj", "v_proj", "o_proj"):
-            names.append(f"/model/layers.{i}/attn/{proj}/MatMul")
-    return names
+        p = f"/model/layers.{i}"
+        groups["attn"] += [f"{p}/attn/qkv_proj/MatMul", f"{p}/attn/o_proj/MatMul"]
+        groups["mlp"] += [f"{p}/mlp/{x}_proj/MatMul" for x in ("gate", "up", "down")]
+    return groups
+
+
+def node_group(name: str) -> str:
+    """attn | mlp | lm_head for a builder MatMul node name (quantized ones end in _Q4/_Q8)."""
+    if "/attn/" in name:
+        return "attn"
+    if "/mlp/" in name:
+        return "mlp"
+    return "lm_head" if "lm_head" in name else "other"
+
+
+def target_options(assignment: dict[str, str], num_layers: int, block_size: int = 32) -> dict:
+    """The builder's quant_config for a per-group assignment: the commonest quantized type is the
+    body, every other node is an exact-name override (type, or exclude to stay float)."""
+    nodes = group_nodes(num_layers)
+    per_node = {n: assignment[g] for g, names in nodes.items() for n in names}
+    quantized = [t for t in per_node.values() if t != "float"]
+    body = max(sorted(set(quantized)), key=quantized.count) if quantized else "int8"
+    overrides = [{"match": {"name": n}, "exclude": True} if t == "float" else {"match": {"name": n}, "type": t}
+                 for n, t in per_node.items() if t != body]
+    return {"quant_config": {"weights": {"type": body, "block_size": block_size, "accuracy_level": 4,
+                                         "overrides": overrides}}}
 
 
 def get(name: str, pool: str) -> Recipe:
@@ -70,10 +113,12 @@ def get(name: str, pool: str) -> Recipe:
 
 def builder_args(recipe: Recipe, pool: str, num_layers: int) -> list[str]:
     """The builder's -p/-e/--extra_options arguments for a recipe."""
-    args = ["-p", recipe.precision, "-e", POOLS[pool].execution_provider]
     extra = dict(recipe.extra_options)
     extra["hf_token"] = "false"
-    if not recipe.quantize_attention:
-        extra["nodes_to_exclude"] = ",".join(attention_nodes(num_layers))
+    if recipe.assignment:
+        args = ["-e", POOLS[pool].execution_provider, "--target_options",
+                json.dumps(target_options(dict(recipe.assignment), num_layers), sort_keys=True)]
+    else:
+        args = ["-p", recipe.precision, "-e", POOLS[pool].execution_provider]
     args += ["--extra_options", *[f"{k}={v}" for k, v in sorted(extra.items())]]
     return args

@@ -14,7 +14,7 @@ import grpc
 
 from llamaship.client import DEFAULT_GATEWAY, GatewayClient
 
-RECIPES = ("fp32", "fp16", "int8", "int4", "hybrid-int8")
+RECIPES = ("fp32", "fp16", "int8", "int4", "hybrid-int8", "hybrid-int4")
 
 
 def _fail(message: str) -> int:

@@ -15,7 +15,7 @@ from shared.proto_gen.llamaship.compiler.v1 import compiler_pb2
 pytestmark = pytest.mark.integration
 
 
-@pytest.mark.parametrize("recipe", ["fp32", "int8", "hybrid-int8", "int4"])
+@pytest.mark.parametrize("recipe", ["fp32", "int8", "hybrid-int8", "hybrid-int4", "int4"])
 def test_each_recipe_passes_its_gate_with_measured_numbers(client, demo_model, fp32_build, recipe):
     job = client.compile(str(demo_model), f"q-{recipe}", recipe)
     assert job.state == compiler_pb2.JOB_STATE_SUCCEEDED, job.message

@@ -20,7 +20,7 @@ def test_upload_resumed_after_a_dropped_stream_then_compiled(client, demo_model,
     shutil.copytree(demo_model, src)
     prompts = ["def add(a, b):\n    return a + b\n", "class Stack:\n    def push(self, x):\n"]
     (src / "eval_prompts.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
-    files = sorted(p for p in src.rglob("*") if p.is_file())
+    files = sorted(p for p in src.rglob("*") if p.is_file() and not p.name.startswith("."))
     declared = [compiler_pb2.UploadFile(path=str(p.relative_to(src)), size=p.stat().st_size,
                                         sha256=hashlib.sha256(p.read_bytes()).hexdigest()) for p in files]
     state = client.stub.CreateUpload(compiler_pb2.CreateUploadRequest(files=declared))

@@ -3,14 +3,33 @@ import pytest
 from compiler_service import recipes
 
 
-def test_hybrid_excludes_every_attention_projection_and_nothing_else():
-    args = recipes.builder_args(recipes.get("hybrid-int8", "cpu"), "cpu", 2)
-    assert args[:4] == ["-p", "int8", "-e", "cpu"]
-    extra = dict(a.split("=", 1) for a in args[5:])
-    excluded = extra["nodes_to_exclude"].split(",")
-    assert "/model/layers.1/attn/qkv_proj/MatMul" in excluded and "/model/layers.0/attn/o_proj/MatMul" in excluded
-    assert not any("mlp" in n or "lm_head" in n for n in excluded)
-    assert extra["block_size"] == "32"
+def _overrides(recipe_name: str, layers: int = 2) -> tuple[dict, dict[str, str]]:
+    import json
+
+    args = recipes.builder_args(recipes.get(recipe_name, "cpu"), "cpu", layers)
+    assert "-p" not in args and args[:2] == ["-e", "cpu"]
+    weights = json.loads(args[args.index("--target_options") + 1])["quant_config"]["weights"]
+    per_node = {o["match"]["name"]: ("float" if o.get("exclude") else o["type"]) for o in weights["overrides"]}
+    return weights, per_node
+
+
+def test_hybrid_int8_keeps_every_attention_projection_float_and_fused():
+    weights, per_node = _overrides("hybrid-int8")
+    assert weights["type"] == "int8" and weights["block_size"] == 32
+    assert per_node == {f"/model/layers.{i}/attn/{p}/MatMul": "float" for i in range(2) for p in ("qkv_proj", "o_proj")}
+
+
+def test_hybrid_int4_mlp_4bit_attention_and_lm_head_8bit():
+    weights, per_node = _overrides("hybrid-int4", layers=3)
+    assert weights["type"] == "int4"  # the MLP body; 3 x 3 MLP nodes outnumber 3 x 2 + 1
+    assert set(per_node.values()) == {"int8"} and "/lm_head/MatMul" in per_node
+    assert sum("/attn/" in n for n in per_node) == 6 and not any("/mlp/" in n for n in per_node)
+
+
+def test_cli_and_compiler_know_the_same_recipes():
+    from llamaship.cli import RECIPES
+
+    assert set(RECIPES) == set(recipes.RECIPES)
 
 
 @pytest.mark.parametrize("name, precision", [("fp32", "fp32"), ("int8", "int8"), ("int4", "int4")])
