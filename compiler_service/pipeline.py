@@ -22,7 +22,7 @@ from shared.errors import LlamashipError
 from shared.service import package_versions
 from shared.store import BuildStore, Manifest
 from compiler_service import checkpoint as ckpt
-from compiler_service import quality, recipes, sources
+from compiler_service import profiling, quality, recipes, sources
 from compiler_service.uploads import UploadStore
 from compiler_service.builder_runner import BuildCancelled, run_builder
 from compiler_service.jobs import JobRequest
@@ -222,7 +222,19 @@ class CompilePipeline:
 
             await progress("verify", 0.0, "checking graph shapes and fused kernels; smoke test")
             graph = await asyncio.to_thread(inspect_graph, staging, recipe)
+            profile: dict = {}
+            if req.target_pool == "cpu":
+                await progress("profile", 0.0, "offline graph optimization: does it load faster?")
+                profile["load"] = await asyncio.to_thread(profiling.offline_optimize, staging, job_dir)
             await asyncio.to_thread(smoke_test, staging)
+            if req.target_pool == "cpu":
+                await progress("profile", 0.5, "ONNX Runtime profile: 1 prefill + 16 decode steps")
+                profile["summary"] = await asyncio.to_thread(
+                    profiling.profile_build, staging, job_dir, graph["ops"], int(source.config.get("vocab_size", 32000)))
+                for warning in profile["summary"]["warnings"]:
+                    log.warning("build %s: %s", build_id, warning)
+            else:
+                profile["skipped"] = f"{req.target_pool} builds are profiled where they run, not on the compiler"
             report = await self._gate(req, source.path, staging, {}, progress)
 
             if await should_cancel():
@@ -249,6 +261,7 @@ class CompilePipeline:
                 architecture=source.architecture,
                 parameters=source.parameters,
                 quality=report.to_dict(),
+                profile=profile,
             )
             manifest = await asyncio.to_thread(self.store.publish, staging, manifest)
             await self._publish_if_passed(req, manifest, report, reused=False)

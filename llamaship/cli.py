@@ -131,8 +131,8 @@ def cmd_compile(args: argparse.Namespace) -> int:
     from shared.proto_gen.llamaship.compiler.v1 import compiler_pb2
 
     bar = tqdm(total=100, desc="queued", unit="%", bar_format="{desc:<40} {bar} {n:.0f}%")
-    stage_weight = {"validate": (0, 2), "hash": (2, 8), "build": (10, 60), "configure": (70, 2), "verify": (72, 8),
-                    "quality": (80, 12), "publish": (92, 8), "done": (100, 0)}
+    stage_weight = {"validate": (0, 2), "hash": (2, 8), "build": (10, 55), "configure": (65, 2), "verify": (67, 5),
+                    "profile": (72, 8), "quality": (80, 12), "publish": (92, 8), "done": (100, 0)}
 
     def on_update(job: compiler_pb2.CompileJob) -> None:
         start, span = stage_weight.get(job.stage, (bar.n, 0))
@@ -226,8 +226,21 @@ def cmd_builds_show(args: argparse.Namespace) -> int:
         for f in q.failures:
             print(f"  failed: {f}")
     profile = json.loads(info.manifest_json).get("profile") or {}
-    if profile:
-        print(f"profile: {json.dumps(profile.get('summary', profile))[:400]}")
+    summary, load = profile.get("summary"), profile.get("load")
+    if profile.get("skipped"):
+        print(f"profile: not run: {profile['skipped']}")
+    if summary:
+        print(f"profile: prefill {summary['prefill_ms']} ms ({summary['prompt_tokens']} tokens), decode step "
+              f"{summary['decode_step_ms_median']} ms (median of {summary['decode_steps']}); attention "
+              f"{100 * summary['attention_share']:.1f}% of kernel time")
+        print(f"  fused: {', '.join(summary['fused_ops']) or 'none'}; rotary: {summary['rotary']}")
+        for op, d in list(summary["per_op"].items())[:6]:
+            print(f"  {op:<34} {d['us'] / 1000:9.2f} ms {100 * d['share']:5.1f}%  ({d['calls']} calls)")
+        for w in summary["warnings"]:
+            print(f"  warning: {w}")
+    if load:
+        print(f"graph: {load['shipped']}; load {load['load_s_original'] * 1000:.0f} ms original, "
+              f"{load['load_s_optimized'] * 1000:.0f} ms optimized")
     return 0
 
 

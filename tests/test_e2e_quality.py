@@ -26,6 +26,15 @@ def test_each_recipe_passes_its_gate_with_measured_numbers(client, demo_model, f
     assert q.top1_agreement >= t.min_top1_agreement and q.mean_kl <= t.max_mean_kl
     assert q.perplexity_build <= q.perplexity_reference * (1 + t.max_perplexity_increase_pct / 100)
     assert q.min_top1_agreement == pytest.approx(t.min_top1_agreement)
+    manifest = json.loads(client.build(job.build_id).manifest_json)
+    profile = manifest["profile"]["summary"]
+    assert {"GroupQueryAttention", "SkipSimplifiedLayerNormalization"} <= set(profile["fused_ops"])
+    assert ("MatMulNBits" in profile["fused_ops"]) == (recipe != "fp32")
+    assert not profile["warnings"] and profile["rotary"] == "fused into GroupQueryAttention"
+    assert profile["model_runs"] == 1 + profile["decode_steps"] and 0 < profile["attention_share"] < 1
+    assert profile["per_op"]["GroupQueryAttention"]["calls"] == 4 * profile["model_runs"]  # 4 layers
+    assert "load_s_original" in manifest["profile"]["load"]
+    assert any(f["path"] == profile["trace"] for f in manifest["files"])  # the trace ships with the build
     if recipe == "fp32":  # the same math as PyTorch, to float rounding
         assert q.top1_agreement == 1.0 and q.max_abs_logit_diff < 1e-3
     else:  # quantization moves the logits, measurably
@@ -63,6 +72,17 @@ def test_bad_gate_settings_are_invalid_argument(client, demo_model, gate, field)
     with pytest.raises(grpc.RpcError) as info:
         client.submit_compile(str(demo_model), "bad-gate", "int8", quality=gate)
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and field in info.value.details()
+
+
+def test_builds_show_prints_the_report(stack, fp32_build):
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "llamaship", "builds", "show", fp32_build, "--gateway",
+                          stack.gateway_address], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert "quality gate: passed" in out.stdout and "top-1 agreement  1.0000" in out.stdout
+    assert "fused: GroupQueryAttention" in out.stdout and "GroupQueryAttention" in out.stdout
 
 
 def test_get_build_of_an_unknown_build_is_not_found(client):
