@@ -7,6 +7,7 @@ or a worker thread (hashing, verification), never on the event loop.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import json
 import logging
@@ -22,7 +23,7 @@ from shared.errors import LlamashipError
 from shared.service import package_versions
 from shared.store import BuildStore, Manifest
 from compiler_service import checkpoint as ckpt
-from compiler_service import profiling, quality, recipes, sources
+from compiler_service import auto_precision, profiling, quality, recipes, sources
 from compiler_service.uploads import UploadStore
 from compiler_service.builder_runner import BuildCancelled, run_builder
 from compiler_service.jobs import JobRequest
@@ -59,8 +60,14 @@ def tool_versions() -> dict[str, str]:
 
 
 def build_id_for(source_sha: str, req: JobRequest, versions: dict[str, str]) -> str:
+    auto = {}
+    if req.recipe == "auto":  # its choice depends on the drift budget and the calibration prompts
+        gate = req.quality or {}
+        auto = {"budget": quality.thresholds_for("auto", gate).max_mean_kl,
+                "prompts": quality.prompts_digest(quality.eval_prompts(gate.get("eval_prompts", []))[0])}
     key = json.dumps(
         {
+            "auto": auto,
             "source": source_sha,
             "recipe": req.recipe,
             "pool": req.target_pool,
@@ -206,7 +213,10 @@ class CompilePipeline:
         staging = self.store.new_staging(build_id)
         job_dir = self.work_dir / job_id
         job_dir.mkdir(parents=True, exist_ok=True)
+        auto_details: dict = {}
         try:
+            if recipe.name == "auto":
+                recipe, auto_details = await self._choose_auto(req, source, job_dir, progress, should_cancel)
             await progress("build", 0.0, f"running the GenAI model builder ({recipe.name})")
             t0 = time.perf_counter()
             await run_builder(
@@ -252,6 +262,7 @@ class CompilePipeline:
                     "builder_args": recipes.builder_args(recipe, req.target_pool, source.num_layers),
                     "build_seconds": round(build_seconds, 3),
                     "graph": graph,
+                    **({"auto": auto_details} if auto_details else {}),
                 },
                 target_pool=req.target_pool,
                 execution_provider=recipes.POOLS[req.target_pool].execution_provider,
@@ -270,6 +281,45 @@ class CompilePipeline:
         finally:
             self.store.discard_staging(staging)
             shutil.rmtree(job_dir / "cache", ignore_errors=True)
+
+    async def _choose_auto(self, req: JobRequest, source, job_dir: Path, progress: Progress,
+                           should_cancel: Callable[[], Awaitable[bool]]) -> tuple[recipes.Recipe, dict]:
+        """Measure each group's drift, choose the assignment, return the concrete recipe."""
+        gate = req.quality or {}
+        budget = quality.thresholds_for("auto", gate).max_mean_kl
+        prompts, prompt_source = quality.eval_prompts(gate.get("eval_prompts", []))
+        await progress("auto", 0.0, f"PyTorch reference on {len(prompts)} calibration prompts")
+        ids = await asyncio.to_thread(quality.tokenize, source.path, prompts)
+        reference = await asyncio.to_thread(quality.reference_logits, source.path, ids)
+        base = recipes.get("auto", req.target_pool)
+
+        async def trial(assignment: dict[str, str], label: str) -> float:
+            out = job_dir / "auto" / label.replace("=", "-")
+            shutil.rmtree(out, ignore_errors=True)
+            trial_recipe = dataclasses.replace(base, assignment=tuple(assignment.items()))
+            await run_builder(source.path, out, job_dir / "cache",
+                              recipes.builder_args(trial_recipe, req.target_pool, source.num_layers),
+                              source.num_layers, job_dir / f"builder-auto-{out.name}.log",
+                              lambda f, msg: asyncio.sleep(0), should_cancel)
+            logits = await asyncio.to_thread(quality.build_logits, out, ids)
+            shutil.rmtree(out, ignore_errors=True)
+            return quality.compare(list(zip(reference, logits, ids))).mean_kl
+
+        async def on_trial(i: int, n: int, label: str) -> None:
+            await progress("auto", i / n, f"sensitivity {i + 1}/{n}: only {label}")
+
+        sensitivity = await auto_precision.measure_sensitivity(trial, on_trial)
+        choice = auto_precision.choose(sensitivity, auto_precision.group_params(source.config), budget)
+        chosen = ", ".join(f"{g} {w}" for g, w in choice.assignment.items())
+        log.info("auto: %s (predicted KL %.5f within %.5f)", chosen, choice.predicted_kl, budget)
+        await progress("auto", 1.0, f"chose {chosen}")
+        details = {
+            "budget_mean_kl": budget, "safety": auto_precision.SAFETY, "prompt_source": prompt_source,
+            "sensitivity_mean_kl": {f"{g}={w}": kl for (g, w), kl in sensitivity.items()},
+            "chosen": choice.assignment, "predicted_mean_kl": choice.predicted_kl,
+            "predicted_bytes": int(choice.bytes),
+        }
+        return dataclasses.replace(base, assignment=tuple(choice.assignment.items())), details
 
     async def _gate(self, req: JobRequest, checkpoint: Path, build_dir: Path, previous: dict,
                     progress: Progress) -> quality.QualityReport:

@@ -58,6 +58,7 @@ DEFAULT_THRESHOLDS: dict[str, Thresholds] = {
     "hybrid-int8": Thresholds(0.95, 0.02, 3.0),
     "hybrid-int4": Thresholds(0.85, 0.10, 15.0),
     "int4": Thresholds(0.85, 0.10, 15.0),
+    "auto": Thresholds(0.95, 0.02, 3.0),  # max_mean_kl is also the budget auto chooses within
 }
 
 

@@ -64,6 +64,13 @@ RECIPES: dict[str, Recipe] = {
             "and lm_head as MatMulNBits 8-bit; block 32, symmetric RTN, accuracy level 4.",
             assignment=(("attn", "int8"), ("mlp", "int4"), ("lm_head", "int8")),
         ),
+        Recipe(
+            "auto", "mixed",
+            "Mixed precision chosen by measurement: each projection group's (attn, mlp, lm_head) drift at 8 and 4 "
+            "bits is measured on the calibration prompts, then the smallest assignment whose predicted drift fits "
+            "the request's max_mean_kl is built (MatMulNBits block 32, symmetric RTN); the manifest records the "
+            "measurements and the choice.",
+        ),
     )
 }
 

@@ -14,7 +14,7 @@ import grpc
 
 from llamaship.client import DEFAULT_GATEWAY, GatewayClient
 
-RECIPES = ("fp32", "fp16", "int8", "int4", "hybrid-int8", "hybrid-int4")
+RECIPES = ("fp32", "fp16", "int8", "int4", "hybrid-int8", "hybrid-int4", "auto")
 
 
 def _fail(message: str) -> int:
@@ -131,7 +131,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
     from shared.proto_gen.llamaship.compiler.v1 import compiler_pb2
 
     bar = tqdm(total=100, desc="queued", unit="%", bar_format="{desc:<40} {bar} {n:.0f}%")
-    stage_weight = {"validate": (0, 2), "hash": (2, 8), "build": (10, 55), "configure": (65, 2), "verify": (67, 5),
+    stage_weight = {"validate": (0, 2), "hash": (2, 8), "auto": (10, 0), "build": (10, 55), "configure": (65, 2), "verify": (67, 5),
                     "profile": (72, 8), "quality": (80, 12), "publish": (92, 8), "done": (100, 0)}
 
     def on_update(job: compiler_pb2.CompileJob) -> None:

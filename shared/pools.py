@@ -14,7 +14,7 @@ class Pool:
 
 
 POOLS: dict[str, Pool] = {
-    "cpu": Pool("cpu", "cpu", None, ("fp32", "int8", "int4", "hybrid-int8", "hybrid-int4")),
+    "cpu": Pool("cpu", "cpu", None, ("fp32", "int8", "int4", "hybrid-int8", "hybrid-int4", "auto")),
     # fp32 is not offered on cuda: the builder's fp32 CUDA graph has no fused GroupQueryAttention
     # (seen on an H200, 2026-11-26), which the compiler's verify stage rejects anyway.
     "cuda": Pool("cuda", "cuda", "cuda", ("fp16", "int8", "int4", "hybrid-int8", "hybrid-int4")),
