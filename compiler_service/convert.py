@@ -23,11 +23,14 @@ def quality_from_proto(q: pb.QualityGate) -> dict:
         out["force_publish"] = True
     if q.eval_prompts:
         out["eval_prompts"] = list(q.eval_prompts)
+    if q.sampled_prompts_of:
+        out["sampled_prompts_of"] = q.sampled_prompts_of
     return out
 
 
 def quality_to_proto(d: dict) -> pb.QualityGate:
-    q = pb.QualityGate(force_publish=bool(d.get("force_publish")), eval_prompts=d.get("eval_prompts", []))
+    q = pb.QualityGate(force_publish=bool(d.get("force_publish")), eval_prompts=d.get("eval_prompts", []),
+                       sampled_prompts_of=d.get("sampled_prompts_of", ""))
     for name in GATE_THRESHOLDS:
         if d.get(name) is not None:
             setattr(q, name, d[name])

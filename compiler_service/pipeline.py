@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Awaitable, Callable
 
-from shared import catalog
+from shared import catalog, prompt_samples
 from shared.errors import LlamashipError
 from shared.service import package_versions
 from shared.store import BuildStore, Manifest
@@ -171,7 +171,8 @@ class CompilePipeline:
         progress: Progress,
         should_cancel: Callable[[], Awaitable[bool]],
     ) -> Outcome:
-        req = normalize(req)
+        # a private copy: prompts resolved below must not ride along in every job event
+        req = dataclasses.replace(normalize(req), quality=dict(req.quality or {}))
         recipe = recipes.get(req.recipe, req.target_pool)
 
         where = req.checkpoint_path or (f"hub {req.hub_id}" if req.hub_id else f"upload {req.upload_id}")
@@ -182,8 +183,10 @@ class CompilePipeline:
             if req.upload_id and not (req.quality or {}).get("eval_prompts"):
                 prompts = await asyncio.to_thread(sources.upload_prompts, path)
                 if prompts:
-                    req.quality = {**(req.quality or {}), "eval_prompts": prompts}
+                    req.quality = {**(req.quality or {}), "eval_prompts": prompts, "prompt_source": "upload"}
                     quality.eval_prompts(prompts)
+            if (req.quality or {}).get("sampled_prompts_of"):
+                await self._use_sampled_prompts(req)
         except (ckpt.CheckpointError, sources.SourceError, quality.GateInputError) as exc:
             raise CompileError(str(exc)) from None
         except LlamashipError as exc:  # an incomplete or unknown upload
@@ -282,12 +285,36 @@ class CompilePipeline:
             self.store.discard_staging(staging)
             shutil.rmtree(job_dir / "cache", ignore_errors=True)
 
+    async def _use_sampled_prompts(self, req: JobRequest) -> None:
+        """The prompts the gateway sampled for a model become the calibration and eval set; a
+        snapshot goes into the shared store (samples/<model>/<digest>.jsonl)."""
+        model = req.quality["sampled_prompts_of"]
+        prompts = await prompt_samples.sampled(self.r, model)
+        if not prompts:
+            raise CompileError(f"quality.sampled_prompts_of: no prompts sampled for {model!r} yet "
+                               "(the gateway samples a model's prompts once SetPromptSampling enables it)")
+        prompts = prompts[: quality.MAX_PROMPTS]
+        digest = quality.prompts_digest(prompts)
+        snapshot = self.store.root / "samples" / model / f"{digest}.jsonl"
+
+        def write() -> None:
+            snapshot.parent.mkdir(parents=True, exist_ok=True)
+            tmp = snapshot.with_suffix(".tmp")
+            tmp.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
+            tmp.chmod(0o600)
+            tmp.replace(snapshot)
+
+        await asyncio.to_thread(write)
+        req.quality = {**req.quality, "eval_prompts": prompts, "prompt_source": f"sampled:{model}",
+                       "prompts_snapshot": str(snapshot.relative_to(self.store.root))}
+
     async def _choose_auto(self, req: JobRequest, source, job_dir: Path, progress: Progress,
                            should_cancel: Callable[[], Awaitable[bool]]) -> tuple[recipes.Recipe, dict]:
         """Measure each group's drift, choose the assignment, return the concrete recipe."""
         gate = req.quality or {}
         budget = quality.thresholds_for("auto", gate).max_mean_kl
         prompts, prompt_source = quality.eval_prompts(gate.get("eval_prompts", []))
+        prompt_source = gate.get("prompt_source", prompt_source)
         await progress("auto", 0.0, f"PyTorch reference on {len(prompts)} calibration prompts")
         ids = await asyncio.to_thread(quality.tokenize, source.path, prompts)
         reference = await asyncio.to_thread(quality.reference_logits, source.path, ids)
@@ -327,13 +354,17 @@ class CompilePipeline:
         options = req.quality or {}
         thresholds = quality.thresholds_for(req.recipe, options)
         prompts, source = quality.eval_prompts(options.get("eval_prompts", []))
+        source = options.get("prompt_source", source)
         old = quality.QualityReport.from_dict(previous) if previous.get("metrics") else None
         if old is not None and old.prompts_digest == quality.prompts_digest(prompts):
             return quality.rejudge(old, thresholds)
         note = "the built-in default prompts (no eval_prompts given)" if source == "default" else f"{len(prompts)} given prompts"
         await progress("quality", 0.0, f"comparing with the PyTorch reference on {note}")
-        return await asyncio.to_thread(quality.run_gate, checkpoint, build_dir, req.recipe, req.target_pool,
-                                       prompts, source, thresholds)
+        report = await asyncio.to_thread(quality.run_gate, checkpoint, build_dir, req.recipe, req.target_pool,
+                                         prompts, source, thresholds)
+        if options.get("prompts_snapshot"):
+            report.extra["prompts_snapshot"] = options["prompts_snapshot"]
+        return report
 
     async def _publish_if_passed(self, req: JobRequest, manifest: Manifest, report: quality.QualityReport,
                                  reused: bool) -> None:

@@ -29,6 +29,8 @@ METHOD_SCOPES: dict[str, str | None] = {
     _SERVICE + "CreateUpload": "compile",
     _SERVICE + "UploadFiles": "compile",
     _SERVICE + "GetUpload": "compile",
+    _SERVICE + "SetPromptSampling": "admin",
+    _SERVICE + "GetPromptSampling": "admin",
     _SERVICE + "ListModels": None,  # any valid key
 }
 

@@ -17,7 +17,8 @@ import redis.asyncio as aioredis
 from gateway import metrics
 from gateway.auth import KeyStore, bearer_key
 from gateway.gen_queue import GenerationQueue
-from shared import catalog
+from shared import catalog, prompt_samples
+from shared.prompt_samples import PromptSampler
 from shared import redis_keys as keys
 from shared.fair_queue import DEFAULT_TENANT
 from shared.errors import InvalidArgument, LlamashipError, NotFound, Unavailable, from_code_name
@@ -65,6 +66,8 @@ class GatewayServicer(pb_grpc.GatewayServicer):
                  replica_stale_s: float, keys: KeyStore | None = None):
         self.r = r
         self.keys = keys
+        self.sampler = PromptSampler(r)
+        self._background: set[asyncio.Task] = set()
         self.queue = queue
         self.compiler = compiler
         self.replica_stale_s = replica_stale_s
@@ -105,6 +108,7 @@ class GatewayServicer(pb_grpc.GatewayServicer):
             raise Unavailable(f"no live replica in the {alias.pool} pool; the request may be retried")
         entry = await self.queue.enqueue(req, alias.pool, alias.context_length)
         metrics.REQUESTS.labels(alias.pool, req.priority).inc()
+        self._sample(req.model, req.prompt)
         async for out in self._relay(rid, alias.pool, entry, "0-0"):
             yield out
 
@@ -156,6 +160,34 @@ class GatewayServicer(pb_grpc.GatewayServicer):
             depth = await asyncio.shield(self.queue.depth(pool))
             for priority, n in depth.items():
                 metrics.QUEUE_DEPTH.labels(pool, priority).set(n)
+
+    def _sample(self, model: str, prompt: str) -> None:
+        """Offer the prompt to the model's sample (if it opted in), off the request's path."""
+        async def offer() -> None:
+            try:
+                await self.sampler.offer(model, prompt, time.monotonic())
+            except Exception as exc:  # noqa: BLE001 - sampling must never fail a request; the prompt is not logged
+                log.warning("prompt sampling failed: %s", type(exc).__name__)
+
+        task = asyncio.get_running_loop().create_task(offer())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def SetPromptSampling(self, request: pb.PromptSampling, context) -> pb.PromptSampling:
+        if await catalog.get_alias(self.r, request.model) is None:
+            raise NotFound(f"model {request.model!r} not found")
+        settings = prompt_samples.SamplingSettings(
+            enabled=request.enabled, rate=request.rate or 1.0, max_prompts=request.max_prompts or 256,
+            max_chars=request.max_chars or 4000)
+        await prompt_samples.set_settings(self.r, request.model, settings, clear=request.clear and not request.enabled)
+        log.info("prompt sampling for %s: %s", request.model, "on" if settings.enabled else "off")
+        return await self.GetPromptSampling(pb.GetPromptSamplingRequest(model=request.model), context)
+
+    async def GetPromptSampling(self, request: pb.GetPromptSamplingRequest, context) -> pb.PromptSampling:
+        s = await prompt_samples.get_settings(self.r, request.model)
+        kept, seen = await prompt_samples.counts(self.r, request.model)
+        return pb.PromptSampling(model=request.model, enabled=s.enabled, rate=s.rate, max_prompts=s.max_prompts,
+                                 max_chars=s.max_chars, kept=kept, seen=seen)
 
     def _tenant(self, context: grpc.aio.ServicerContext) -> str:
         """The caller's tenant (the auth interceptor has already checked the key)."""

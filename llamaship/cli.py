@@ -182,7 +182,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
 def _quality_gate(args: argparse.Namespace):
     from shared.proto_gen.llamaship.compiler.v1 import compiler_pb2
 
-    gate = compiler_pb2.QualityGate(force_publish=args.force_publish)
+    gate = compiler_pb2.QualityGate(force_publish=args.force_publish, sampled_prompts_of=args.sampled_prompts_of or "")
     for name in ("min_top1_agreement", "max_mean_kl", "max_perplexity_increase_pct"):
         if getattr(args, name) is not None:
             setattr(gate, name, getattr(args, name))
@@ -241,6 +241,24 @@ def cmd_builds_show(args: argparse.Namespace) -> int:
     if load:
         print(f"graph: {load['shipped']}; load {load['load_s_original'] * 1000:.0f} ms original, "
               f"{load['load_s_optimized'] * 1000:.0f} ms optimized")
+    return 0
+
+
+def cmd_sampling(args: argparse.Namespace) -> int:
+    from shared.proto_gen.llamaship.gateway.v1 import gateway_pb2
+
+    try:
+        with _client(args) as client:
+            if args.enable or args.disable:
+                s = client.stub.SetPromptSampling(gateway_pb2.PromptSampling(
+                    model=args.model, enabled=bool(args.enable), rate=args.rate or 0, max_prompts=args.max_prompts or 0,
+                    max_chars=args.max_chars or 0, clear=args.clear), timeout=30)
+            else:
+                s = client.stub.GetPromptSampling(gateway_pb2.GetPromptSamplingRequest(model=args.model), timeout=30)
+    except grpc.RpcError as exc:
+        return _rpc_error(exc)
+    print(f"{s.model}: sampling {'on' if s.enabled else 'off'} (rate {s.rate:g}, at most {s.max_prompts} prompts of "
+          f"{s.max_chars} characters); {s.kept} kept of {s.seen} seen")
     return 0
 
 
@@ -373,6 +391,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-perplexity-increase-pct", dest="max_perplexity_increase_pct", type=float, default=None)
     g.add_argument("--eval-prompts", default=None, metavar="JSONL",
                    help='evaluation prompts, one {"prompt": "..."} per line (default: a built-in set)')
+    g.add_argument("--sampled-prompts-of", default=None, metavar="MODEL",
+                   help="calibrate and gate on the prompts the gateway sampled for MODEL (llamaship sampling)")
     g.add_argument("--force-publish", action="store_true", help="publish even if the build fails the gate")
     p.set_defaults(func=cmd_compile)
 
@@ -391,6 +411,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = client_parser("models", "list model names, their builds and the replicas serving them")
     p.set_defaults(func=cmd_models)
+
+    p = client_parser("sampling", "show or change prompt sampling of a model (admin scope)")
+    p.add_argument("model")
+    onoff = p.add_mutually_exclusive_group()
+    onoff.add_argument("--enable", action="store_true")
+    onoff.add_argument("--disable", action="store_true")
+    p.add_argument("--rate", type=float, default=None, help="share of requests considered (default 1)")
+    p.add_argument("--max-prompts", type=int, default=None, help="prompts kept at most (default 256)")
+    p.add_argument("--max-chars", type=int, default=None, help="characters kept per prompt (default 4000)")
+    p.add_argument("--clear", action="store_true", help="with --disable: delete the prompts kept so far")
+    p.set_defaults(func=cmd_sampling)
 
     p = sub.add_parser("builds", help="inspect stored builds")
     bsub = p.add_subparsers(dest="builds_command", required=True)

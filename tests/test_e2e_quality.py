@@ -5,6 +5,7 @@ gate settings are refused up front."""
 from __future__ import annotations
 
 import json
+import time
 
 import grpc
 import pytest
@@ -139,3 +140,40 @@ def test_auto_measures_each_group_and_builds_the_smallest_assignment_within_budg
     assert strict.state == compiler_pb2.JOB_STATE_SUCCEEDED, strict.message
     strict_auto = json.loads(client.build(strict.build_id).manifest_json)["recipe_details"]["auto"]
     assert set(strict_auto["chosen"].values()) == {"float"}  # nothing fits a zero budget
+
+
+def test_prompts_sampled_at_the_gateway_calibrate_and_gate_a_compile(stack, client, demo_model, fp32_build):
+    from shared.proto_gen.llamaship.gateway.v1 import gateway_pb2
+
+    assert client.compile(str(demo_model), "sampled", "fp32").build_id == fp32_build
+    job = client.compile(str(demo_model), "sampled", "int8",  # nothing sampled yet: a clear failure
+                         quality=compiler_pb2.QualityGate(sampled_prompts_of="sampled"))
+    assert job.state == compiler_pb2.JOB_STATE_FAILED and "no prompts sampled" in job.message
+    on = client.stub.SetPromptSampling(gateway_pb2.PromptSampling(model="sampled", enabled=True, rate=1.0,
+                                                                  max_prompts=3, max_chars=24))
+    assert on.enabled and on.kept == 0
+    secret = [f"def secret_{i}(x):\n    return x + {i}  # private user text {i}" for i in range(5)]
+    for p in secret:
+        client.generate("sampled", p, 4)
+    deadline = time.time() + 10
+    while (got := client.stub.GetPromptSampling(gateway_pb2.GetPromptSamplingRequest(model="sampled"))).seen < 5:
+        assert time.time() < deadline
+        time.sleep(0.1)
+    assert got.kept == 3 and got.seen == 5  # bounded: a uniform reservoir of 3 out of 5
+
+    job = client.compile(str(demo_model), "sampled", "int8",
+                         quality=compiler_pb2.QualityGate(sampled_prompts_of="sampled"))
+    assert job.state == compiler_pb2.JOB_STATE_SUCCEEDED, job.message
+    info = client.build(job.build_id)
+    assert info.quality.prompt_source == "sampled:sampled" and info.quality.prompts == 3
+    snapshot = json.loads(info.manifest_json)["quality"]["extra"]["prompts_snapshot"]
+    lines = [json.loads(x)["prompt"] for x in (stack.cfg.store / snapshot).read_text().splitlines()]
+    assert len(lines) == 3 and all(len(p) <= 24 and any(s.startswith(p) for s in secret) for p in lines)
+    for log in stack.cfg.log_dir.glob("*.log"):  # never logged
+        assert "private user text" not in log.read_text(), log.name
+
+    off = client.stub.SetPromptSampling(gateway_pb2.PromptSampling(model="sampled", enabled=False, clear=True))
+    assert not off.enabled and off.kept == 0
+    with pytest.raises(grpc.RpcError) as bad:
+        client.stub.SetPromptSampling(gateway_pb2.PromptSampling(model="sampled", enabled=True, rate=1.5))
+    assert bad.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "rate" in bad.value.details()

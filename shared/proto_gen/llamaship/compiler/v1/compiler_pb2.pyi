@@ -99,18 +99,20 @@ class Upload(_message.Message):
     def __init__(self, upload_id: _Optional[str] = ..., files: _Optional[_Iterable[_Union[UploadFile, _Mapping]]] = ..., complete: _Optional[bool] = ..., total_bytes: _Optional[int] = ..., received_bytes: _Optional[int] = ...) -> None: ...
 
 class QualityGate(_message.Message):
-    __slots__ = ("min_top1_agreement", "max_mean_kl", "max_perplexity_increase_pct", "force_publish", "eval_prompts")
+    __slots__ = ("min_top1_agreement", "max_mean_kl", "max_perplexity_increase_pct", "force_publish", "eval_prompts", "sampled_prompts_of")
     MIN_TOP1_AGREEMENT_FIELD_NUMBER: _ClassVar[int]
     MAX_MEAN_KL_FIELD_NUMBER: _ClassVar[int]
     MAX_PERPLEXITY_INCREASE_PCT_FIELD_NUMBER: _ClassVar[int]
     FORCE_PUBLISH_FIELD_NUMBER: _ClassVar[int]
     EVAL_PROMPTS_FIELD_NUMBER: _ClassVar[int]
+    SAMPLED_PROMPTS_OF_FIELD_NUMBER: _ClassVar[int]
     min_top1_agreement: float
     max_mean_kl: float
     max_perplexity_increase_pct: float
     force_publish: bool
     eval_prompts: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, min_top1_agreement: _Optional[float] = ..., max_mean_kl: _Optional[float] = ..., max_perplexity_increase_pct: _Optional[float] = ..., force_publish: _Optional[bool] = ..., eval_prompts: _Optional[_Iterable[str]] = ...) -> None: ...
+    sampled_prompts_of: str
+    def __init__(self, min_top1_agreement: _Optional[float] = ..., max_mean_kl: _Optional[float] = ..., max_perplexity_increase_pct: _Optional[float] = ..., force_publish: _Optional[bool] = ..., eval_prompts: _Optional[_Iterable[str]] = ..., sampled_prompts_of: _Optional[str] = ...) -> None: ...
 
 class QualityReport(_message.Message):
     __slots__ = ("passed", "failures", "top1_agreement", "mean_kl", "max_abs_logit_diff", "perplexity_reference", "perplexity_build", "prompt_source", "prompts", "tokens", "min_top1_agreement", "max_mean_kl", "max_perplexity_increase_pct", "forced", "skipped_reason")

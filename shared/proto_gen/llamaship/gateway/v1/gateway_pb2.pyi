@@ -28,6 +28,32 @@ FINISH_REASON_LENGTH: FinishReason
 FINISH_REASON_EOS: FinishReason
 FINISH_REASON_STOP: FinishReason
 
+class PromptSampling(_message.Message):
+    __slots__ = ("model", "enabled", "rate", "max_prompts", "max_chars", "kept", "seen", "clear")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    ENABLED_FIELD_NUMBER: _ClassVar[int]
+    RATE_FIELD_NUMBER: _ClassVar[int]
+    MAX_PROMPTS_FIELD_NUMBER: _ClassVar[int]
+    MAX_CHARS_FIELD_NUMBER: _ClassVar[int]
+    KEPT_FIELD_NUMBER: _ClassVar[int]
+    SEEN_FIELD_NUMBER: _ClassVar[int]
+    CLEAR_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    enabled: bool
+    rate: float
+    max_prompts: int
+    max_chars: int
+    kept: int
+    seen: int
+    clear: bool
+    def __init__(self, model: _Optional[str] = ..., enabled: _Optional[bool] = ..., rate: _Optional[float] = ..., max_prompts: _Optional[int] = ..., max_chars: _Optional[int] = ..., kept: _Optional[int] = ..., seen: _Optional[int] = ..., clear: _Optional[bool] = ...) -> None: ...
+
+class GetPromptSamplingRequest(_message.Message):
+    __slots__ = ("model",)
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    def __init__(self, model: _Optional[str] = ...) -> None: ...
+
 class GenerateRequest(_message.Message):
     __slots__ = ("model", "prompt", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "request_id", "priority", "resume_cursor")
     MODEL_FIELD_NUMBER: _ClassVar[int]

@@ -87,6 +87,16 @@ class GatewayStub:
                 request_serializer=llamaship_dot_compiler_dot_v1_dot_compiler__pb2.GetUploadRequest.SerializeToString,
                 response_deserializer=llamaship_dot_compiler_dot_v1_dot_compiler__pb2.Upload.FromString,
                 _registered_method=True)
+        self.SetPromptSampling = channel.unary_unary(
+                '/llamaship.gateway.v1.Gateway/SetPromptSampling',
+                request_serializer=llamaship_dot_gateway_dot_v1_dot_gateway__pb2.PromptSampling.SerializeToString,
+                response_deserializer=llamaship_dot_gateway_dot_v1_dot_gateway__pb2.PromptSampling.FromString,
+                _registered_method=True)
+        self.GetPromptSampling = channel.unary_unary(
+                '/llamaship.gateway.v1.Gateway/GetPromptSampling',
+                request_serializer=llamaship_dot_gateway_dot_v1_dot_gateway__pb2.GetPromptSamplingRequest.SerializeToString,
+                response_deserializer=llamaship_dot_gateway_dot_v1_dot_gateway__pb2.PromptSampling.FromString,
+                _registered_method=True)
 
 
 class GatewayServicer:
@@ -156,6 +166,21 @@ class GatewayServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SetPromptSampling(self, request, context):
+        """Opt a model in to (or out of) prompt sampling: a bounded, uniform sample of the prompts it
+        receives, for compile requests to calibrate and gate on (QualityGate.sampled_prompts_of).
+        Sampled prompts are never logged. Scope admin.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetPromptSampling(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_GatewayServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -208,6 +233,16 @@ def add_GatewayServicer_to_server(servicer, server):
                     servicer.GetUpload,
                     request_deserializer=llamaship_dot_compiler_dot_v1_dot_compiler__pb2.GetUploadRequest.FromString,
                     response_serializer=llamaship_dot_compiler_dot_v1_dot_compiler__pb2.Upload.SerializeToString,
+            ),
+            'SetPromptSampling': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetPromptSampling,
+                    request_deserializer=llamaship_dot_gateway_dot_v1_dot_gateway__pb2.PromptSampling.FromString,
+                    response_serializer=llamaship_dot_gateway_dot_v1_dot_gateway__pb2.PromptSampling.SerializeToString,
+            ),
+            'GetPromptSampling': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetPromptSampling,
+                    request_deserializer=llamaship_dot_gateway_dot_v1_dot_gateway__pb2.GetPromptSamplingRequest.FromString,
+                    response_serializer=llamaship_dot_gateway_dot_v1_dot_gateway__pb2.PromptSampling.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -482,6 +517,60 @@ class Gateway:
             '/llamaship.gateway.v1.Gateway/GetUpload',
             llamaship_dot_compiler_dot_v1_dot_compiler__pb2.GetUploadRequest.SerializeToString,
             llamaship_dot_compiler_dot_v1_dot_compiler__pb2.Upload.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetPromptSampling(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/llamaship.gateway.v1.Gateway/SetPromptSampling',
+            llamaship_dot_gateway_dot_v1_dot_gateway__pb2.PromptSampling.SerializeToString,
+            llamaship_dot_gateway_dot_v1_dot_gateway__pb2.PromptSampling.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetPromptSampling(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/llamaship.gateway.v1.Gateway/GetPromptSampling',
+            llamaship_dot_gateway_dot_v1_dot_gateway__pb2.GetPromptSamplingRequest.SerializeToString,
+            llamaship_dot_gateway_dot_v1_dot_gateway__pb2.PromptSampling.FromString,
             options,
             channel_credentials,
             insecure,
