@@ -98,7 +98,7 @@ def _pickle_only(ckpt: Path) -> None:
         (_not_a_checkpoint, "no config.json"),
         (_truncate_weights, "corrupt safetensors file model.safetensors"),
         (_llama4, "Llama4ForCausalLM"),
-        (_pickle_only, "safetensors only"),
+        (_pickle_only, "only pickle weights (.bin/.pt); Llamaship accepts safetensors unless the request sets allow_pickle"),
     ],
     ids=["missing-path", "not-a-checkpoint", "corrupt-safetensors", "llama4-architecture", "pickle-weights"],
 )
@@ -116,6 +116,21 @@ def test_compile_failure_says_why_and_publishes_nothing(client, stack, scratch_c
     assert name not in {m.name for m in client.models()}
     assert sorted(p.name for p in (stack.cfg.store / "builds").iterdir()) == builds_before
     assert client.generate("demo", PROMPT, 4).completion_tokens == 4
+
+
+def test_pickle_weights_compile_only_when_allowed(client, scratch_checkpoint, fp32_build):
+    import torch
+    from safetensors.torch import load_file
+
+    weights = scratch_checkpoint / "model.safetensors"
+    torch.save(load_file(weights), scratch_checkpoint / "pytorch_model.bin")
+    weights.unlink()
+    refused = client.compile(str(scratch_checkpoint), "pickled", "fp32")
+    assert refused.state == compiler_pb2.JOB_STATE_FAILED and "allow_pickle" in refused.message
+    job = client.compile(str(scratch_checkpoint), "pickled", "fp32", allow_pickle=True)
+    assert job.state == compiler_pb2.JOB_STATE_SUCCEEDED, job.message
+    assert client.build(job.build_id).quality.passed  # the same model: it matches the reference
+    assert client.generate("pickled", PROMPT, 16).token_ids == client.generate("demo", PROMPT, 16).token_ids
 
 
 def test_request_ids_are_single_use(client, fp32_build):

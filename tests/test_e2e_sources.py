@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+import time
 
 import grpc
 import pytest
@@ -27,10 +28,14 @@ def test_upload_resumed_after_a_dropped_stream_then_compiled(client, demo_model,
     big = max(files, key=lambda p: p.stat().st_size)
     data = big.read_bytes()
 
-    def dropped():  # half the weights, then the connection goes
+    def dropped():  # half the weights, then the connection goes (once some bytes are stored)
         for off in range(0, len(data) // 2, 1 << 18):
             yield compiler_pb2.UploadChunk(upload_id=state.upload_id, path=big.name, offset=off,
                                            data=data[off:off + (1 << 18)])
+        deadline = time.time() + 20
+        while client.stub.GetUpload(compiler_pb2.GetUploadRequest(upload_id=state.upload_id)).received_bytes == 0:
+            assert time.time() < deadline
+            time.sleep(0.05)
         raise ConnectionError("network dropped")
 
     with pytest.raises(grpc.RpcError):
@@ -47,7 +52,7 @@ def test_upload_resumed_after_a_dropped_stream_then_compiled(client, demo_model,
     assert job.state == compiler_pb2.JOB_STATE_SUCCEEDED, job.message
     assert job.build_id == fp32_build  # same content, same build, wherever it came from
     q = client.build(job.build_id).quality
-    assert q.prompt_source == "request" and q.prompts == 2 and q.passed
+    assert q.prompt_source == "upload" and q.prompts == 2 and q.passed
     assert client.generate("uploaded", "import os\n", 8).completion_tokens == 8
 
 
