@@ -143,17 +143,35 @@ def inspect_graph(build_dir: Path, recipe: recipes.Recipe) -> dict:
     }
 
 
-def smoke_test(build_dir: Path) -> None:
-    """Load the build the way serving will and decode a few tokens."""
+def smoke_test(build_dir: Path, context_length: int, max_batch: int) -> None:
+    """Load the build the way serving will, decode a few tokens, and check the runtime enforces the
+    request's limits: it must refuse a sequence longer than the context, and take batches of
+    different sizes and sequence lengths (symbolic dims that really are dynamic at run time).
+    The max batch is enforced by the serving replicas (a cohort never holds more rows)."""
+    import numpy as np
     import onnxruntime_genai as og
 
+    configured = json.loads((build_dir / "genai_config.json").read_text())["model"]["context_length"]
+    if configured != context_length:
+        raise CompileError(f"the build's context length is {configured}, not the requested {context_length}")
     model = og.Model(str(build_dir))
     params = og.GeneratorParams(model)
-    params.set_search_options(max_length=8, do_sample=False)
-    gen = og.Generator(model, params)
-    gen.append_tokens([1, 2, 3])
-    while not gen.is_done():
-        gen.generate_next_token()
+    try:
+        params.set_search_options(max_length=context_length + 1, do_sample=False)
+        og.Generator(model, params).append_tokens([1, 2, 3])
+    except Exception:  # noqa: BLE001 - refused, as it must be
+        pass
+    else:
+        raise CompileError(f"the runtime accepts sequences longer than the context length {context_length}")
+    for rows, width in ((1, 3), (min(max_batch, 3), 5)):
+        params = og.GeneratorParams(model)
+        params.set_search_options(max_length=width + 4, do_sample=False, batch_size=rows)
+        gen = og.Generator(model, params)
+        prompts = np.full((rows, width), 0, dtype=np.int32)
+        prompts[:, :2] = [1, 2]
+        gen.append_tokens(prompts if rows > 1 else prompts[0])
+        while not gen.is_done():
+            gen.generate_next_token()
 
 
 class CompilePipeline:
@@ -239,7 +257,7 @@ class CompilePipeline:
             if req.target_pool == "cpu":
                 await progress("profile", 0.0, "offline graph optimization: does it load faster?")
                 profile["load"] = await asyncio.to_thread(profiling.offline_optimize, staging, job_dir)
-            await asyncio.to_thread(smoke_test, staging)
+            await asyncio.to_thread(smoke_test, staging, context_length, req.max_batch)
             if req.target_pool == "cpu":
                 await progress("profile", 0.5, "ONNX Runtime profile: 1 prefill + 16 decode steps")
                 profile["summary"] = await asyncio.to_thread(

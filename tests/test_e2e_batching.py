@@ -49,3 +49,43 @@ def test_batched_sequences_equal_sequential_ones(stack, fp32_build):
     assert late == alone[4][:32]
     assert busy == single_400
     assert active == 0
+
+
+def test_the_builds_max_batch_caps_a_cohort(client, stack, demo_model):
+    from serving_service.engine import Engine
+    from shared.generation import GenRequest
+    from shared.store import BuildStore
+
+    job = client.compile(str(demo_model), "small-batch", "fp32", max_batch=2)
+    assert job.build_id
+
+    async def run():
+        engine = Engine(BuildStore(stack.cfg.store), "cpu", slots=8)
+        await engine.load("m", job.build_id)
+
+        async def one(i):
+            return [t async for c in engine.stream(GenRequest(f"r{i}", "m", PROMPTS[i], 64)) for t in c.token_ids]
+
+        await asyncio.gather(*(one(i) for i in range(6)))
+        widths = dict(engine.builds["m"].worker.step_rows)
+        engine.close()
+        return widths
+
+    widths = asyncio.run(run())
+    assert max(widths) == 2, widths  # batched, but never past the compile request's max batch
+
+
+def test_verify_rejects_a_build_whose_runtime_limits_differ(stack, fp32_build, tmp_path):
+    import json
+    import shutil
+
+    from compiler_service.pipeline import CompileError, smoke_test
+
+    build = tmp_path / "b"
+    shutil.copytree(stack.cfg.store / "builds" / fp32_build, build)
+    smoke_test(build, 4096, 32)
+    cfg = json.loads((build / "genai_config.json").read_text())
+    cfg["model"]["context_length"] = 100
+    (build / "genai_config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CompileError, match="context length is 100, not the requested 4096"):
+        smoke_test(build, 4096, 32)
