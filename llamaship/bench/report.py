@@ -57,6 +57,34 @@ def _first_model(report: dict) -> tuple[str, dict]:
     return name, report["models"][name]
 
 
+def _quality_table(model: dict) -> list[str]:
+    """Per recipe: size, the quality gate's measurements against PyTorch, decode speed; and what auto chose."""
+    rows = [(rc, r) for rc, r in model["recipes"].items() if "error" not in r and (r.get("quality") or {}).get("metrics")]
+    if not rows:
+        return []
+    q0 = rows[0][1]["quality"]
+    out = ["", f"Quality gate (teacher-forced against PyTorch float32 on {q0['prompts']} {q0['prompt_source']} "
+               f"prompts, {q0['metrics']['tokens']} positions), size and speed:", "",
+           "| recipe | build MB | top-1 agreement | mean KL | perplexity (Δ) | max abs Δlogit | gate | "
+           "attention share | direct decode tok/s |",
+           "|---|---|---|---|---|---|---|---|---|"]
+    for rc, r in rows:
+        q, mt = r["quality"], r["quality"]["metrics"]
+        gate = "passed" if q["passed"] else "FAILED: " + "; ".join(q["failures"])
+        share = (r.get("profile") or {}).get("attention_share")
+        out.append(f"| {rc} | {r['build_bytes'] / 1e6:.1f} | {mt['top1_agreement']:.4f} | {mt['mean_kl']:.5f} | "
+                   f"{mt['perplexity_build']:.2f} ({mt['perplexity_increase_pct']:+.2f}%) | {mt['max_abs_logit_diff']:.3f} | "
+                   f"{gate} | {_f(share * 100 if share is not None else math.nan)}% | {_f(r['direct']['short']['decode_tps'])} |")
+    for rc, r in rows:
+        if r.get("auto"):
+            a = r["auto"]
+            sens = ", ".join(f"{k} {v:.5f}" for k, v in a["sensitivity_mean_kl"].items())
+            out += ["", f"auto chose {', '.join(f'{g} {w}' for g, w in a['chosen'].items())}: predicted mean KL "
+                        f"{a['predicted_mean_kl']:.5f} within {a['safety']:.0%} of the budget {a['budget_mean_kl']:g}, "
+                        f"measured {r['quality']['metrics']['mean_kl']:.5f}. Mean KL with one group quantized: {sens}."]
+    return out + [""]
+
+
 def _claims(report: dict) -> list[dict]:
     name, model = _first_model(report)
     rec, pt = model["recipes"], model["pytorch"].get("float32", {})
@@ -147,6 +175,7 @@ def markdown(report: dict, chart_prefix: str = "") -> str:
                     + (f"{_f(r['roofline_fraction'] * 100, 0)}% of {_f(r['roofline_tps'], 0)} | — | "
                        f"{r['build_bytes'] / 1e6:.1f} | {_f(r['compile_s'])} |" if label.startswith("ORT") else
                        f"— | {agg} | — | — |"))
+        lines += _quality_table(model)
         procs = sorted({k for r in model["recipes"].values() if "error" not in r
                         for k in r["cpu_ms_per_token"]["stack"]})
         lines += ["", "CPU profile: milliseconds of CPU per generated token (short prompt), direct vs whole stack", "",

@@ -18,10 +18,11 @@ from pathlib import Path
 from tqdm import tqdm
 
 from llamaship.bench import measure as m
+from shared.proto_gen.llamaship.compiler.v1 import compiler_pb2
 from llamaship.bench.models import bench_checkpoint
 
 ROOT = Path(__file__).resolve().parents[2]
-CPU_RECIPES = ("fp32", "int8", "hybrid-int8", "int4")
+CPU_RECIPES = ("fp32", "int8", "hybrid-int8", "hybrid-int4", "int4", "auto")
 CUDA_RECIPES = ("fp16", "int4")
 
 
@@ -113,7 +114,9 @@ def run_bench(plan: Plan, out_dir: Path, cache: Path, threads: int) -> dict:
                 bar.set_postfix_str(f"{model_name}: {recipe}")
                 name = f"bench-{model_name}-{recipe}".replace(".", "-")
                 t0 = time.perf_counter()
-                job = client.compile(str(ckpt), name, recipe, plan.device)
+                # forced: a build that misses its quality gate is still measured (the report says it failed)
+                job = client.compile(str(ckpt), name, recipe, plan.device,
+                                     quality=compiler_pb2.QualityGate(force_publish=True))
                 compile_s = time.perf_counter() - t0
                 if not job.build_id:
                     entry["recipes"][recipe] = {"error": job.message}
@@ -125,6 +128,8 @@ def run_bench(plan: Plan, out_dir: Path, cache: Path, threads: int) -> dict:
                 entry["recipes"][recipe].update({
                     "build_id": job.build_id, "compile_s": compile_s, "reused_build": job.reused,
                     "build_bytes": manifest.total_bytes, **m.onnx_weight_bytes(build_dir),
+                    "quality": manifest.quality, "auto": manifest.recipe_details.get("auto"),
+                    "profile": (manifest.profile or {}).get("summary"),
                 })
                 bar.update(1)
         report["peak_rss_mb"] = {n: m.peak_rss_mb(p.popen.pid, with_children=True) for n, p in stack.procs.items()}
