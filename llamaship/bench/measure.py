@@ -209,13 +209,16 @@ def stack_run(client, model: str, prompt: str, max_new: int) -> Run:
 def concurrent_tps(client_factory, model: str, prompt: str, max_new: int, concurrency: int, rounds: int = 1) -> dict:
     """Aggregate completion tokens/s with `concurrency` clients streaming at once."""
     tokens = [0] * concurrency
+    ttft_ms: list[float] = []
     errors: list[str] = []
 
     def worker(i: int) -> None:
         c = client_factory()
         try:
             for _ in range(rounds):
-                tokens[i] += c.generate(model, prompt, max_new).completion_tokens
+                out = c.generate(model, prompt, max_new)
+                tokens[i] += out.completion_tokens
+                ttft_ms.append(out.time_to_first_token_s * 1000)
         except Exception as exc:  # noqa: BLE001 - reported
             errors.append(f"{type(exc).__name__}: {exc}")
         finally:
@@ -229,7 +232,8 @@ def concurrent_tps(client_factory, model: str, prompt: str, max_new: int, concur
         t.join()
     wall = time.perf_counter() - t0
     return {"concurrency": concurrency, "tokens": sum(tokens), "wall_s": wall,
-            "aggregate_tps": sum(tokens) / wall if wall else 0.0, "errors": errors}
+            "aggregate_tps": sum(tokens) / wall if wall else 0.0, "errors": errors,
+            "ttft_ms_p50": pct(ttft_ms, 50), "ttft_ms_p99": pct(ttft_ms, 99)}
 
 
 # -- bytes each decoded token must read ---------------------------------------------------------

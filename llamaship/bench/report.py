@@ -57,6 +57,21 @@ def _first_model(report: dict) -> tuple[str, dict]:
     return name, report["models"][name]
 
 
+def _concurrency_table(model: dict) -> list[str]:
+    """Whole stack under concurrent streams (continuous batching): aggregate tokens/s and time to first token."""
+    rows = [(rc, r) for rc, r in model["recipes"].items() if "error" not in r and r.get("concurrency")]
+    if not rows or "ttft_ms_p50" not in rows[0][1]["concurrency"][0]:
+        return []
+    levels = [c["concurrency"] for c in rows[0][1]["concurrency"]]
+    out = ["", "Whole stack, concurrent streams (short prompt; every client starts at once):", "",
+           "| recipe | " + " | ".join(f"c={n}: tok/s, TTFT p50/p99 ms" for n in levels) + " | errors |",
+           "|---|" + "---|" * (len(levels) + 1)]
+    for rc, r in rows:
+        cells = [f"{_f(c['aggregate_tps'], 0)}, {_f(c['ttft_ms_p50'])}/{_f(c['ttft_ms_p99'])}" for c in r["concurrency"]]
+        out.append(f"| {rc} | " + " | ".join(cells) + f" | {sum(len(c['errors']) for c in r['concurrency'])} |")
+    return out
+
+
 def _quality_table(model: dict) -> list[str]:
     """Per recipe: size, the quality gate's measurements against PyTorch, decode speed; and what auto chose."""
     rows = [(rc, r) for rc, r in model["recipes"].items() if "error" not in r and (r.get("quality") or {}).get("metrics")]
@@ -175,6 +190,7 @@ def markdown(report: dict, chart_prefix: str = "") -> str:
                     + (f"{_f(r['roofline_fraction'] * 100, 0)}% of {_f(r['roofline_tps'], 0)} | — | "
                        f"{r['build_bytes'] / 1e6:.1f} | {_f(r['compile_s'])} |" if label.startswith("ORT") else
                        f"— | {agg} | — | — |"))
+        lines += _concurrency_table(model)
         lines += _quality_table(model)
         procs = sorted({k for r in model["recipes"].values() if "error" not in r
                         for k in r["cpu_ms_per_token"]["stack"]})
