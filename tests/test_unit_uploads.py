@@ -66,3 +66,21 @@ def test_unknown_upload_and_oversized_chunk(tmp_path):
         store.append(uid, "a", 0, b"abc")
     with pytest.raises(InvalidArgument, match="was not declared"):
         store.append(uid, "b", 0, b"x")
+
+
+def test_eval_prompts_file_of_an_upload(tmp_path):
+    from compiler_service.sources import SourceError, upload_prompts
+
+    assert upload_prompts(tmp_path) is None
+    f = tmp_path / "eval_prompts.jsonl"
+    f.write_text('{"prompt": "a"}\n\n{"prompt": "b"}\n')
+    assert upload_prompts(tmp_path) == ["a", "b"]
+    f.write_text('{"prompt": "a"}\nnot json\n')
+    with pytest.raises(SourceError, match="eval_prompts.jsonl:2"):
+        upload_prompts(tmp_path)
+    f.write_text('{"text": "a"}\n')
+    with pytest.raises(SourceError, match="eval_prompts.jsonl:1"):
+        upload_prompts(tmp_path)
+    f.write_text("\n")
+    with pytest.raises(SourceError, match="no prompts"):
+        upload_prompts(tmp_path)

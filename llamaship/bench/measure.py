@@ -233,7 +233,7 @@ def concurrent_tps(client_factory, model: str, prompt: str, max_new: int, concur
     wall = time.perf_counter() - t0
     return {"concurrency": concurrency, "tokens": sum(tokens), "wall_s": wall,
             "aggregate_tps": sum(tokens) / wall if wall else 0.0, "errors": errors,
-            "ttft_ms_p50": pct(ttft_ms, 50), "ttft_ms_p99": pct(ttft_ms, 99)}
+            "ttft_ms_p50": pct(ttft_ms, 0.5), "ttft_ms_p99": pct(ttft_ms, 0.99)}
 
 
 # -- bytes each decoded token must read ---------------------------------------------------------
