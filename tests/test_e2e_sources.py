@@ -74,3 +74,16 @@ def test_bad_sources_are_refused_at_submit(client, kwargs, message):
         client.submit_compile(checkpoint, "bad-source", "fp32", **kwargs)
     assert info.value.code() in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND)
     assert message in info.value.details()
+
+
+def test_hub_id_served_from_the_compilers_hub_cache(client, stack, demo_model, fp32_build):
+    """With no network, a hub checkpoint already in the compiler's cache (the store's .hub, in the
+    Hugging Face cache layout) compiles; the same content gives the same build."""
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = stack.cfg.store / ".hub" / "models--llamaship-test--demo"
+    shutil.copytree(demo_model, repo / "snapshots" / commit, ignore=shutil.ignore_patterns(".*"))
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    job = client.compile("", "from-hub-cache", "fp32", hub_id="llamaship-test/demo")
+    assert job.state == compiler_pb2.JOB_STATE_SUCCEEDED, job.message
+    assert job.build_id == fp32_build
