@@ -1,12 +1,13 @@
 """The `auto` recipe: mixed precision chosen by measurement.
 
 1. Sensitivity: for each projection group (attn, mlp, lm_head) and each weight width (int8,
-   int4), build the model with only that group quantized and measure the mean KL(reference ||
-   build) on the calibration prompts (the quality gate's prompts).
-2. Choice: over every assignment of {float, int8, int4} to the three groups, predict the drift
-   as the sum of the groups' measured KLs (small perturbations add up about linearly) and the
-   size from the groups' parameter counts; take the smallest assignment whose predicted drift
-   stays within the budget (with a safety margin).
+   int4), build the model with only that group quantized and measure its drift on the
+   calibration prompts (the quality gate's prompts and metrics): mean KL(reference || build),
+   top-1 disagreement and perplexity increase.
+2. Choice: over every assignment of {float, int8, int4} to the three groups, predict each drift
+   as the sum of the groups' (small perturbations add up about linearly) and the size from the
+   groups' parameter counts; take the smallest assignment whose predicted drifts all stay
+   within the gate's thresholds (with a safety margin).
 3. The chosen assignment is built for real and, like every build, must pass the quality gate:
    the prediction picks, the measurement decides.
 """
@@ -25,9 +26,36 @@ SAFETY = 0.8  # choose with 20% of the budget in reserve: the sum of KLs is an e
 
 
 @dataclass(frozen=True)
+class Drift:
+    mean_kl: float
+    top1_disagreement: float
+    perplexity_increase_pct: float
+
+    def __add__(self, other: "Drift") -> "Drift":
+        return Drift(self.mean_kl + other.mean_kl, self.top1_disagreement + other.top1_disagreement,
+                     self.perplexity_increase_pct + max(0.0, other.perplexity_increase_pct))
+
+
+NO_DRIFT = Drift(0.0, 0.0, 0.0)
+
+
+@dataclass(frozen=True)
+class Budget:
+    """The gate's thresholds as drift limits."""
+
+    mean_kl: float
+    top1_disagreement: float
+    perplexity_increase_pct: float
+
+    def admits(self, d: Drift) -> bool:
+        return (d.mean_kl <= SAFETY * self.mean_kl and d.top1_disagreement <= SAFETY * self.top1_disagreement
+                and d.perplexity_increase_pct <= SAFETY * self.perplexity_increase_pct)
+
+
+@dataclass(frozen=True)
 class Choice:
     assignment: dict[str, str]
-    predicted_kl: float
+    predicted: Drift
     bytes: float
 
 
@@ -51,23 +79,23 @@ def trials() -> list[dict[str, str]]:
     return [{g: (w if g == group else "float") for g in GROUPS} for group in GROUPS for w in WIDTHS]
 
 
-def choose(sensitivity: dict[tuple[str, str], float], params: dict[str, int], budget_kl: float) -> Choice:
-    """The smallest assignment whose predicted KL is within SAFETY x budget (all float if none)."""
-    best = Choice({g: "float" for g in GROUPS}, 0.0, sum(params.values()) * BYTES_PER_PARAM["float"])
+def choose(sensitivity: dict[tuple[str, str], Drift], params: dict[str, int], budget: Budget) -> Choice:
+    """The smallest assignment whose predicted drift the budget admits (all float if none)."""
+    best = Choice({g: "float" for g in GROUPS}, NO_DRIFT, sum(params.values()) * BYTES_PER_PARAM["float"])
     for widths in itertools.product(("float", *WIDTHS), repeat=len(GROUPS)):
         assignment = dict(zip(GROUPS, widths))
-        kl = sum(sensitivity[(g, w)] for g, w in assignment.items() if w != "float")
+        drift = sum((sensitivity[(g, w)] for g, w in assignment.items() if w != "float"), NO_DRIFT)
         size = sum(params[g] * BYTES_PER_PARAM[w] for g, w in assignment.items())
-        if kl <= SAFETY * budget_kl and (size, kl) < (best.bytes, best.predicted_kl):
-            best = Choice(assignment, kl, size)
+        if budget.admits(drift) and (size, drift.mean_kl) < (best.bytes, best.predicted.mean_kl):
+            best = Choice(assignment, drift, size)
     return best
 
 
 async def measure_sensitivity(
-    build: Callable[[dict[str, str], str], Awaitable[float]],
+    build: Callable[[dict[str, str], str], Awaitable[Drift]],
     on_trial: Callable[[int, int, str], Awaitable[None]],
-) -> dict[tuple[str, str], float]:
-    """Run `build(assignment, label) -> mean KL` for every trial."""
+) -> dict[tuple[str, str], Drift]:
+    """Run `build(assignment, label) -> Drift` for every trial."""
     out = {}
     runs = trials()
     for i, assignment in enumerate(runs):

@@ -330,7 +330,9 @@ class CompilePipeline:
                            should_cancel: Callable[[], Awaitable[bool]]) -> tuple[recipes.Recipe, dict]:
         """Measure each group's drift, choose the assignment, return the concrete recipe."""
         gate = req.quality or {}
-        budget = quality.thresholds_for("auto", gate).max_mean_kl
+        limits = quality.thresholds_for("auto", gate)
+        budget = auto_precision.Budget(limits.max_mean_kl, 1.0 - limits.min_top1_agreement,
+                                       limits.max_perplexity_increase_pct)
         prompts, prompt_source = quality.eval_prompts(gate.get("eval_prompts", []))
         prompt_source = gate.get("prompt_source", prompt_source)
         await progress("auto", 0.0, f"PyTorch reference on {len(prompts)} calibration prompts")
@@ -338,7 +340,7 @@ class CompilePipeline:
         reference = await asyncio.to_thread(quality.reference_logits, source.path, ids)
         base = recipes.get("auto", req.target_pool)
 
-        async def trial(assignment: dict[str, str], label: str) -> float:
+        async def trial(assignment: dict[str, str], label: str) -> auto_precision.Drift:
             out = job_dir / "auto" / label.replace("=", "-")
             shutil.rmtree(out, ignore_errors=True)
             trial_recipe = dataclasses.replace(base, assignment=tuple(assignment.items()))
@@ -348,7 +350,8 @@ class CompilePipeline:
                               lambda f, msg: asyncio.sleep(0), should_cancel)
             logits = await asyncio.to_thread(quality.build_logits, out, ids)
             shutil.rmtree(out, ignore_errors=True)
-            return quality.compare(list(zip(reference, logits, ids))).mean_kl
+            got = quality.compare(list(zip(reference, logits, ids)))
+            return auto_precision.Drift(got.mean_kl, 1.0 - got.top1_agreement, got.perplexity_increase_pct)
 
         async def on_trial(i: int, n: int, label: str) -> None:
             await progress("auto", i / n, f"sensitivity {i + 1}/{n}: only {label}")
@@ -356,12 +359,12 @@ class CompilePipeline:
         sensitivity = await auto_precision.measure_sensitivity(trial, on_trial)
         choice = auto_precision.choose(sensitivity, auto_precision.group_params(source.config), budget)
         chosen = ", ".join(f"{g} {w}" for g, w in choice.assignment.items())
-        log.info("auto: %s (predicted KL %.5f within %.5f)", chosen, choice.predicted_kl, budget)
+        log.info("auto: %s (predicted %s within %s)", chosen, choice.predicted, budget)
         await progress("auto", 1.0, f"chose {chosen}")
         details = {
-            "budget_mean_kl": budget, "safety": auto_precision.SAFETY, "prompt_source": prompt_source,
-            "sensitivity_mean_kl": {f"{g}={w}": kl for (g, w), kl in sensitivity.items()},
-            "chosen": choice.assignment, "predicted_mean_kl": choice.predicted_kl,
+            "budget": dataclasses.asdict(budget), "safety": auto_precision.SAFETY, "prompt_source": prompt_source,
+            "sensitivity": {f"{g}={w}": dataclasses.asdict(d) for (g, w), d in sensitivity.items()},
+            "chosen": choice.assignment, "predicted": dataclasses.asdict(choice.predicted),
             "predicted_bytes": int(choice.bytes),
         }
         return dataclasses.replace(base, assignment=tuple(choice.assignment.items())), details

@@ -123,17 +123,19 @@ def test_auto_measures_each_group_and_builds_the_smallest_assignment_within_budg
     info = client.build(job.build_id)
     manifest = json.loads(info.manifest_json)
     auto = manifest["recipe_details"]["auto"]
-    assert set(auto["sensitivity_mean_kl"]) == {f"{g}={w}" for g in ("attn", "mlp", "lm_head") for w in ("int8", "int4")}
+    sens = auto["sensitivity"]
+    assert set(sens) == {f"{g}={w}" for g in ("attn", "mlp", "lm_head") for w in ("int8", "int4")}
     for g in ("attn", "mlp", "lm_head"):  # 4 bits drift more than 8 (measured, not assumed)
-        assert auto["sensitivity_mean_kl"][f"{g}=int4"] > auto["sensitivity_mean_kl"][f"{g}=int8"] > 0
-    assert auto["predicted_mean_kl"] <= auto["budget_mean_kl"]
+        assert sens[f"{g}=int4"]["mean_kl"] > sens[f"{g}=int8"]["mean_kl"] > 0
+    assert auto["predicted"]["mean_kl"] <= auto["budget"]["mean_kl"]
+    assert auto["predicted"]["top1_disagreement"] <= auto["budget"]["top1_disagreement"]
     chosen = auto["chosen"]
     assert "int4" in chosen.values() or "int8" in chosen.values()  # the demo model tolerates quantization
     bits = manifest["recipe_details"]["graph"]["quantized_matmuls"]
     for name, b in bits.items():  # the graph is what was chosen
         group = "attn" if "/attn/" in name else "mlp" if "/mlp/" in name else "lm_head"
         assert chosen[group] == {4: "int4", 8: "int8"}[b]
-    assert info.quality.passed and info.quality.mean_kl <= auto["budget_mean_kl"]
+    assert info.quality.passed and info.quality.mean_kl <= auto["budget"]["mean_kl"]
 
     strict = client.compile(str(demo_model), "q-auto-strict", "auto",
                             quality=compiler_pb2.QualityGate(max_mean_kl=1e-9))

@@ -92,11 +92,13 @@ def _quality_table(model: dict) -> list[str]:
                    f"{gate} | {_f(share * 100 if share is not None else math.nan)}% | {_f(r['direct']['short']['decode_tps'])} |")
     for rc, r in rows:
         if r.get("auto"):
-            a = r["auto"]
-            sens = ", ".join(f"{k} {v:.5f}" for k, v in a["sensitivity_mean_kl"].items())
+            a, mt = r["auto"], r["quality"]["metrics"]
+            sens = ", ".join(f"{k} {d['mean_kl']:.5f} / {d['top1_disagreement']:.3f}" for k, d in a["sensitivity"].items())
+            p, b = a["predicted"], a["budget"]
             out += ["", f"auto chose {', '.join(f'{g} {w}' for g, w in a['chosen'].items())}: predicted mean KL "
-                        f"{a['predicted_mean_kl']:.5f} within {a['safety']:.0%} of the budget {a['budget_mean_kl']:g}, "
-                        f"measured {r['quality']['metrics']['mean_kl']:.5f}. Mean KL with one group quantized: {sens}."]
+                        f"{p['mean_kl']:.5f} and top-1 disagreement {p['top1_disagreement']:.3f} (limits {b['mean_kl']:g} "
+                        f"and {b['top1_disagreement']:.2f}, {a['safety']:.0%} used), measured {mt['mean_kl']:.5f} and "
+                        f"{1 - mt['top1_agreement']:.3f}. With one group quantized (mean KL / top-1 disagreement): {sens}."]
     return out + [""]
 
 
