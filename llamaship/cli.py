@@ -274,6 +274,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
         options["seed"] = args.seed
     if args.stop:
         options["stop"] = args.stop
+    if args.priority == "batch":
+        from shared.proto_gen.llamaship.gateway.v1 import gateway_pb2
+
+        options["priority"] = gateway_pb2.PRIORITY_BATCH
     try:
         with _client(args) as client:
             if not args.quiet:
@@ -405,6 +409,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    p.add_argument("--priority", choices=("interactive", "batch"), default="interactive",
+                   help="batch requests wait while interactive ones of the pool are queued")
     p.add_argument("--stats", action="store_true", help="print time to first token and tokens/s to stderr")
     p.add_argument("-q", "--quiet", action="store_true", help="print only the completion, at the end")
     p.set_defaults(func=cmd_generate)

@@ -53,6 +53,16 @@ def test_up_compile_generate_models_and_sigterm(tmp_path, demo_model):
         assert gen.stdout.startswith("def f(x):") and len(gen.stdout) > len("def f(x):\n")
         assert "12 tokens" in gen.stderr and "time to first token" in gen.stderr
 
+        # batch priority, and a client that lists a dead gateway first: it goes on to the live one
+        dead = free_port()
+        again = _cli("generate", "cli", "def f(x):", "--max-tokens", "12", "--priority", "batch", "--gateway",
+                     f"127.0.0.1:{dead},127.0.0.1:{gw}")
+        assert again.returncode == 0, again.stderr
+        assert again.stdout == gen.stdout
+
+        shown = _cli("builds", "show", done.stdout.split("build ")[1].split()[0], env=env)
+        assert shown.returncode == 0 and "quality gate: passed" in shown.stdout, shown.stderr
+
         models = _cli("models", env=env)
         assert "cli" in models.stdout and "int8" in models.stdout and "cpu-0@" in models.stdout
 
