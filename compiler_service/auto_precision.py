@@ -18,6 +18,8 @@ import itertools
 from dataclasses import dataclass
 from typing import Awaitable, Callable
 
+from compiler_service.checkpoint import LlamaDims
+
 GROUPS = ("attn", "mlp", "lm_head")
 WIDTHS = ("int8", "int4")
 # bytes per weight with block-32 symmetric quantization (a float32 scale per block)
@@ -61,16 +63,11 @@ class Choice:
 
 def group_params(config: dict) -> dict[str, int]:
     """Weights in each projection group, from the checkpoint's config."""
-    hidden = int(config["hidden_size"])
-    heads = int(config["num_attention_heads"])
-    kv = int(config.get("num_key_value_heads") or heads)
-    head_dim = int(config.get("head_dim") or hidden // heads)
-    layers = int(config["num_hidden_layers"])
-    inter = int(config["intermediate_size"])
+    d = LlamaDims.of(config)
     return {
-        "attn": layers * (hidden * (heads + 2 * kv) * head_dim + heads * head_dim * hidden),
-        "mlp": layers * 3 * hidden * inter,
-        "lm_head": hidden * int(config["vocab_size"]),
+        "attn": d.layers * (d.hidden * (d.heads + 2 * d.kv_heads) * d.head_dim + d.heads * d.head_dim * d.hidden),
+        "mlp": d.layers * 3 * d.hidden * d.intermediate,
+        "lm_head": d.hidden * d.vocab,
     }
 
 

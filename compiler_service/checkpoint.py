@@ -120,25 +120,41 @@ def inspect(path: str | Path, allow_pickle: bool = False) -> Checkpoint:
     return Checkpoint(p.resolve(), arch, config, weights, params)
 
 
+@dataclass(frozen=True)
+class LlamaDims:
+    """The shape of a Llama model, as its config.json states it."""
+
+    hidden: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    vocab: int
+    intermediate: int
+
+    @classmethod
+    def of(cls, config: dict) -> "LlamaDims":
+        try:
+            hidden, heads = int(config["hidden_size"]), int(config["num_attention_heads"])
+            return cls(hidden=hidden, layers=int(config["num_hidden_layers"]), heads=heads,
+                       kv_heads=int(config.get("num_key_value_heads") or heads),
+                       head_dim=int(config.get("head_dim") or hidden // heads), vocab=int(config["vocab_size"]),
+                       intermediate=int(config["intermediate_size"]))
+        except (KeyError, TypeError, ValueError, ZeroDivisionError) as exc:
+            raise CheckpointError(f"config.json lacks or mangles a Llama field ({exc})") from None
+
+
 def check_config_matches_weights(config: dict, shapes: dict[str, list[int]]) -> None:
     """config.json must describe the tensors the weights hold (a mismatch would make the builder
     fail late or, worse, build a wrong graph)."""
-    try:
-        hidden = int(config["hidden_size"])
-        layers = int(config["num_hidden_layers"])
-        heads = int(config["num_attention_heads"])
-        kv_heads = int(config.get("num_key_value_heads") or heads)
-        head_dim = int(config.get("head_dim") or hidden // heads)
-        vocab = int(config["vocab_size"])
-        inter = int(config["intermediate_size"])
-    except (KeyError, TypeError, ValueError, ZeroDivisionError) as exc:
-        raise CheckpointError(f"config.json lacks or mangles a Llama field ({exc})") from None
+    d = LlamaDims.of(config)
+    layers = d.layers
     prefix = "model." if any(k.startswith("model.") for k in shapes) else ""
     expected = {
-        f"{prefix}embed_tokens.weight": [vocab, hidden],
-        f"{prefix}layers.0.self_attn.q_proj.weight": [heads * head_dim, hidden],
-        f"{prefix}layers.0.self_attn.k_proj.weight": [kv_heads * head_dim, hidden],
-        f"{prefix}layers.0.mlp.gate_proj.weight": [inter, hidden],
+        f"{prefix}embed_tokens.weight": [d.vocab, d.hidden],
+        f"{prefix}layers.0.self_attn.q_proj.weight": [d.heads * d.head_dim, d.hidden],
+        f"{prefix}layers.0.self_attn.k_proj.weight": [d.kv_heads * d.head_dim, d.hidden],
+        f"{prefix}layers.0.mlp.gate_proj.weight": [d.intermediate, d.hidden],
     }
     for name, want in expected.items():
         got = shapes.get(name)
