@@ -94,11 +94,10 @@ class QueueWorker:
         return self.engine.kv_budget_bytes - sum(self.tasks.values())
 
     def _spawn(self, entry: Entry, fields: dict[str, str], resume: bool) -> None:
-        reserved = self.engine.kv_reservation(fields.get("req") or "")
-        if reserved > self.engine.kv_budget_bytes:
-            reserved = 0  # refused in _handle: holds nothing
-        task = asyncio.create_task(self._handle(entry, fields, resume=resume))
-        self.tasks[task] = reserved
+        need = self.engine.kv_reservation(fields.get("req") or "")
+        task = asyncio.create_task(self._handle(entry, fields, need, resume=resume))
+        # a request over the whole budget is refused in _handle and holds nothing
+        self.tasks[task] = need if need <= self.engine.kv_budget_bytes else 0
         task.add_done_callback(self._done)
 
     def _done(self, task: asyncio.Task) -> None:
@@ -132,7 +131,7 @@ class QueueWorker:
         if self.tasks:
             await asyncio.wait(list(self.tasks), timeout=5)
 
-    async def _handle(self, entry: Entry, fields: dict[str, str], resume: bool = False) -> None:
+    async def _handle(self, entry: Entry, fields: dict[str, str], need: int, resume: bool = False) -> None:
         try:
             req = GenRequest.from_json(fields["req"])
         except (KeyError, ValueError, TypeError):
@@ -158,7 +157,6 @@ class QueueWorker:
                 await self._write(req.request_id, Chunk("error", error_code="DEADLINE_EXCEEDED",
                                                         error_message="deadline passed while queued"))
                 return
-            need = self.engine.kv_reservation(fields["req"])
             if need > self.engine.kv_budget_bytes:
                 await self._write(req.request_id, Chunk(
                     "error", error_code="INVALID_ARGUMENT",
