@@ -226,7 +226,7 @@ class CompilePipeline:
             if report.to_dict() != manifest.quality:
                 manifest.quality = report.to_dict()
                 await asyncio.to_thread(self.store.update_manifest, manifest)
-            await self._publish_if_passed(req, manifest, report, reused=True)
+            await self._publish_if_passed(req, manifest, report)
             await progress("publish", 0.5, f"identical build {build_id} exists; publishing it")
             await self._publish_alias(req, manifest)
             return Outcome(build_id, True, manifest)
@@ -296,7 +296,7 @@ class CompilePipeline:
                 profile=profile,
             )
             manifest = await asyncio.to_thread(self.store.publish, staging, manifest)
-            await self._publish_if_passed(req, manifest, report, reused=False)
+            await self._publish_if_passed(req, manifest, report)
             await self._publish_alias(req, manifest)
             return Outcome(build_id, False, manifest)
         finally:
@@ -383,12 +383,13 @@ class CompilePipeline:
         await progress("quality", 0.0, f"comparing with the PyTorch reference on {note}")
         report = await asyncio.to_thread(quality.run_gate, checkpoint, build_dir, req.recipe, req.target_pool,
                                          prompts, source, thresholds)
+        if old is not None:  # measured again on other prompts: the record of forced publishes stays
+            report.forced, report.forced_publishes = old.forced, old.forced_publishes
         if options.get("prompts_snapshot"):
             report.extra["prompts_snapshot"] = options["prompts_snapshot"]
         return report
 
-    async def _publish_if_passed(self, req: JobRequest, manifest: Manifest, report: quality.QualityReport,
-                                 reused: bool) -> None:
+    async def _publish_if_passed(self, req: JobRequest, manifest: Manifest, report: quality.QualityReport) -> None:
         """Raise QualityGateFailed unless the build passed (or the request forces it, recorded)."""
         if report.passed or report.skipped_reason:
             return
@@ -399,9 +400,9 @@ class CompilePipeline:
                 f"(llamaship builds show {manifest.build_id}) but not published as {req.model_name}", manifest.build_id)
         log.warning("publishing build %s although it failed the quality gate (%s): forced by the request",
                     manifest.build_id, failures)
-        manifest.quality = {**manifest.quality, "forced": True,
-                            "forced_publishes": [*manifest.quality.get("forced_publishes", []),
-                                                 {"model_name": req.model_name, "at": time.time()}]}
+        report.forced = True
+        report.forced_publishes.append({"model_name": req.model_name, "at": time.time()})
+        manifest.quality = report.to_dict()
         await asyncio.to_thread(self.store.update_manifest, manifest)
 
     async def _publish_alias(self, req: JobRequest, manifest: Manifest) -> None:

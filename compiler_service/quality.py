@@ -163,7 +163,8 @@ class QualityReport:
     prompt_source: str
     prompts: int
     prompts_digest: str
-    forced: bool = False
+    forced: bool = False  # the build was published at least once although it failed
+    forced_publishes: list[dict] = field(default_factory=list)  # {model_name, at} per forced publish
     skipped_reason: str = ""
     seconds: float = 0.0
     extra: dict = field(default_factory=dict)
@@ -211,6 +212,7 @@ def rejudge(old: QualityReport, t: Thresholds) -> QualityReport:
     failures = judge(Metrics(**{k: v for k, v in old.metrics.items() if k in known}), t) if old.metrics else []
     return QualityReport(passed=not failures, failures=failures, metrics=old.metrics, thresholds=asdict(t),
                          prompt_source=old.prompt_source, prompts=old.prompts, prompts_digest=old.prompts_digest,
+                         forced=old.forced, forced_publishes=old.forced_publishes,
                          skipped_reason=old.skipped_reason, seconds=old.seconds, extra=old.extra)
 
 

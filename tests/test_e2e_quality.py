@@ -62,6 +62,12 @@ def test_a_failed_gate_keeps_the_build_out_until_forced(client, demo_model, fp32
     manifest = json.loads(client.build(job.build_id).manifest_json)
     assert manifest["quality"]["forced"] and manifest["quality"]["forced_publishes"][0]["model_name"] == "gated"
 
+    impossible.force_publish = False  # asking again without force: refused, and the record of the forced publish stays
+    again = client.compile(str(demo_model), "gated-again", "int4", quality=impossible)
+    assert again.state == compiler_pb2.JOB_STATE_FAILED and again.build_id == job.build_id
+    quality = json.loads(client.build(job.build_id).manifest_json)["quality"]
+    assert quality["forced"] and [p["model_name"] for p in quality["forced_publishes"]] == ["gated"]
+
 
 @pytest.mark.parametrize("gate, field", [
     (compiler_pb2.QualityGate(min_top1_agreement=1.5), "min_top1_agreement"),
