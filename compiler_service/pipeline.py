@@ -62,7 +62,7 @@ def tool_versions() -> dict[str, str]:
 def build_id_for(source_sha: str, req: JobRequest, versions: dict[str, str]) -> str:
     auto = {}
     if req.recipe == "auto":  # its choice depends on the drift budget and the calibration prompts
-        gate = req.quality or {}
+        gate = req.quality
         auto = {"budget": quality.thresholds_for("auto", gate).max_mean_kl,
                 "prompts": quality.prompts_digest(quality.eval_prompts(gate.get("eval_prompts", []))[0])}
     key = json.dumps(
@@ -92,8 +92,8 @@ def normalize(req: JobRequest) -> JobRequest:
     try:
         sources.check_one_source(req)
         recipes.get(req.recipe, req.target_pool)
-        quality.thresholds_for(req.recipe, req.quality or {})
-        quality.eval_prompts((req.quality or {}).get("eval_prompts", []))
+        quality.thresholds_for(req.recipe, req.quality)
+        quality.eval_prompts(req.quality.get("eval_prompts", []))
     except (recipes.RecipeError, quality.GateInputError, sources.SourceError) as exc:
         raise CompileError(str(exc)) from None
     return req
@@ -190,7 +190,7 @@ class CompilePipeline:
         should_cancel: Callable[[], Awaitable[bool]],
     ) -> Outcome:
         # a private copy: prompts resolved below must not ride along in every job event
-        req = dataclasses.replace(normalize(req), quality=dict(req.quality or {}))
+        req = dataclasses.replace(normalize(req), quality=dict(req.quality))
         recipe = recipes.get(req.recipe, req.target_pool)
 
         where = req.checkpoint_path or (f"hub {req.hub_id}" if req.hub_id else f"upload {req.upload_id}")
@@ -198,12 +198,12 @@ class CompilePipeline:
         try:
             path = await asyncio.to_thread(sources.resolve, req, self.uploads, self.hub_cache)
             source = await asyncio.to_thread(ckpt.inspect, path, req.allow_pickle)
-            if req.upload_id and not (req.quality or {}).get("eval_prompts"):
+            if req.upload_id and not req.quality.get("eval_prompts"):
                 prompts = await asyncio.to_thread(sources.upload_prompts, path)
                 if prompts:
-                    req.quality = {**(req.quality or {}), "eval_prompts": prompts, "prompt_source": "upload"}
+                    req.quality = {**req.quality, "eval_prompts": prompts, "prompt_source": "upload"}
                     quality.eval_prompts(prompts)
-            if (req.quality or {}).get("sampled_prompts_of"):
+            if req.quality.get("sampled_prompts_of"):
                 await self._use_sampled_prompts(req)
         except (ckpt.CheckpointError, sources.SourceError, quality.GateInputError) as exc:
             raise CompileError(str(exc)) from None
@@ -329,7 +329,7 @@ class CompilePipeline:
     async def _choose_auto(self, req: JobRequest, source, job_dir: Path, progress: Progress,
                            should_cancel: Callable[[], Awaitable[bool]]) -> tuple[recipes.Recipe, dict]:
         """Measure each group's drift, choose the assignment, return the concrete recipe."""
-        gate = req.quality or {}
+        gate = req.quality
         limits = quality.thresholds_for("auto", gate)
         budget = auto_precision.Budget(limits.max_mean_kl, 1.0 - limits.min_top1_agreement,
                                        limits.max_perplexity_increase_pct)
@@ -372,7 +372,7 @@ class CompilePipeline:
     async def _gate(self, req: JobRequest, checkpoint: Path, build_dir: Path, previous: dict,
                     progress: Progress) -> quality.QualityReport:
         """Run the quality gate, or re-judge an earlier report made on the same prompts."""
-        options = req.quality or {}
+        options = req.quality
         thresholds = quality.thresholds_for(req.recipe, options)
         prompts, source = quality.eval_prompts(options.get("eval_prompts", []))
         source = options.get("prompt_source", source)
@@ -394,7 +394,7 @@ class CompilePipeline:
         if report.passed or report.skipped_reason:
             return
         failures = "; ".join(report.failures)
-        if not (req.quality or {}).get("force_publish"):
+        if not req.quality.get("force_publish"):
             raise QualityGateFailed(
                 f"quality gate failed ({failures}); build {manifest.build_id} is stored with its report "
                 f"(llamaship builds show {manifest.build_id}) but not published as {req.model_name}", manifest.build_id)
