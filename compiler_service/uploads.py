@@ -9,7 +9,6 @@ checked; a mismatch discards that file's bytes (to be sent again) and is reporte
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -20,6 +19,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path, PurePosixPath
 
 from shared.errors import InvalidArgument, NotFound
+from shared.store import sha256_file
 
 MAX_FILES = 256
 MAX_TOTAL_BYTES = 1 << 40
@@ -148,15 +148,12 @@ class UploadStore:
             return state
 
     def _finish(self, state: UploadState, f: UploadedFile, target: Path) -> None:
-        h = hashlib.sha256()
-        with open(target, "rb") as src:
-            while block := src.read(1 << 20):
-                h.update(block)
-        if h.hexdigest() != f.sha256:
+        digest = sha256_file(target)
+        if digest != f.sha256:
             f.received = 0
             target.write_bytes(b"")
             self._save(state)
-            raise InvalidArgument(f"{f.path}: sha256 of the received bytes is {h.hexdigest()}, not the declared "
+            raise InvalidArgument(f"{f.path}: sha256 of the received bytes is {digest}, not the declared "
                                   f"{f.sha256}; its bytes were discarded, send the file again")
         f.verified = True
 

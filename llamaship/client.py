@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 import time
 import uuid
@@ -14,17 +13,10 @@ import grpc
 
 from shared.proto_gen.llamaship.compiler.v1 import compiler_pb2
 from shared.proto_gen.llamaship.gateway.v1 import gateway_pb2, gateway_pb2_grpc
+from shared.store import sha256_file
 
 DEFAULT_GATEWAY = "127.0.0.1:50051"
 TERMINAL = (compiler_pb2.JOB_STATE_SUCCEEDED, compiler_pb2.JOB_STATE_FAILED, compiler_pb2.JOB_STATE_CANCELLED)
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            h.update(block)
-    return h.hexdigest()
 
 
 def gateway_address(explicit: str | None = None) -> str:
@@ -188,7 +180,7 @@ class GatewayClient:
         if upload_id:
             state = self.stub.GetUpload(compiler_pb2.GetUploadRequest(upload_id=upload_id), timeout=30)
         else:
-            declared = [compiler_pb2.UploadFile(path=str(p.relative_to(root)), size=p.stat().st_size, sha256=_sha256(p))
+            declared = [compiler_pb2.UploadFile(path=str(p.relative_to(root)), size=p.stat().st_size, sha256=sha256_file(p))
                         for p in files]
             state = self.stub.CreateUpload(compiler_pb2.CreateUploadRequest(files=declared), timeout=60)
         attempts = 0
