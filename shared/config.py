@@ -93,6 +93,11 @@ _DECLARED = [
     Setting("work_dir", str, "", "Scratch directory for builds in progress (default: <store>/.work)."),
     Setting("job_lease_s", float, 30.0, "A running job whose worker stopped renewing its lease for this long is re-run.", check=_positive),
     Setting("max_attempts", int, 2, "Times a compile job is started before it is marked failed.", check=_positive),
+    Setting("checkpoint_roots", str, "", "Comma-separated directories compile requests may read checkpoint_path from; a relative path resolves against them. Empty: any path the compiler can read (single-user setups only)."),
+    Setting("upload_quota_gib", float, 200.0, "Declared bytes of one tenant's unfinished and kept uploads, in GiB, before CreateUpload answers RESOURCE_EXHAUSTED.", check=_positive),
+    Setting("upload_max_active", int, 8, "Uploads one tenant may hold at once (unfinished or kept).", check=_positive),
+    Setting("upload_expiry_s", float, 86400.0, "An upload is deleted this long after it was created (finished or not); compiles copy what they need first.", check=_positive),
+    Setting("upload_min_free_gib", float, 1.0, "CreateUpload refuses an upload that would leave less than this much free disk in the store, in GiB.", check=_non_negative),
     # Serving
     Setting("serving_port", int, 50053, "Serving replica gRPC port.", flag="--port", check=_port),
     Setting("pool", str, "cpu", "Hardware pool this replica serves: cpu or cuda.", check=_pool),
@@ -101,6 +106,8 @@ _DECLARED = [
     Setting("threads", int, 0, "Intra-op threads per ONNX Runtime session; 0 lets ONNX Runtime choose.", check=_non_negative),
     Setting("stream_interval_ms", float, 0.0, "Least time between two chunks of one stream; tokens decoded meanwhile share a chunk (the first token is never held). 0 sends each as soon as it exists.", check=_non_negative),
     Setting("replica_id", str, "", "Stable name of this replica (default: pool-host-pid)."),
+    Setting("heartbeat_s", float, 2.0, "Seconds between a replica's heartbeats; replica_stale_s must be at least twice this.", check=_positive),
+    Setting("tenant_fair_slots", bool, True, "While requests of more than one tenant wait, a replica gives each tenant at most its share of running slots (slots / tenants with work, at least one).", ),
     Setting("advertise_address", str, "", "Address other services reach this replica at (default: host:port)."),
 ]
 
@@ -109,9 +116,22 @@ SETTINGS: dict[str, Setting] = {s.name: s for s in _DECLARED}
 COMMON = ("redis_url", "store", "host", "log_level", "metrics_port")
 GATEWAY = (*COMMON, "gateway_port", "compiler_address", "queue_max_depth", "tenant_max_requests", "queue_timeout_s", "replica_stale_s",
            "failover_timeout_s", "relay_lease_s", "api_keys_file", "tls_cert_file", "tls_key_file")
-COMPILER = (*COMMON, "compiler_port", "work_dir", "job_lease_s", "max_attempts")
+COMPILER = (*COMMON, "compiler_port", "work_dir", "job_lease_s", "max_attempts", "checkpoint_roots",
+            "upload_quota_gib", "upload_max_active", "upload_expiry_s", "upload_min_free_gib")
 SERVING = (*COMMON, "serving_port", "pool", "slots", "kv_budget_mb", "threads", "stream_interval_ms", "replica_stale_s", "replica_id",
-           "advertise_address")
+           "advertise_address", "heartbeat_s", "tenant_fair_slots")
+
+
+def _stale_vs_heartbeat(values: dict[str, Any]) -> None:
+    if values["replica_stale_s"] < 2 * values["heartbeat_s"]:
+        raise ConfigError(f"--replica-stale-s ({values['replica_stale_s']}) must be at least twice --heartbeat-s "
+                          f"({values['heartbeat_s']}): one late heartbeat must not make a live replica look gone")
+
+
+# Checks across settings: (the settings they need, the check); run when a service uses all of them.
+CROSS_CHECKS: list[tuple[tuple[str, ...], Callable[[dict[str, Any]], None]]] = [
+    (("replica_stale_s", "heartbeat_s"), _stale_vs_heartbeat),
+]
 
 
 class Settings:
@@ -170,6 +190,9 @@ def resolve(names: Sequence[str], cli: argparse.Namespace | dict | None = None, 
             except ValueError as exc:
                 raise ConfigError(f"{s.cli_flag} / {s.env} = {value!r} (from {source}): {exc}") from None
         values[name] = value
+    for needed, check in CROSS_CHECKS:
+        if all(n in values for n in needed):
+            check(values)
     return Settings(values)
 
 

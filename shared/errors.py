@@ -53,6 +53,16 @@ class Cancelled(LlamashipError):
     code = grpc.StatusCode.CANCELLED
 
 
+class PermissionDenied(LlamashipError):
+    code = grpc.StatusCode.PERMISSION_DENIED
+
+
+def shown(value: object, limit: int = 80) -> str:
+    """A caller's input as an error message may echo it: repr, cut to `limit` characters."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
 _BY_CODE_NAME = {cls.code.name: cls for cls in LlamashipError.__subclasses__()}
 
 

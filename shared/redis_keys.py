@@ -1,6 +1,7 @@
 """Every Redis key and stream Llamaship uses, in one place.
 
 Aliases       HASH   ls:aliases                 model name -> JSON alias record
+Model access  HASH   ls:models:access           model name -> JSON {owner, readers} (shared.model_registry)
 Announce      STREAM ls:announce                one entry per publish (name, build_id, pool)
 Replicas      HASH   ls:replicas                replica id -> JSON heartbeat (pool, builds, slots, ts)
 Gen queue     STREAM ls:gen:{pool}:{prio}:{tenant}  requests of one tenant at one priority; group "replicas"
@@ -26,6 +27,7 @@ import re
 
 PREFIX = "ls:"
 ALIASES = PREFIX + "aliases"
+MODEL_ACCESS = PREFIX + "models:access"
 ANNOUNCE = PREFIX + "announce"
 REPLICAS = PREFIX + "replicas"
 JOBS_INDEX = PREFIX + "jobs"

@@ -85,18 +85,20 @@ class GetUploadRequest(_message.Message):
     def __init__(self, upload_id: _Optional[str] = ...) -> None: ...
 
 class Upload(_message.Message):
-    __slots__ = ("upload_id", "files", "complete", "total_bytes", "received_bytes")
+    __slots__ = ("upload_id", "files", "complete", "total_bytes", "received_bytes", "expires_at")
     UPLOAD_ID_FIELD_NUMBER: _ClassVar[int]
     FILES_FIELD_NUMBER: _ClassVar[int]
     COMPLETE_FIELD_NUMBER: _ClassVar[int]
     TOTAL_BYTES_FIELD_NUMBER: _ClassVar[int]
     RECEIVED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    EXPIRES_AT_FIELD_NUMBER: _ClassVar[int]
     upload_id: str
     files: _containers.RepeatedCompositeFieldContainer[UploadFile]
     complete: bool
     total_bytes: int
     received_bytes: int
-    def __init__(self, upload_id: _Optional[str] = ..., files: _Optional[_Iterable[_Union[UploadFile, _Mapping]]] = ..., complete: _Optional[bool] = ..., total_bytes: _Optional[int] = ..., received_bytes: _Optional[int] = ...) -> None: ...
+    expires_at: float
+    def __init__(self, upload_id: _Optional[str] = ..., files: _Optional[_Iterable[_Union[UploadFile, _Mapping]]] = ..., complete: _Optional[bool] = ..., total_bytes: _Optional[int] = ..., received_bytes: _Optional[int] = ..., expires_at: _Optional[float] = ...) -> None: ...
 
 class QualityGate(_message.Message):
     __slots__ = ("min_top1_agreement", "max_mean_kl", "max_perplexity_increase_pct", "force_publish", "eval_prompts", "sampled_prompts_of")
@@ -177,7 +179,7 @@ class BuildInfo(_message.Message):
     def __init__(self, build_id: _Optional[str] = ..., model_name: _Optional[str] = ..., recipe: _Optional[str] = ..., target_pool: _Optional[str] = ..., total_bytes: _Optional[int] = ..., context_length: _Optional[int] = ..., max_batch: _Optional[int] = ..., quality: _Optional[_Union[QualityReport, _Mapping]] = ..., manifest_json: _Optional[str] = ...) -> None: ...
 
 class CompileJob(_message.Message):
-    __slots__ = ("job_id", "state", "request", "build_id", "stage", "progress", "message", "reused", "created_at", "updated_at", "attempts")
+    __slots__ = ("job_id", "state", "request", "build_id", "stage", "progress", "message", "reused", "created_at", "updated_at", "attempts", "tenant")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     REQUEST_FIELD_NUMBER: _ClassVar[int]
@@ -189,6 +191,7 @@ class CompileJob(_message.Message):
     CREATED_AT_FIELD_NUMBER: _ClassVar[int]
     UPDATED_AT_FIELD_NUMBER: _ClassVar[int]
     ATTEMPTS_FIELD_NUMBER: _ClassVar[int]
+    TENANT_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     state: JobState
     request: CompileRequest
@@ -200,7 +203,8 @@ class CompileJob(_message.Message):
     created_at: float
     updated_at: float
     attempts: int
-    def __init__(self, job_id: _Optional[str] = ..., state: _Optional[_Union[JobState, str]] = ..., request: _Optional[_Union[CompileRequest, _Mapping]] = ..., build_id: _Optional[str] = ..., stage: _Optional[str] = ..., progress: _Optional[float] = ..., message: _Optional[str] = ..., reused: _Optional[bool] = ..., created_at: _Optional[float] = ..., updated_at: _Optional[float] = ..., attempts: _Optional[int] = ...) -> None: ...
+    tenant: str
+    def __init__(self, job_id: _Optional[str] = ..., state: _Optional[_Union[JobState, str]] = ..., request: _Optional[_Union[CompileRequest, _Mapping]] = ..., build_id: _Optional[str] = ..., stage: _Optional[str] = ..., progress: _Optional[float] = ..., message: _Optional[str] = ..., reused: _Optional[bool] = ..., created_at: _Optional[float] = ..., updated_at: _Optional[float] = ..., attempts: _Optional[int] = ..., tenant: _Optional[str] = ...) -> None: ...
 
 class WatchCompileRequest(_message.Message):
     __slots__ = ("job_id",)

@@ -28,6 +28,28 @@ FINISH_REASON_LENGTH: FinishReason
 FINISH_REASON_EOS: FinishReason
 FINISH_REASON_STOP: FinishReason
 
+class ModelAccess(_message.Message):
+    __slots__ = ("model", "readers", "owner")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    READERS_FIELD_NUMBER: _ClassVar[int]
+    OWNER_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    readers: _containers.RepeatedScalarFieldContainer[str]
+    owner: str
+    def __init__(self, model: _Optional[str] = ..., readers: _Optional[_Iterable[str]] = ..., owner: _Optional[str] = ...) -> None: ...
+
+class DeleteModelRequest(_message.Message):
+    __slots__ = ("model",)
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    def __init__(self, model: _Optional[str] = ...) -> None: ...
+
+class DeleteModelResponse(_message.Message):
+    __slots__ = ("deleted",)
+    DELETED_FIELD_NUMBER: _ClassVar[int]
+    deleted: bool
+    def __init__(self, deleted: _Optional[bool] = ...) -> None: ...
+
 class PromptSampling(_message.Message):
     __slots__ = ("model", "enabled", "rate", "max_prompts", "max_chars", "kept", "seen", "clear")
     MODEL_FIELD_NUMBER: _ClassVar[int]
@@ -139,7 +161,7 @@ class ReplicaInfo(_message.Message):
     def __init__(self, replica_id: _Optional[str] = ..., pool: _Optional[str] = ..., address: _Optional[str] = ..., build_id: _Optional[str] = ..., slots: _Optional[int] = ..., active: _Optional[int] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "build_id", "recipe", "pool", "context_length", "max_batch", "published_at", "replicas")
+    __slots__ = ("name", "build_id", "recipe", "pool", "context_length", "max_batch", "published_at", "replicas", "owner", "readers")
     NAME_FIELD_NUMBER: _ClassVar[int]
     BUILD_ID_FIELD_NUMBER: _ClassVar[int]
     RECIPE_FIELD_NUMBER: _ClassVar[int]
@@ -148,6 +170,8 @@ class ModelInfo(_message.Message):
     MAX_BATCH_FIELD_NUMBER: _ClassVar[int]
     PUBLISHED_AT_FIELD_NUMBER: _ClassVar[int]
     REPLICAS_FIELD_NUMBER: _ClassVar[int]
+    OWNER_FIELD_NUMBER: _ClassVar[int]
+    READERS_FIELD_NUMBER: _ClassVar[int]
     name: str
     build_id: str
     recipe: str
@@ -156,7 +180,9 @@ class ModelInfo(_message.Message):
     max_batch: int
     published_at: float
     replicas: _containers.RepeatedCompositeFieldContainer[ReplicaInfo]
-    def __init__(self, name: _Optional[str] = ..., build_id: _Optional[str] = ..., recipe: _Optional[str] = ..., pool: _Optional[str] = ..., context_length: _Optional[int] = ..., max_batch: _Optional[int] = ..., published_at: _Optional[float] = ..., replicas: _Optional[_Iterable[_Union[ReplicaInfo, _Mapping]]] = ...) -> None: ...
+    owner: str
+    readers: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, name: _Optional[str] = ..., build_id: _Optional[str] = ..., recipe: _Optional[str] = ..., pool: _Optional[str] = ..., context_length: _Optional[int] = ..., max_batch: _Optional[int] = ..., published_at: _Optional[float] = ..., replicas: _Optional[_Iterable[_Union[ReplicaInfo, _Mapping]]] = ..., owner: _Optional[str] = ..., readers: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ListModelsResponse(_message.Message):
     __slots__ = ("models",)

@@ -97,6 +97,16 @@ class GatewayStub:
                 request_serializer=llamaship_dot_gateway_dot_v1_dot_gateway__pb2.GetPromptSamplingRequest.SerializeToString,
                 response_deserializer=llamaship_dot_gateway_dot_v1_dot_gateway__pb2.PromptSampling.FromString,
                 _registered_method=True)
+        self.SetModelAccess = channel.unary_unary(
+                '/llamaship.gateway.v1.Gateway/SetModelAccess',
+                request_serializer=llamaship_dot_gateway_dot_v1_dot_gateway__pb2.ModelAccess.SerializeToString,
+                response_deserializer=llamaship_dot_gateway_dot_v1_dot_gateway__pb2.ModelAccess.FromString,
+                _registered_method=True)
+        self.DeleteModel = channel.unary_unary(
+                '/llamaship.gateway.v1.Gateway/DeleteModel',
+                request_serializer=llamaship_dot_gateway_dot_v1_dot_gateway__pb2.DeleteModelRequest.SerializeToString,
+                response_deserializer=llamaship_dot_gateway_dot_v1_dot_gateway__pb2.DeleteModelResponse.FromString,
+                _registered_method=True)
 
 
 class GatewayServicer:
@@ -181,6 +191,22 @@ class GatewayServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SetModelAccess(self, request, context):
+        """Who may generate from a model. Only the model's owner (the tenant whose compile first claimed
+        the name) or an admin may change it. Scope compile.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteModel(self, request, context):
+        """Unpublish a model: its alias and its access record go; its builds stay in the store. Owner or
+        admin only. Idempotent: deleting an unknown name answers NOT_FOUND. Scope compile.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_GatewayServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -243,6 +269,16 @@ def add_GatewayServicer_to_server(servicer, server):
                     servicer.GetPromptSampling,
                     request_deserializer=llamaship_dot_gateway_dot_v1_dot_gateway__pb2.GetPromptSamplingRequest.FromString,
                     response_serializer=llamaship_dot_gateway_dot_v1_dot_gateway__pb2.PromptSampling.SerializeToString,
+            ),
+            'SetModelAccess': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetModelAccess,
+                    request_deserializer=llamaship_dot_gateway_dot_v1_dot_gateway__pb2.ModelAccess.FromString,
+                    response_serializer=llamaship_dot_gateway_dot_v1_dot_gateway__pb2.ModelAccess.SerializeToString,
+            ),
+            'DeleteModel': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteModel,
+                    request_deserializer=llamaship_dot_gateway_dot_v1_dot_gateway__pb2.DeleteModelRequest.FromString,
+                    response_serializer=llamaship_dot_gateway_dot_v1_dot_gateway__pb2.DeleteModelResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -571,6 +607,60 @@ class Gateway:
             '/llamaship.gateway.v1.Gateway/GetPromptSampling',
             llamaship_dot_gateway_dot_v1_dot_gateway__pb2.GetPromptSamplingRequest.SerializeToString,
             llamaship_dot_gateway_dot_v1_dot_gateway__pb2.PromptSampling.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetModelAccess(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/llamaship.gateway.v1.Gateway/SetModelAccess',
+            llamaship_dot_gateway_dot_v1_dot_gateway__pb2.ModelAccess.SerializeToString,
+            llamaship_dot_gateway_dot_v1_dot_gateway__pb2.ModelAccess.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/llamaship.gateway.v1.Gateway/DeleteModel',
+            llamaship_dot_gateway_dot_v1_dot_gateway__pb2.DeleteModelRequest.SerializeToString,
+            llamaship_dot_gateway_dot_v1_dot_gateway__pb2.DeleteModelResponse.FromString,
             options,
             channel_credentials,
             insecure,
