@@ -1,5 +1,6 @@
 """`llamaship bench --quick` runs end to end and writes a complete, self-consistent report.
-No timing assertions: speed targets are reported by the benchmark, not tested."""
+No timing assertions: speed targets are reported by the benchmark, not tested. The unit tests at
+the end check the latency arithmetic on synthetic runs."""
 
 from __future__ import annotations
 
@@ -11,7 +12,6 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parent.parent
 RECIPES = ("fp32", "int8", "hybrid-int8", "int4")
 
@@ -28,6 +28,7 @@ def report(tmp_path_factory, demo_model):
     return json.loads(json_path.read_text()), json_path.with_suffix(".md").read_text(), out, proc.stdout
 
 
+@pytest.mark.integration
 def test_every_contender_and_metric_is_present(report):
     data, _, _, _ = report
     plan = data["meta"]["plan"]
@@ -58,6 +59,7 @@ def test_every_contender_and_metric_is_present(report):
     assert {"gateway", "compiler", "serving-cpu-0", "redis"} <= set(data["peak_rss_mb"])
 
 
+@pytest.mark.integration
 def test_derived_figures_are_consistent(report):
     data, _, _, _ = report
     bw = data["bandwidth_gbs"] * 1e9
@@ -80,6 +82,7 @@ def test_derived_figures_are_consistent(report):
         assert t["met"] == ((t["value"] >= t["goal"]) if higher else (t["value"] <= t["goal"]))
 
 
+@pytest.mark.integration
 def test_markdown_and_charts(report):
     data, md, out, stdout = report
     for recipe in RECIPES:
@@ -91,3 +94,84 @@ def test_markdown_and_charts(report):
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
         assert f"]({Path(chart).parent.name}/{png.name})" in md
     assert "## Targets" in stdout
+
+
+# -- unit: latency arithmetic on synthetic runs -------------------------------------------------
+def _chunked_stack_run(first_s: float, gap_s: float, chunks: int, per_chunk: int):
+    from llamaship.bench.measure import Run
+
+    return Run.from_chunks([(first_s + i * gap_s, per_chunk) for i in range(chunks)])
+
+
+def test_stack_itl_is_per_chunk_not_zero_for_tokens_of_one_chunk():
+    from llamaship.bench.measure import summarize
+
+    # 4 tokens per chunk, a chunk every 10 ms: 2.5 ms per token, never 0
+    s = summarize([_chunked_stack_run(0.05, 0.010, 8, 4)])
+    assert s["itl_basis"] == "chunk"
+    assert s["itl_ms_p50"] == pytest.approx(2.5) and s["itl_ms_p99"] == pytest.approx(2.5)
+    assert s["itl_ms_var"] == pytest.approx(0.0, abs=1e-9)
+    assert s["chunk_gap_ms_p50"] == pytest.approx(10.0) and s["tokens_per_chunk_mean"] == 4
+    assert s["decode_tps"] == pytest.approx(28 / 0.070)
+    assert s["ttft_ms_p50"] == pytest.approx(50.0)
+
+
+def test_runs_without_chunks_keep_the_per_token_latency():
+    from llamaship.bench.measure import Run, summarize
+
+    run = Run(0.02, [0.02, 0.03, 0.05, 0.06])
+    assert run.itl_s == pytest.approx([0.01, 0.02, 0.01])
+    s = summarize([run])
+    assert s["itl_basis"] == "token" and "tokens_per_chunk_mean" not in s
+    assert s["itl_ms_p50"] == pytest.approx(10.0) and s["decode_tps"] == pytest.approx(3 / 0.04)
+
+
+def _synthetic_report(direct_itl_s: float, stack_gap_s: float, per_chunk: int) -> dict:
+    from llamaship.bench.measure import Run, as_dict, summarize
+
+    direct = [Run(0.01, [0.01 + i * direct_itl_s for i in range(32)])]
+    stack = [_chunked_stack_run(0.012, stack_gap_s, 32 // per_chunk, per_chunk)]
+    recipe = {
+        "direct": {"short": summarize(direct), "long": summarize(direct)},
+        "stack": {"short": summarize(stack), "long": summarize(stack)},
+        "concurrency": [{"concurrency": c, "aggregate_tps": 100.0 * c, "ttft_ms_p50": 1.0, "ttft_ms_p99": 2.0,
+                         "errors": [], "tokens": 16 * c, "wall_s": 1.0} for c in (1, 4, 16)],
+        "cpu_ms_per_token": {"direct": {"bench (direct ORT)": 1.0}, "stack": {"gateway": 0.5}},
+        "per_token_bytes": 10**6, "build_bytes": 2 * 10**6, "compile_s": 1.0,
+        "raw": {"direct": {"short": [as_dict(r) for r in direct]}, "stack": {"short": [as_dict(r) for r in stack]}},
+    }
+    return {"meta": {"date": "d", "host": "h", "platform": "p", "cpu_count": 2, "threads": 2, "device": "cpu",
+                     "quick": True, "weights_note": "n", "versions": {}},
+            "bandwidth_gbs": 10.0, "peak_rss_mb": {}, "models": {"demo": {
+                "prompt_tokens": {"short": 16, "long": 256}, "pytorch": {}, "recipes": {"fp32": recipe}}}}
+
+
+@pytest.mark.parametrize("direct_itl_ms, stack_gap_ms, per_chunk, shown", [
+    (2.0, 8.552, 4, "+0.138 ms/token"),   # stack slower per token than direct
+    (2.0, 7.448, 4, "\u22120.138 ms/token"),  # faster (direct's ITL inflated by something): a true minus, never "+-"
+])
+def test_overhead_is_signed_and_the_stack_itl_is_labelled_per_chunk(direct_itl_ms, stack_gap_ms, per_chunk, shown):
+    from llamaship.bench import report as rep
+
+    data = _synthetic_report(direct_itl_ms / 1e3, stack_gap_ms / 1e3, per_chunk)
+    rep.evaluate(data)
+    added = data["models"]["demo"]["recipes"]["fp32"]["overhead"]["itl_ms_added_p50"]
+    assert added == pytest.approx(stack_gap_ms / per_chunk - direct_itl_ms)
+    md = rep.markdown(data)
+    assert shown in md and "+-" not in md and "+\u2212" not in md
+    assert "per chunk" in md and "4.00 tokens per chunk" in md
+
+
+def test_signed_numbers():
+    from llamaship.bench.report import _signed
+
+    assert _signed(0.138, 2) == "+0.14" and _signed(-0.138, 2) == "\u22120.14"
+    assert _signed(-0.0001, 2) == "+0.00" and _signed(0.0, 1) == "+0.0" and _signed(float("nan")) == "n/a"
+
+
+def test_chart_latencies_use_the_chunk_basis():
+    from llamaship.bench.measure import as_dict
+    from llamaship.bench.report import _itl
+
+    run = as_dict(_chunked_stack_run(0.05, 0.010, 3, 2))
+    assert _itl(run) == pytest.approx([0.005, 0.005])

@@ -12,20 +12,54 @@ from pathlib import Path
 
 @dataclass
 class Run:
-    """One generation: time to first token and the times of every later token (seconds)."""
+    """One generation: time to first token and the arrival time of every token (seconds from the
+    request's start, first token included).
+
+    `chunk_tokens` is set where tokens arrive in chunks (the whole stack: the client only sees
+    when a chunk arrives, so every token of a chunk carries the chunk's arrival time). Latency is
+    then measured per chunk: the gap since the previous chunk divided by the tokens the chunk
+    brought. Without it every token is its own chunk and this is the plain inter-token latency."""
 
     ttft_s: float
-    token_times_s: list[float] = field(default_factory=list)  # from request start, first token included
+    token_times_s: list[float] = field(default_factory=list)
+    chunk_tokens: list[int] | None = None  # tokens in each chunk, in order; None: one per token
+
+    @classmethod
+    def from_chunks(cls, chunks: list[tuple[float, int]]) -> "Run":
+        """A run from (arrival time, tokens in the chunk) per chunk that carried tokens."""
+        chunks = [(t, n) for t, n in chunks if n > 0]
+        times = [t for t, n in chunks for _ in range(n)]
+        return cls(times[0] if times else 0.0, times, [n for _, n in chunks])
+
+    def chunks(self) -> list[tuple[float, int]]:
+        """(arrival time, tokens) per chunk."""
+        t = self.token_times_s
+        if self.chunk_tokens is None:
+            return [(x, 1) for x in t]
+        out, end = [], 0
+        for n in self.chunk_tokens:
+            end += n
+            out.append((t[end - 1], n))
+        return out
+
+    @property
+    def chunk_gaps_s(self) -> list[float]:
+        c = self.chunks()
+        return [b[0] - a[0] for a, b in zip(c, c[1:])]
 
     @property
     def itl_s(self) -> list[float]:
-        t = self.token_times_s
-        return [b - a for a, b in zip(t, t[1:])]
+        """One sample per chunk after the first: its gap ÷ its tokens (per token for runs without chunks)."""
+        c = self.chunks()
+        return [(b[0] - a[0]) / b[1] for a, b in zip(c, c[1:])]
 
     @property
     def decode_tps(self) -> float:
-        t = self.token_times_s
-        return (len(t) - 1) / (t[-1] - t[0]) if len(t) > 1 and t[-1] > t[0] else 0.0
+        """Tokens after the first chunk ÷ time from the first chunk to the last."""
+        c = self.chunks()
+        if len(c) < 2 or c[-1][0] <= c[0][0]:
+            return 0.0
+        return sum(n for _, n in c[1:]) / (c[-1][0] - c[0][0])
 
 
 def pct(values: list[float], q: float) -> float:
@@ -40,15 +74,22 @@ def pct(values: list[float], q: float) -> float:
 def summarize(runs: list[Run]) -> dict:
     ttft = [r.ttft_s for r in runs]
     itl = [x for r in runs for x in r.itl_s]
-    return {
+    out = {
         "ttft_ms_p50": pct(ttft, 0.5) * 1e3,
         "ttft_ms_p99": pct(ttft, 0.99) * 1e3,
         "itl_ms_p50": pct(itl, 0.5) * 1e3,
         "itl_ms_p99": pct(itl, 0.99) * 1e3,
         "itl_ms_var": statistics.pvariance([x * 1e3 for x in itl]) if len(itl) > 1 else 0.0,
+        "itl_basis": "chunk" if any(r.chunk_tokens is not None for r in runs) else "token",
         "decode_tps": statistics.median([r.decode_tps for r in runs]) if runs else 0.0,
         "samples": len(runs),
     }
+    if out["itl_basis"] == "chunk":
+        gaps = [x for r in runs for x in r.chunk_gaps_s]
+        sizes = [n for r in runs for _, n in r.chunks()]
+        out.update({"chunk_gap_ms_p50": pct(gaps, 0.5) * 1e3, "chunk_gap_ms_p99": pct(gaps, 0.99) * 1e3,
+                    "tokens_per_chunk_mean": statistics.fmean(sizes) if sizes else float("nan")})
+    return out
 
 
 def memory_bandwidth_gbs(threads: int, gib: float = 1.0, reps: int = 5, device: str = "cpu") -> float:
@@ -202,8 +243,12 @@ def bf16_supported() -> bool:
 
 # -- the whole stack ----------------------------------------------------------------------------
 def stack_run(client, model: str, prompt: str, max_new: int) -> Run:
-    out = client.generate(model, prompt, max_new)
-    return Run(out.time_to_first_token_s, out.chunk_times_s)
+    """Timed per chunk as the client receives them (the stream carries no per-token times)."""
+    chunks = []
+    t0 = time.perf_counter()
+    for chunk in client.stream(model, prompt, max_new):
+        chunks.append((time.perf_counter() - t0, len(chunk.token_ids)))
+    return Run.from_chunks(chunks)
 
 
 def concurrent_tps(client_factory, model: str, prompt: str, max_new: int, concurrency: int, rounds: int = 1) -> dict:
