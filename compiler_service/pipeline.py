@@ -27,6 +27,8 @@ from compiler_service import auto_precision, profiling, quality, recipes, source
 from compiler_service.uploads import UploadStore
 from compiler_service.builder_runner import BuildCancelled, run_builder
 from compiler_service.jobs import JobRequest
+from compiler_service.failures import CompileError, QualityGateFailed
+from compiler_service.verify import configure, inspect_graph, smoke_test
 
 log = logging.getLogger("llamaship.compiler.pipeline")
 BUILD_FORMAT = 2  # 2: mixed recipes through per-node overrides, q/k/v kept fused
@@ -34,18 +36,6 @@ DEFAULT_MAX_SEQ = 4096
 DEFAULT_MAX_BATCH = 32
 
 Progress = Callable[[str, float, str], Awaitable[None]]
-
-
-class CompileError(ValueError):
-    """The job cannot succeed; the message is the one-line reason shown to the user."""
-
-
-class QualityGateFailed(CompileError):
-    """The build exists in the store with its report, but is not the model's current build."""
-
-    def __init__(self, message: str, build_id: str):
-        super().__init__(message)
-        self.build_id = build_id
 
 
 @dataclass
@@ -97,81 +87,6 @@ def normalize(req: JobRequest) -> JobRequest:
     except (recipes.RecipeError, quality.GateInputError, sources.SourceError) as exc:
         raise CompileError(str(exc)) from None
     return req
-
-
-def configure(build_dir: Path, context_length: int) -> None:
-    """Set the runtime's context limit to what the request asked for (within the model's)."""
-    cfg_path = build_dir / "genai_config.json"
-    cfg = json.loads(cfg_path.read_text())
-    cfg["model"]["context_length"] = context_length
-    cfg["search"]["max_length"] = context_length
-    cfg_path.write_text(json.dumps(cfg, indent=4))
-
-
-def inspect_graph(build_dir: Path, recipe: recipes.Recipe) -> dict:
-    """Check the graph has symbolic batch/sequence dims and the fused kernels; summarize it."""
-    import onnx
-
-    model = onnx.load(str(build_dir / "model.onnx"), load_external_data=False)
-    dims = {i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in model.graph.input}
-    ids = dims.get("input_ids", [])
-    if len(ids) != 2 or not all(isinstance(d, str) and d for d in ids):
-        raise CompileError(f"built graph has static input_ids dims {ids}; batch and sequence must be symbolic")
-    ops = Counter(n.op_type for n in model.graph.node)
-    if not ops.get("GroupQueryAttention"):
-        raise CompileError("built graph has no fused GroupQueryAttention kernel")
-    bits = {n.name: next((a.i for a in n.attribute if a.name == "bits"), 0)
-            for n in model.graph.node if n.op_type == "MatMulNBits"}
-    float_matmuls = sorted(n.name for n in model.graph.node if n.op_type == "MatMul")
-    want = recipe.group_precision()
-    expected_bits = {"int4": 4, "int8": 8}
-    for name, b in bits.items():
-        group = recipes.node_group(name)
-        if group in want and expected_bits.get(want[group]) != b:
-            raise CompileError(f"recipe {recipe.name} wants {group} projections {want[group]}, but the builder made "
-                               f"{name} {b}-bit")
-    for name in float_matmuls:
-        group = recipes.node_group(name)
-        if group in want and want[group] != "float":
-            raise CompileError(f"recipe {recipe.name} wants {group} projections {want[group]}, but {name} stayed float")
-    quantized = sorted(bits)
-    return {
-        "ops": dict(sorted(ops.items())),
-        "inputs": dims.get("input_ids"),
-        "quantized_matmuls": {name: bits[name] for name in quantized},
-        "float_matmuls": float_matmuls,
-    }
-
-
-def smoke_test(build_dir: Path, context_length: int, max_batch: int) -> None:
-    """Load the build the way serving will, decode a few tokens, and check the runtime enforces the
-    request's limits: it must refuse a sequence longer than the context, and take batches of
-    different sizes and sequence lengths (symbolic dims that really are dynamic at run time).
-    The max batch is enforced by the serving replicas (a cohort never holds more rows)."""
-    import numpy as np
-    import onnxruntime_genai as og
-
-    configured = json.loads((build_dir / "genai_config.json").read_text())["model"]["context_length"]
-    if configured != context_length:
-        raise CompileError(f"the build's context length is {configured}, not the requested {context_length}")
-    model = og.Model(str(build_dir))
-    params = og.GeneratorParams(model)
-    try:
-        params.set_search_options(max_length=context_length + 1, do_sample=False)
-        og.Generator(model, params).append_tokens([1, 2, 3])
-    except Exception:  # noqa: BLE001 - refused, as it must be
-        pass
-    else:
-        raise CompileError(f"the runtime accepts sequences longer than the context length {context_length}")
-    for rows, width in ((1, 3), (min(max_batch, 3), 5)):
-        params = og.GeneratorParams(model)
-        params.set_search_options(max_length=width + 4, do_sample=False, batch_size=rows)
-        gen = og.Generator(model, params)
-        prompts = np.full((rows, width), 0, dtype=np.int32)
-        prompts[:, :2] = [1, 2]
-        gen.append_tokens(prompts if rows > 1 else prompts[0])
-        while not gen.is_done():
-            gen.generate_next_token()
 
 
 class CompilePipeline:
