@@ -98,6 +98,8 @@ _DECLARED = [
     Setting("upload_max_active", int, 8, "Uploads one tenant may hold at once (unfinished or kept).", check=_positive),
     Setting("upload_expiry_s", float, 86400.0, "An upload is deleted this long after it was created (finished or not); compiles copy what they need first.", check=_positive),
     Setting("upload_min_free_gib", float, 1.0, "CreateUpload refuses an upload that would leave less than this much free disk in the store, in GiB.", check=_non_negative),
+    Setting("job_poll_s", float, 0.5, "Seconds between a running compile job's checks for cancellation (and for its job having been taken over); every stage stops within about this long.", check=_positive),
+    Setting("upload_sweep_s", float, 60.0, "Seconds between the compiler's sweeps that delete expired uploads.", check=_positive),
     # Serving
     Setting("serving_port", int, 50053, "Serving replica gRPC port.", flag="--port", check=_port),
     Setting("pool", str, "cpu", "Hardware pool this replica serves: cpu or cuda.", check=_pool),
@@ -117,7 +119,8 @@ COMMON = ("redis_url", "store", "host", "log_level", "metrics_port")
 GATEWAY = (*COMMON, "gateway_port", "compiler_address", "queue_max_depth", "tenant_max_requests", "queue_timeout_s", "replica_stale_s",
            "failover_timeout_s", "relay_lease_s", "api_keys_file", "tls_cert_file", "tls_key_file")
 COMPILER = (*COMMON, "compiler_port", "work_dir", "job_lease_s", "max_attempts", "checkpoint_roots",
-            "upload_quota_gib", "upload_max_active", "upload_expiry_s", "upload_min_free_gib")
+            "upload_quota_gib", "upload_max_active", "upload_expiry_s", "upload_min_free_gib", "job_poll_s",
+            "upload_sweep_s")
 SERVING = (*COMMON, "serving_port", "pool", "slots", "kv_budget_mb", "threads", "stream_interval_ms", "replica_stale_s", "replica_id",
            "advertise_address", "heartbeat_s", "tenant_fair_slots")
 
