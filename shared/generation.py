@@ -10,6 +10,8 @@ from shared.errors import InvalidArgument
 
 FINISH_LENGTH, FINISH_EOS, FINISH_STOP = "length", "eos", "stop"
 MAX_STOP_STRINGS = 16
+MAX_STOP_CHARS = 256
+SEED_LIMIT = 2**31  # seeds are in [0, 2^31)
 MAX_PROMPT_CHARS = 1_000_000
 
 
@@ -66,6 +68,10 @@ def validate(req: GenRequest, context_length: int | None = None) -> None:
         raise InvalidArgument(f"stop: at most {MAX_STOP_STRINGS} stop strings")
     if any(not s for s in req.stop):
         raise InvalidArgument("stop: stop strings must not be empty")
+    if any(len(s) > MAX_STOP_CHARS for s in req.stop):
+        raise InvalidArgument(f"stop: each stop string at most {MAX_STOP_CHARS} characters")
+    if req.seed is not None and not 0 <= req.seed < SEED_LIMIT:
+        raise InvalidArgument(f"seed: must be in [0, 2^31), got {req.seed}")
 
 
 @dataclass

@@ -25,8 +25,13 @@ def test_valid_request_passes_and_round_trips():
     (dict(max_tokens=17), "max_tokens"), (dict(temperature=-1.0), "temperature"),
     (dict(temperature=math.nan), "temperature"), (dict(top_p=0.0), "top_p"), (dict(top_p=1.01), "top_p"),
     (dict(top_k=-2), "top_k"), (dict(stop=[""]), "stop"), (dict(stop=["x"] * 17), "stop"),
+    (dict(stop=["x" * 257]), "stop"), (dict(seed=2**31), "seed"), (dict(seed=2**64 - 1), "seed"), (dict(seed=-1), "seed"),
 ])
 def test_each_bad_field_is_named(kw, field):
     with pytest.raises(InvalidArgument) as info:
         validate(_req(**kw), 16)
     assert info.value.message.startswith(field)
+
+
+def test_limits_are_inclusive():
+    validate(_req(stop=["x" * 256] * 16, seed=2**31 - 1, temperature=1.0), 16)
