@@ -179,7 +179,13 @@ class Engine:
                 f"the request started on build {build_id}, which this replica no longer serves; it may be retried"
             )
         validate(req, loaded.context_length)
-        prompt_ids = loaded.tokenizer.encode(req.prompt)
+        if req.top_k > loaded.vocab_size:
+            raise InvalidArgument(f"top_k: {req.top_k} is larger than the model's vocabulary ({loaded.vocab_size} tokens)")
+        if loaded.tokenizer.too_long(req.prompt, loaded.context_length):
+            raise InvalidArgument(f"prompt: {len(req.prompt)} characters cannot fit the build's context length "
+                                  f"{loaded.context_length} tokens")
+        # Tokenizing a long prompt takes long enough to stall every other stream on this replica.
+        prompt_ids = await asyncio.to_thread(loaded.tokenizer.encode, req.prompt)
         if len(prompt_ids) >= loaded.context_length:
             raise InvalidArgument(
                 f"prompt: {len(prompt_ids)} tokens does not fit the build's context length {loaded.context_length}"

@@ -8,12 +8,15 @@ from pathlib import Path
 
 from tokenizers import Tokenizer
 
+NORMALIZER_MARGIN = 4
+
 
 class PromptTokenizer:
     """Encodes prompts with the build's tokenizer.json, special tokens (BOS) included."""
 
     def __init__(self, build_dir: Path):
         self.tokenizer = Tokenizer.from_file(str(build_dir / "tokenizer.json"))
+        self._encode_batch = getattr(self.tokenizer, "encode_batch_fast", self.tokenizer.encode_batch)
         self.bos_id: int | None = None
         cfg_path = build_dir / "tokenizer_config.json"
         cfg = json.loads(cfg_path.read_text()) if cfg_path.is_file() else {}
@@ -26,9 +29,20 @@ class PromptTokenizer:
             # as transformers does for add_bos_token=True.
             if bos_id is not None and self.tokenizer.encode("a").ids[:1] != [bos_id]:
                 self.bos_id = bos_id
+        # The most UTF-8 bytes of input one token can stand for, with a margin for normalizers
+        # that shorten text (NFKC): a prompt longer than context x this has too many tokens for
+        # the context, and is refused before it is tokenized.
+        vocab = self.tokenizer.get_vocab(with_added_tokens=True)
+        self.max_bytes_per_token = NORMALIZER_MARGIN * max((len(t.encode()) for t in vocab), default=1)
+
+    def too_long(self, prompt: str, context_length: int) -> bool:
+        """True when `prompt` cannot possibly fit `context_length` tokens (checked without tokenizing)."""
+        return len(prompt.encode()) > context_length * self.max_bytes_per_token
 
     def encode(self, prompt: str) -> list[int]:
-        ids = self.tokenizer.encode(prompt).ids
+        """Thread-friendly: the batch entry point releases the GIL while it works (`encode` holds it
+        throughout, which stalls the event loop even from a worker thread)."""
+        ids = self._encode_batch([prompt])[0].ids
         if self.bos_id is not None:
             ids = [self.bos_id, *ids]
         return ids
