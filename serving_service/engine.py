@@ -146,6 +146,17 @@ class Engine:
             )
             return loaded
 
+    async def unload(self, name: str) -> bool:
+        """Stop serving `name` (its model was deleted); streams already running finish on it."""
+        async with self._load_lock:
+            current = self.builds.pop(name, None)
+            if current is None:
+                return False
+            current.retired = True
+            current.close_if_idle()
+            log.info("stopped serving %s (build %s): the model was deleted", name, current.build_id)
+            return True
+
     def resolve(self, name: str) -> LoadedBuild:
         loaded = self.builds.get(name)
         if loaded is None:

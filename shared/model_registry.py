@@ -100,6 +100,7 @@ return 'OK'
 """
 
 # KEYS: access hash, alias hash, announce stream. ARGV: name, tenant, admin, announce maxlen.
+# The announcement of a deletion carries an empty build id: replicas of the pool stop serving the name.
 _DELETE = """
 local raw = redis.call('HGET', KEYS[1], ARGV[1])
 local published = redis.call('HEXISTS', KEYS[2], ARGV[1]) == 1
@@ -107,9 +108,11 @@ if not raw and not published then return 'MISSING' end
 local owner = ''
 if raw then owner = cjson.decode(raw)['owner'] end
 if owner ~= ARGV[2] and ARGV[3] ~= '1' then return 'DENIED' end
+local pool = ''
+if published then pool = cjson.decode(redis.call('HGET', KEYS[2], ARGV[1]))['pool'] or '' end
 redis.call('HDEL', KEYS[1], ARGV[1])
 redis.call('HDEL', KEYS[2], ARGV[1])
-redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[4], '*', 'name', ARGV[1], 'build_id', '', 'pool', '')
+redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[4], '*', 'name', ARGV[1], 'build_id', '', 'pool', pool)
 return 'OK'
 """
 
