@@ -161,7 +161,7 @@ class ReplicaInfo(_message.Message):
     def __init__(self, replica_id: _Optional[str] = ..., pool: _Optional[str] = ..., address: _Optional[str] = ..., build_id: _Optional[str] = ..., slots: _Optional[int] = ..., active: _Optional[int] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "build_id", "recipe", "pool", "context_length", "max_batch", "published_at", "replicas", "owner", "readers")
+    __slots__ = ("name", "build_id", "recipe", "pool", "context_length", "max_batch", "published_at", "replicas", "owner", "readers", "served_build_ids")
     NAME_FIELD_NUMBER: _ClassVar[int]
     BUILD_ID_FIELD_NUMBER: _ClassVar[int]
     RECIPE_FIELD_NUMBER: _ClassVar[int]
@@ -172,6 +172,7 @@ class ModelInfo(_message.Message):
     REPLICAS_FIELD_NUMBER: _ClassVar[int]
     OWNER_FIELD_NUMBER: _ClassVar[int]
     READERS_FIELD_NUMBER: _ClassVar[int]
+    SERVED_BUILD_IDS_FIELD_NUMBER: _ClassVar[int]
     name: str
     build_id: str
     recipe: str
@@ -182,7 +183,8 @@ class ModelInfo(_message.Message):
     replicas: _containers.RepeatedCompositeFieldContainer[ReplicaInfo]
     owner: str
     readers: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, name: _Optional[str] = ..., build_id: _Optional[str] = ..., recipe: _Optional[str] = ..., pool: _Optional[str] = ..., context_length: _Optional[int] = ..., max_batch: _Optional[int] = ..., published_at: _Optional[float] = ..., replicas: _Optional[_Iterable[_Union[ReplicaInfo, _Mapping]]] = ..., owner: _Optional[str] = ..., readers: _Optional[_Iterable[str]] = ...) -> None: ...
+    served_build_ids: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, name: _Optional[str] = ..., build_id: _Optional[str] = ..., recipe: _Optional[str] = ..., pool: _Optional[str] = ..., context_length: _Optional[int] = ..., max_batch: _Optional[int] = ..., published_at: _Optional[float] = ..., replicas: _Optional[_Iterable[_Union[ReplicaInfo, _Mapping]]] = ..., owner: _Optional[str] = ..., readers: _Optional[_Iterable[str]] = ..., served_build_ids: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ListModelsResponse(_message.Message):
     __slots__ = ("models",)
