@@ -17,6 +17,9 @@ from typing import Awaitable, Callable
 
 import grpc
 
+from shared.errors import PermissionDenied
+from shared.tenancy import OPEN, Caller
+
 SCOPES = ("generate", "compile", "admin")
 _SERVICE = "/llamaship.gateway.v1.Gateway/"
 METHOD_SCOPES: dict[str, str | None] = {
@@ -32,6 +35,8 @@ METHOD_SCOPES: dict[str, str | None] = {
     _SERVICE + "SetPromptSampling": "admin",
     _SERVICE + "GetPromptSampling": "admin",
     _SERVICE + "ListModels": None,  # any valid key
+    _SERVICE + "SetModelAccess": "compile",
+    _SERVICE + "DeleteModel": "compile",
 }
 
 
@@ -112,6 +117,17 @@ def bearer_key(metadata) -> str:
         if k == "authorization" and isinstance(v, str) and v.startswith("Bearer "):
             return v[len("Bearer "):].strip()
     return ""
+
+
+def caller_for(keys: KeyStore | None, metadata) -> Caller:
+    """Who calls: the tenant of the key (admin when the key has the admin scope); without API
+    keys configured, everyone is the one open tenant with every right."""
+    if keys is None:
+        return OPEN
+    tenant = keys.tenant_for(bearer_key(metadata))
+    if tenant is None:  # the interceptor turns these away first
+        raise PermissionDenied("missing or unknown API key")
+    return Caller(tenant.name, admin="admin" in tenant.scopes)
 
 
 class AuthInterceptor(grpc.aio.ServerInterceptor):

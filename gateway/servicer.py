@@ -1,45 +1,40 @@
-"""gRPC servicer of the gateway: converts protos, calls the queue/catalog/compiler, converts back."""
+"""gRPC servicer of the gateway: converts protos, calls admission/queue/registry/compiler, converts back."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import secrets
-import math
-import re
 import time
-import uuid
 from typing import AsyncIterator
 
 import grpc
 import redis.asyncio as aioredis
 
 from gateway import metrics
-from gateway.auth import KeyStore, bearer_key
+from gateway.admission import Admission, access_of, check_id, check_request_id, check_resume, request_id, \
+    unknown_model, visible_models
+from gateway.auth import KeyStore, caller_for
 from gateway.gen_queue import GenerationQueue
 from shared import catalog, prompt_samples
 from shared.prompt_samples import PromptSampler
 from shared import redis_keys as keys
-from shared.fair_queue import DEFAULT_TENANT
-from shared.errors import InvalidArgument, LlamashipError, NotFound, Unavailable, from_code_name
-from shared.generation import FINISH_EOS, FINISH_LENGTH, FINISH_STOP, GenRequest, validate
+from shared.errors import InvalidArgument, LlamashipError, NotFound, Unavailable, from_code_name, shown
+from shared.generation import FINISH_EOS, FINISH_LENGTH, FINISH_STOP, GenRequest
+from shared.model_registry import ModelRegistry, check_name
 from shared.proto_gen.llamaship.compiler.v1 import compiler_pb2, compiler_pb2_grpc
 from shared.proto_gen.llamaship.gateway.v1 import gateway_pb2 as pb
 from shared.proto_gen.llamaship.gateway.v1 import gateway_pb2_grpc as pb_grpc
 from shared.telemetry import request_id_var
+from shared.tenancy import Caller
 
 log = logging.getLogger("llamaship.gateway")
 FINISH_TO_PROTO = {FINISH_LENGTH: pb.FINISH_REASON_LENGTH, FINISH_EOS: pb.FINISH_REASON_EOS, FINISH_STOP: pb.FINISH_REASON_STOP}
-MAX_REQUEST_ID = 128
-_CURSOR = re.compile(r"\d{1,20}-\d{1,20}")
 PRIORITY_FROM_PROTO = {pb.PRIORITY_UNSPECIFIED: "interactive", pb.PRIORITY_INTERACTIVE: "interactive",
                        pb.PRIORITY_BATCH: "batch"}
+MAX_COMPILER_DETAILS = 1000
 
 
 def request_from_proto(m: pb.GenerateRequest, request_id: str) -> GenRequest:
-    for name in ("temperature", "top_p"):
-        if m.HasField(name) and not math.isfinite(getattr(m, name)):
-            raise InvalidArgument(f"{name}: must be finite")
     return GenRequest(
         request_id=request_id,
         model=m.model,
@@ -54,11 +49,8 @@ def request_from_proto(m: pb.GenerateRequest, request_id: str) -> GenRequest:
     )
 
 
-def _request_id(m: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> str:
-    rid = m.request_id or dict(context.invocation_metadata() or ()).get("x-request-id", "")
-    if len(rid) > MAX_REQUEST_ID or any(c.isspace() for c in rid):
-        raise InvalidArgument("request_id: at most 128 characters, no spaces")
-    return rid or uuid.uuid4().hex
+def _metadata_request_id(context: grpc.aio.ServicerContext) -> str:
+    return dict(context.invocation_metadata() or ()).get("x-request-id", "")
 
 
 class GatewayServicer(pb_grpc.GatewayServicer):
@@ -71,6 +63,12 @@ class GatewayServicer(pb_grpc.GatewayServicer):
         self.queue = queue
         self.compiler = compiler
         self.replica_stale_s = replica_stale_s
+        self.registry = ModelRegistry(r)
+        self.admission = Admission(r, self.registry, replica_stale_s)
+
+    def _caller(self, context: grpc.aio.ServicerContext) -> Caller:
+        """The caller's identity (the auth interceptor has already checked the key)."""
+        return caller_for(self.keys, context.invocation_metadata())
 
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[pb.GenerateChunk]:
         try:
@@ -81,54 +79,40 @@ class GatewayServicer(pb_grpc.GatewayServicer):
             raise
 
     async def _generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[pb.GenerateChunk]:
-        rid = _request_id(request, context)
+        rid = request_id(request.request_id, _metadata_request_id(context))
         request_id_var.set(rid)
+        caller = self._caller(context)
         if request.resume_cursor:
-            async for out in self._resume(request, rid, context):
+            async for out in self._resume(request, rid, caller):
                 yield out
             return
         if request.priority not in PRIORITY_FROM_PROTO:
             raise InvalidArgument(f"priority: unknown value {request.priority}")
         req = request_from_proto(request, rid)
-        req.tenant = self._tenant(context)
-        if not req.model:
-            raise InvalidArgument("model: required")
-        alias, replicas = await catalog.alias_and_replicas(self.r, req.model, self.replica_stale_s)
-        if alias is None:
-            raise NotFound(f"model {req.model!r} not found; `llamaship models` lists what is served")
-        validate(req, alias.context_length)
-        if not req.greedy and req.seed is None:
-            # A fixed seed makes a sampled stream replayable: a replica that takes it over after
-            # a failure continues it exactly.
-            req.seed = secrets.randbits(31)
-        remaining = context.time_remaining()
-        if remaining is not None:
-            req.deadline = time.time() + remaining
-        if not [hb for hb in replicas if hb.pool == alias.pool]:
-            raise Unavailable(f"no live replica in the {alias.pool} pool; the request may be retried")
+        alias = await self.admission.admit(req, caller, context.time_remaining())
         entry = await self.queue.enqueue(req, alias.pool, alias.context_length)
         metrics.REQUESTS.labels(alias.pool, req.priority).inc()
         self._sample(req.model, req.prompt)
-        async for out in self._relay(rid, alias.pool, entry, "0-0"):
+        async for out in self._relay(rid, caller.tenant, alias.pool, entry, "0-0"):
             yield out
 
-    async def _resume(self, request: pb.GenerateRequest, rid: str, context) -> AsyncIterator[pb.GenerateChunk]:
-        if not request.request_id or not _CURSOR.fullmatch(request.resume_cursor):
-            raise InvalidArgument("resume_cursor: needs the request_id and a cursor from one of its chunks")
-        entry = await self.queue.find(rid, self._tenant(context))
+    async def _resume(self, request: pb.GenerateRequest, rid: str, caller: Caller) -> AsyncIterator[pb.GenerateChunk]:
+        check_resume(request.request_id, request.resume_cursor)
+        entry = await self.queue.find(rid, caller.tenant)
         if entry is None:
-            raise NotFound(f"no stream of request {rid!r} to resume: unknown, finished, or stopped unrelayed")
+            raise NotFound(f"no stream of request {shown(rid)} to resume: unknown, finished, or stopped unrelayed")
         log.info("resuming the stream after %s", request.resume_cursor)
-        async for out in self._relay(rid, keys.gen_stream_pool(entry.stream), entry, request.resume_cursor):
+        async for out in self._relay(rid, caller.tenant, keys.gen_stream_pool(entry.stream), entry,
+                                     request.resume_cursor):
             yield out
 
-    async def _relay(self, rid: str, pool: str, entry, after: str) -> AsyncIterator[pb.GenerateChunk]:
+    async def _relay(self, rid: str, tenant: str, pool: str, entry, after: str) -> AsyncIterator[pb.GenerateChunk]:
         t0 = time.perf_counter()
         finished = False
         first = True
         last_at = t0
         try:
-            async for cursor, chunk in self.queue.responses(rid, pool, entry, after):
+            async for cursor, chunk in self.queue.responses(rid, tenant, pool, entry, after):
                 if chunk.kind == "error":
                     finished = True
                     raise from_code_name(chunk.error_code, chunk.error_message)
@@ -156,7 +140,7 @@ class GatewayServicer(pb_grpc.GatewayServicer):
             raise
         finally:
             if not finished:
-                await asyncio.shield(self.queue.abandon(rid, entry))
+                await asyncio.shield(self.queue.abandon(rid, tenant, entry))
             depth = await asyncio.shield(self.queue.depth(pool))
             for priority, n in depth.items():
                 metrics.QUEUE_DEPTH.labels(pool, priority).set(n)
@@ -174,8 +158,9 @@ class GatewayServicer(pb_grpc.GatewayServicer):
         task.add_done_callback(self._background.discard)
 
     async def SetPromptSampling(self, request: pb.PromptSampling, context) -> pb.PromptSampling:
+        check_name(request.model)
         if await catalog.get_alias(self.r, request.model) is None:
-            raise NotFound(f"model {request.model!r} not found")
+            raise unknown_model(request.model)
         settings = prompt_samples.SamplingSettings(
             enabled=request.enabled, rate=request.rate or 1.0, max_prompts=request.max_prompts or 256,
             max_chars=request.max_chars or 4000)
@@ -184,76 +169,120 @@ class GatewayServicer(pb_grpc.GatewayServicer):
         return await self.GetPromptSampling(pb.GetPromptSamplingRequest(model=request.model), context)
 
     async def GetPromptSampling(self, request: pb.GetPromptSamplingRequest, context) -> pb.PromptSampling:
+        check_name(request.model)
         s = await prompt_samples.get_settings(self.r, request.model)
         kept, seen = await prompt_samples.counts(self.r, request.model)
         return pb.PromptSampling(model=request.model, enabled=s.enabled, rate=s.rate, max_prompts=s.max_prompts,
                                  max_chars=s.max_chars, kept=kept, seen=seen)
 
-    def _tenant(self, context: grpc.aio.ServicerContext) -> str:
-        """The caller's tenant (the auth interceptor has already checked the key)."""
-        if self.keys is None:
-            return DEFAULT_TENANT
-        tenant = self.keys.tenant_for(bearer_key(context.invocation_metadata()))
-        return tenant.name if tenant else DEFAULT_TENANT
-
     async def CancelGeneration(self, request: pb.CancelGenerationRequest, context) -> pb.CancelGenerationResponse:
         if not request.request_id:
             raise InvalidArgument("request_id: required")
-        await self.queue.cancel(request.request_id)
-        found = bool(await self.r.exists(keys.response_stream(request.request_id)))
-        return pb.CancelGenerationResponse(found=found)
+        rid = check_request_id(request.request_id)
+        found = await self.queue.cancel(rid, self._caller(context).tenant)
+        return pb.CancelGenerationResponse(found=bool(found))
 
+    # -- models ----------------------------------------------------------------------------
+    async def ListModels(self, request: pb.ListModelsRequest, context) -> pb.ListModelsResponse:
+        caller = self._caller(context)
+        aliases, access, replicas = await asyncio.gather(
+            catalog.list_aliases(self.r), self.registry.all_access(),
+            catalog.live_replicas(self.r, self.replica_stale_s))
+        out = pb.ListModelsResponse()
+        for view in visible_models(aliases, access, replicas, caller):
+            a = view.alias
+            m = out.models.add(name=a.name, build_id=a.build_id, recipe=a.recipe, pool=a.pool,
+                               context_length=a.context_length, max_batch=a.max_batch, published_at=a.published_at,
+                               owner=view.access.owner, readers=view.access.readers,
+                               served_build_ids=view.served_build_ids)
+            for hb in view.replicas:
+                m.replicas.add(replica_id=hb.replica_id, pool=hb.pool, address=hb.address,
+                               build_id=hb.builds[a.name], slots=hb.slots, active=hb.active)
+        return out
+
+    async def SetModelAccess(self, request: pb.ModelAccess, context) -> pb.ModelAccess:
+        caller = self._caller(context)
+        await access_of(self.registry, request.model, caller)
+        access = await self.registry.set_readers(request.model, list(request.readers), caller)
+        log.info("access to %s: readers %s", request.model, ", ".join(access.readers) or "none")
+        return pb.ModelAccess(model=request.model, readers=access.readers, owner=access.owner)
+
+    async def DeleteModel(self, request: pb.DeleteModelRequest, context) -> pb.DeleteModelResponse:
+        caller = self._caller(context)
+        await access_of(self.registry, request.model, caller)
+        await self.registry.delete(request.model, caller)
+        # its sampled prompts are the owner's data: they go with the name
+        await prompt_samples.set_settings(self.r, request.model, prompt_samples.SamplingSettings(), clear=True)
+        log.info("model %s deleted", request.model)
+        return pb.DeleteModelResponse(deleted=True)
+
+    # -- compiler proxy: every call carries the caller's identity --------------------------------
     async def SubmitCompile(self, request: compiler_pb2.CompileRequest, context) -> compiler_pb2.CompileJob:
+        check_name(request.model_name, "model_name")
+        if request.quality.sampled_prompts_of:
+            check_name(request.quality.sampled_prompts_of, "quality.sampled_prompts_of")
+        check_id(request.upload_id, "upload_id")
         return await self._call_compiler(self.compiler.SubmitCompile, request, context)
 
     async def CancelCompile(self, request: compiler_pb2.CancelCompileRequest, context) -> compiler_pb2.CompileJob:
+        check_id(request.job_id, "job_id")
         return await self._call_compiler(self.compiler.CancelCompile, request, context)
 
     async def WatchCompile(self, request: compiler_pb2.WatchCompileRequest, context) -> AsyncIterator[compiler_pb2.CompileEvent]:
-        call = self.compiler.WatchCompile(request)
+        check_id(request.job_id, "job_id")
+        call = self.compiler.WatchCompile(request, metadata=self._caller(context).metadata())
         try:
             async for event in call:
                 yield event
         except grpc.aio.AioRpcError as exc:
-            await context.abort(exc.code(), exc.details() or "compiler error")
+            await _abort_with(context, exc)
         finally:
             call.cancel()
 
     async def GetBuild(self, request: compiler_pb2.GetBuildRequest, context) -> compiler_pb2.BuildInfo:
+        check_id(request.build_id, "build_id")
         return await self._call_compiler(self.compiler.GetBuild, request, context)
 
     async def CreateUpload(self, request: compiler_pb2.CreateUploadRequest, context) -> compiler_pb2.Upload:
         return await self._call_compiler(self.compiler.CreateUpload, request, context)
 
     async def GetUpload(self, request: compiler_pb2.GetUploadRequest, context) -> compiler_pb2.Upload:
+        check_id(request.upload_id, "upload_id")
         return await self._call_compiler(self.compiler.GetUpload, request, context)
 
     async def UploadFiles(self, request_iterator, context) -> compiler_pb2.Upload:
         """Relays the chunks to the compiler as they arrive (a client-streaming call)."""
+        refused: list[LlamashipError] = []
+
+        async def relay():
+            try:
+                async for chunk in request_iterator:
+                    yield chunk
+            except LlamashipError as exc:  # e.g. an undecodable chunk: the compiler call is cancelled
+                refused.append(exc)
+                raise
+
         try:
-            return await self.compiler.UploadFiles(request_iterator, timeout=3600)
-        except grpc.aio.AioRpcError as exc:
+            return await self.compiler.UploadFiles(relay(), timeout=3600, metadata=self._caller(context).metadata())
+        except (grpc.aio.AioRpcError, asyncio.CancelledError) as exc:
+            if refused:
+                raise refused[0] from None
+            if isinstance(exc, asyncio.CancelledError):
+                raise
             if exc.code() == grpc.StatusCode.UNAVAILABLE:
                 raise Unavailable("the compiler service is unreachable; resume the upload later (GetUpload)") from None
-            await context.abort(exc.code(), exc.details() or "compiler error")
+            await _abort_with(context, exc)
 
     async def _call_compiler(self, method, request, context):
         try:
-            return await method(request, timeout=30)
+            return await method(request, timeout=30, metadata=self._caller(context).metadata())
         except grpc.aio.AioRpcError as exc:
-            code = exc.code()
-            if code == grpc.StatusCode.UNAVAILABLE:
+            if exc.code() == grpc.StatusCode.UNAVAILABLE:
                 raise Unavailable("the compiler service is unreachable; retry later") from None
-            await context.abort(code, exc.details() or "compiler error")
+            await _abort_with(context, exc)
 
-    async def ListModels(self, request: pb.ListModelsRequest, context) -> pb.ListModelsResponse:
-        replicas = await catalog.live_replicas(self.r, self.replica_stale_s)
-        out = pb.ListModelsResponse()
-        for a in await catalog.list_aliases(self.r):
-            m = out.models.add(name=a.name, build_id=a.build_id, recipe=a.recipe, pool=a.pool,
-                               context_length=a.context_length, max_batch=a.max_batch, published_at=a.published_at)
-            for hb in replicas:
-                if a.name in hb.builds:
-                    m.replicas.add(replica_id=hb.replica_id, pool=hb.pool, address=hb.address,
-                                   build_id=hb.builds[a.name], slots=hb.slots, active=hb.active)
-        return out
+
+async def _abort_with(context: grpc.aio.ServicerContext, exc: grpc.aio.AioRpcError) -> None:
+    """Pass the compiler's answer on, its details bounded."""
+    details = (exc.details() or "compiler error")[:MAX_COMPILER_DETAILS]
+    await context.abort(exc.code(), details)

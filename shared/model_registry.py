@@ -123,7 +123,8 @@ local rec
 if raw then
   rec = cjson.decode(raw)
   if rec['owner'] ~= ARGV[2] and ARGV[3] ~= '1' then return 'DENIED' end
-elseif redis.call('HEXISTS', KEYS[2], ARGV[1]) == 1 and ARGV[3] == '1' then
+elseif redis.call('HEXISTS', KEYS[2], ARGV[1]) == 1 then
+  if ARGV[3] ~= '1' then return 'DENIED' end
   rec = {owner = ARGV[2]}
 else
   return 'MISSING'
@@ -136,7 +137,7 @@ return out
 
 
 def _denied(name: str, caller: Caller) -> PermissionDenied:
-    return PermissionDenied(f"model {name!r} belongs to another tenant; tenant {caller.tenant!r} may not change it")
+    return PermissionDenied(f"model {shown(name)} belongs to another tenant; tenant {shown(caller.tenant)} may not change it")
 
 
 class ModelRegistry:
@@ -187,7 +188,7 @@ class ModelRegistry:
         if out == "DENIED":
             raise _denied(name, caller)
         if out == "MISSING":
-            raise NotFound(f"model {name!r} not found")
+            raise NotFound(f"model {shown(name)} not found")
         return ModelAccess.from_json(out)
 
     async def delete(self, name: str, caller: Caller) -> None:
@@ -197,4 +198,4 @@ class ModelRegistry:
         if out == "DENIED":
             raise _denied(name, caller)
         if out == "MISSING":
-            raise NotFound(f"model {name!r} not found")
+            raise NotFound(f"model {shown(name)} not found")
