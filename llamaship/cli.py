@@ -274,6 +274,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         options["seed"] = args.seed
     if args.stop:
         options["stop"] = args.stop
+    if args.request_id:
+        options["request_id"] = args.request_id
     if args.priority == "batch":
         from shared.proto_gen.llamaship.gateway.v1 import gateway_pb2
 
@@ -298,7 +300,16 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _readers(m) -> str:
+    readers = list(m.readers)
+    return "every tenant" if "*" in readers else ", ".join(readers) or "owner only"
+
+
 def cmd_models(args: argparse.Namespace) -> int:
+    if args.models_command == "access":
+        return _models_access(args)
+    if args.models_command == "delete":
+        return _models_delete(args)
     try:
         with _client(args) as client:
             models = client.models()
@@ -307,11 +318,54 @@ def cmd_models(args: argparse.Namespace) -> int:
     if not models:
         print("no models published yet (llamaship compile DIR --name N --recipe R)")
         return 0
-    print(f"{'NAME':<20} {'BUILD':<22} {'RECIPE':<12} {'POOL':<5} {'CONTEXT':>7}  REPLICAS")
+    print(f"{'NAME':<20} {'BUILD':<22} {'RECIPE':<12} {'POOL':<5} {'CONTEXT':>7}  {'OWNER':<12} {'READERS':<16} SERVED BY")
     for m in models:
+        # replicas are listed for admin keys only; other keys see which builds are served
         reps = ", ".join(f"{r.replica_id}@{r.address}" + ("" if r.build_id == m.build_id else f" (still {r.build_id})")
-                         for r in m.replicas) or "none"
-        print(f"{m.name:<20} {m.build_id:<22} {m.recipe:<12} {m.pool:<5} {m.context_length:>7}  {reps}")
+                         for r in m.replicas)
+        if not reps:
+            reps = "replicas serving " + ", ".join(m.served_build_ids) if m.served_build_ids else "none"
+        print(f"{m.name:<20} {m.build_id:<22} {m.recipe:<12} {m.pool:<5} {m.context_length:>7}  "
+              f"{m.owner or '(admins)':<12} {_readers(m):<16} {reps}")
+    return 0
+
+
+def _models_access(args: argparse.Namespace) -> int:
+    readers = ["*"] if args.public else [] if args.private else \
+        [t.strip() for t in args.allow.split(",") if t.strip()] if args.allow is not None else None
+    try:
+        with _client(args) as client:
+            if readers is None:
+                found = [m for m in client.models() if m.name == args.name]
+                if not found:
+                    return _fail(f"NOT_FOUND: model {args.name!r} not found")
+                owner, shown = found[0].owner, _readers(found[0])
+            else:
+                access = client.set_model_access(args.name, readers)
+                owner, shown = access.owner, _readers(access)
+    except grpc.RpcError as exc:
+        return _rpc_error(exc)
+    print(f"{args.name}: owner {owner or '(admins)'}; may generate: the owner, admins and {shown}")
+    return 0
+
+
+def _models_delete(args: argparse.Namespace) -> int:
+    try:
+        with _client(args) as client:
+            client.delete_model(args.name)
+    except grpc.RpcError as exc:
+        return _rpc_error(exc)
+    print(f"{args.name} deleted: no longer served (its builds stay in the store)")
+    return 0
+
+
+def cmd_cancel(args: argparse.Namespace) -> int:
+    try:
+        with _client(args) as client:
+            found = client.cancel(args.request_id)
+    except grpc.RpcError as exc:
+        return _rpc_error(exc)
+    print(f"{args.request_id}: {'cancelled' if found else 'not running (unknown, finished, or not yours)'}")
     return 0
 
 
@@ -333,12 +387,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="llamaship", description="Llama checkpoints to production on ONNX Runtime.")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    def client_parser(name: str, help: str, parent=None) -> argparse.ArgumentParser:
+    def client_parser(name: str, help: str, parent=None, default=None) -> argparse.ArgumentParser:
+        # default=argparse.SUPPRESS on a sub-subcommand keeps options given before its name
         p = (parent or sub).add_parser(name, help=help, description=help)
-        p.add_argument("--gateway", metavar="HOST:PORT", default=None,
+        p.add_argument("--gateway", metavar="HOST:PORT", default=default,
                        help=f"gateway address [env LLAMASHIP_GATEWAY; default {DEFAULT_GATEWAY}]")
-        p.add_argument("--api-key", default=None, help="API key [env LLAMASHIP_API_KEY]")
-        p.add_argument("--tls-ca", default=None, metavar="PEM", help="CA certificate: talk TLS [env LLAMASHIP_TLS_CA]")
+        p.add_argument("--api-key", default=default, help="API key [env LLAMASHIP_API_KEY]")
+        p.add_argument("--tls-ca", default=default, metavar="PEM", help="CA certificate: talk TLS [env LLAMASHIP_TLS_CA]")
         return p
 
     p = sub.add_parser("up", help="run the whole stack on this machine until Ctrl-C",
@@ -409,14 +464,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    p.add_argument("--request-id", default=None, help="an id to cancel the request by (llamaship cancel)")
     p.add_argument("--priority", choices=("interactive", "batch"), default="interactive",
                    help="batch requests wait while interactive ones of the pool are queued")
     p.add_argument("--stats", action="store_true", help="print time to first token and tokens/s to stderr")
     p.add_argument("-q", "--quiet", action="store_true", help="print only the completion, at the end")
     p.set_defaults(func=cmd_generate)
 
-    p = client_parser("models", "list model names, their builds and the replicas serving them")
+    p = client_parser("models", "list the models this key may generate from; change who may, or delete one")
     p.set_defaults(func=cmd_models)
+    msub = p.add_subparsers(dest="models_command")
+    m = client_parser("access", "show or change who may generate from a model (its owner or an admin)", msub,
+                      argparse.SUPPRESS)
+    m.add_argument("name")
+    who = m.add_mutually_exclusive_group()
+    who.add_argument("--public", action="store_true", help="every tenant")
+    who.add_argument("--private", action="store_true", help="the owner (and admins) only")
+    who.add_argument("--allow", metavar="T1,T2", default=None, help="these tenants besides the owner")
+    m = client_parser("delete", "unpublish a model (its owner or an admin); its builds stay in the store", msub,
+                      argparse.SUPPRESS)
+    m.add_argument("name")
+
+    p = client_parser("cancel", "stop one of your requests (by the request id it was sent with)")
+    p.add_argument("request_id")
+    p.set_defaults(func=cmd_cancel)
 
     p = client_parser("sampling", "show or change prompt sampling of a model (admin scope)")
     p.add_argument("model")

@@ -23,7 +23,8 @@ def gateway_address(explicit: str | None = None) -> str:
     return explicit or os.environ.get("LLAMASHIP_GATEWAY") or DEFAULT_GATEWAY
 
 
-class _AuthHeader(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor):
+class _AuthHeader(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor,
+                  grpc.StreamUnaryClientInterceptor, grpc.StreamStreamClientInterceptor):
     def __init__(self, key: str):
         self.header = ("authorization", f"Bearer {key}")
 
@@ -36,6 +37,12 @@ class _AuthHeader(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterc
 
     def intercept_unary_stream(self, continuation, details, request):
         return continuation(self._add(details), request)
+
+    def intercept_stream_unary(self, continuation, details, request_iterator):
+        return continuation(self._add(details), request_iterator)
+
+    def intercept_stream_stream(self, continuation, details, request_iterator):
+        return continuation(self._add(details), request_iterator)
 
 
 class _Details(grpc.ClientCallDetails):
@@ -217,7 +224,19 @@ class GatewayClient:
         return self.stub.GetBuild(compiler_pb2.GetBuildRequest(build_id=build_id), timeout=30)
 
     def models(self) -> list[gateway_pb2.ModelInfo]:
+        """The models this key may generate from (replica addresses for admin keys only)."""
         return list(self.stub.ListModels(gateway_pb2.ListModelsRequest(), timeout=10).models)
+
+    def set_model_access(self, name: str, readers: list[str]) -> gateway_pb2.ModelAccess:
+        """Who besides the owner may generate from `name`: tenants, or ["*"] for every tenant."""
+        return self.stub.SetModelAccess(gateway_pb2.ModelAccess(model=name, readers=readers), timeout=10)
+
+    def delete_model(self, name: str) -> bool:
+        return self.stub.DeleteModel(gateway_pb2.DeleteModelRequest(model=name), timeout=10).deleted
+
+    def cancel(self, request_id: str) -> bool:
+        """Stop one of this tenant's requests; True if it was still in flight."""
+        return self.stub.CancelGeneration(gateway_pb2.CancelGenerationRequest(request_id=request_id), timeout=10).found
 
     def submit_compile(self, checkpoint: str, name: str, recipe: str, pool: str = "cpu", max_sequence_length: int = 0,
                        max_batch: int = 0, quality: compiler_pb2.QualityGate | None = None, hub_id: str = "",
@@ -239,7 +258,7 @@ class GatewayClient:
         deadline = time.time() + timeout_s
         while True:
             for m in self.models():
-                if m.name == name and any(r.build_id == build_id for r in m.replicas):
+                if m.name == name and (build_id in m.served_build_ids or any(r.build_id == build_id for r in m.replicas)):
                     return m
             if time.time() > deadline:
                 raise TimeoutError(f"no replica serves {name} = {build_id} after {timeout_s:.0f}s")
