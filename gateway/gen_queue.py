@@ -1,101 +1,102 @@
-"""The gateway's side of the Redis generation queue: enqueue, relay responses, cancel."""
+"""The gateway's side of the generation protocol (shared.request_protocol): enqueue, relay
+responses while watching the request's replica, cancel, resume."""
 
 from __future__ import annotations
 
-import asyncio
-import math
 import time
 from typing import AsyncIterator
 
 import redis.asyncio as aioredis
-from redis.exceptions import ResponseError
 
-from shared import redis_keys as keys
 from shared import catalog
-from shared.errors import AlreadyExists, ResourceExhausted, Unavailable
-from shared.fair_queue import DuplicateRequest, Entry, FairQueue, QueueFull, cost_tokens, lookup
-from shared.resilience import is_lost_group
+from shared import redis_keys as keys
+from shared.errors import AlreadyExists, ResourceExhausted, Unavailable, shown
 from shared.generation import Chunk, GenRequest
+from shared.request_protocol import DuplicateRequest, Entry, PoolQueue, QueueFull, Requests, cost_tokens
 
 
 class GenerationQueue:
     def __init__(self, r: aioredis.Redis, max_depth: int, wait_timeout_s: float, replica_stale_s: float = 10.0,
                  failover_timeout_s: float = 15.0, tenant_max: int = 0, relay_lease_s: float = 10.0):
+        # replica_stale_s is accepted for older callers; replicas' own TTL keys decide liveness
         self.r = r
         self.relay_lease_s = relay_lease_s
         self.max_depth = max_depth
         self.tenant_max = tenant_max or max_depth
         self.wait_timeout_s = wait_timeout_s
-        self.replica_stale_s = replica_stale_s
         self.failover_timeout_s = failover_timeout_s
-        self._pools: dict[str, FairQueue] = {}
+        self.requests = Requests(r)
+        self._pools: dict[str, PoolQueue] = {}
 
-    def pool(self, pool: str) -> FairQueue:
+    def pool(self, pool: str) -> PoolQueue:
         if pool not in self._pools:
-            self._pools[pool] = FairQueue(self.r, pool)
+            self._pools[pool] = PoolQueue(self.r, pool)
         return self._pools[pool]
 
     async def depth(self, pool: str) -> dict[str, int]:
         return await self.pool(pool).depth_by_priority()
 
     async def enqueue(self, req: GenRequest, pool: str, context_length: int) -> Entry:
-        """Append the request unless the pool's or the tenant's queue is full (checked and added atomically)."""
-        req.enqueued_at = time.time()
+        """Append the request unless the pool's or the tenant's queue is full (checked and added
+        atomically). `req.request_id` is the client's id, scoped to `req.tenant` in Redis."""
         try:
             return await self.pool(pool).enqueue(
-                req.to_json(), req.request_id, priority=req.priority, tenant=req.tenant, model=req.model,
-                cost=cost_tokens(req.prompt, req.max_tokens, context_length),
+                req, cost=cost_tokens(req.prompt, req.max_tokens, context_length),
                 max_depth=self.max_depth, tenant_max=self.tenant_max, relay_lease_s=self.relay_lease_s)
         except QueueFull as exc:
             if exc.scope == "tenant":
                 raise ResourceExhausted(
-                    f"tenant {req.tenant!r} has {self.tenant_max} requests waiting or running in the {pool} pool, "
+                    f"tenant {shown(req.tenant)} has {self.tenant_max} requests waiting or running in the {pool} pool, "
                     "its limit; retry later", retry_after_s=1.0) from None
             raise ResourceExhausted(
                 f"the {pool} pool's queue is full ({self.max_depth} requests waiting or running); retry later",
                 retry_after_s=1.0,
             ) from None
         except DuplicateRequest:
-            raise AlreadyExists(f"request_id {req.request_id!r} was used in the last "
+            raise AlreadyExists(f"request_id {shown(req.request_id)} was used in the last "
                                 f"{keys.RESPONSE_TTL_S // 60} minutes; use a new id for a new request") from None
 
     async def find(self, request_id: str, tenant: str) -> Entry | None:
         """The queue entry of a request `tenant` started and whose stream can still be resumed."""
-        found = await lookup(self.r, request_id)
-        if found is None or found[0] != keys.tenant_part(tenant):
-            return None
-        if not await self.r.exists(keys.relay_lease(request_id)):
-            return None  # no gateway relayed it for a lease: the replica stopped it
-        return found[1]
+        sid = keys.request_scope(tenant, request_id)
+        entry = await self.requests.entry(sid)
+        if entry is None or not await self.requests.relayed(sid):
+            return None  # unknown to this tenant, or no gateway relayed it for a lease: the replica stopped it
+        return entry
 
-    async def responses(self, request_id: str, pool: str, entry: Entry, after: str = "0-0"
+    async def cancel(self, request_id: str, tenant: str) -> bool:
+        """Tell the replica (now or when it picks the request up) to stop; True if `tenant` has
+        the request in flight. Idempotent; creates nothing for an unknown or finished id."""
+        return await self.requests.cancel(keys.request_scope(tenant, request_id))
+
+    async def responses(self, request_id: str, tenant: str, pool: str, entry: Entry, after: str = "0-0"
                         ) -> AsyncIterator[tuple[str, Chunk]]:
         """Yield (cursor, chunk) for the request's chunks after `after`, until its end or error chunk.
 
         While relaying, renews the request's relay lease: a request whose gateway went away is
         stopped by its replica once the lease runs out, unless a client resumed it meanwhile.
 
-        While waiting, watches the replica working on the request. When it stops (no heartbeat),
-        another replica of the pool takes the request over and continues the same stream; if
-        none does within the failover timeout, the stream ends with UNAVAILABLE (retryable)
-        instead of leaving the caller hanging.
+        While waiting, watches the replica working on the request. When it stops (its liveness
+        key expired), another replica of the pool takes the request over and continues the same
+        stream; if none does within the failover timeout, the stream ends with UNAVAILABLE
+        (retryable) instead of leaving the caller hanging.
         """
-        key = keys.response_stream(request_id)
-        lease_key = keys.relay_lease(request_id)
-        lease_ttl = max(1, math.ceil(self.relay_lease_s))
+        sid = keys.request_scope(tenant, request_id)
         last = after
         waited_since = last_data = renewed = time.monotonic()
-        await self.r.set(lease_key, "1", ex=lease_ttl)
+        await self.requests.renew_relay(sid, self.relay_lease_s)
         lost_since: float | None = None
         while True:
             if time.monotonic() - renewed > self.relay_lease_s / 3:
-                await self.r.set(lease_key, "1", ex=lease_ttl)
+                await self.requests.renew_relay(sid, self.relay_lease_s)
                 renewed = time.monotonic()
-            resp = await self.r.xread({key: last}, block=1000, count=256)
-            if not resp:
-                replica_id = await self._consumer_of(entry)
+            chunks = await self.requests.read(sid, last, block_ms=1000)
+            if not chunks:
+                replica_id = await self.requests.consumer_of(entry)
                 if not replica_id:
-                    if not await self.r.xrange(entry.stream, entry.entry_id, entry.entry_id, count=1):
+                    if not await self.requests.queued(entry):
+                        if await self.requests.has_after(sid, last):
+                            continue  # it ended just now: its last chunks are there
                         # neither waiting nor taken, and no end seen: Redis lost it (restarted empty)
                         raise Unavailable("the request was lost by the queue (Redis restarted); it may be retried")
                     if lost_since is None and time.monotonic() - waited_since > self.wait_timeout_s:
@@ -103,7 +104,7 @@ class GenerationQueue:
                         raise Unavailable(
                             f"no {pool} replica took the request within {self.wait_timeout_s:.0f}s; it may be retried"
                         )
-                elif not await catalog.replica_alive(self.r, replica_id, self.replica_stale_s):
+                elif not await catalog.replica_alive(self.r, replica_id):
                     lost_since = lost_since or time.monotonic()
                     if time.monotonic() - lost_since > self.failover_timeout_s:
                         raise Unavailable(
@@ -118,33 +119,19 @@ class GenerationQueue:
                         )
                 continue
             last_data = time.monotonic()
-            for _stream, entries in resp:
-                for last, fields in entries:
-                    chunk = Chunk.from_fields(fields)
-                    yield last, chunk
-                    if chunk.kind in ("end", "error"):
-                        await self.r.delete(key, lease_key)
-                        return
-
-    async def _consumer_of(self, entry: Entry) -> str:
-        """The replica that took the queue entry, or "" while it waits (or if it is lost)."""
-        try:
-            pending = await self.r.xpending_range(entry.stream, keys.GEN_GROUP, min=entry.entry_id,
-                                                  max=entry.entry_id, count=1)
-        except ResponseError as exc:
-            if not is_lost_group(exc):
-                raise
-            return ""
-        return pending[0]["consumer"] if pending else ""
-
-    async def cancel(self, request_id: str) -> None:
-        """Tell the replica (now or when it picks the request up) to stop. Idempotent."""
-        await self.r.set(keys.cancel_flag(request_id), "1", ex=keys.CANCEL_TTL_S)
+            for last, chunk in chunks:
+                yield last, chunk
+                if chunk.kind in ("end", "error"):
+                    await self.requests.relay_ended(sid)
+                    return
 
     async def withdraw(self, entry: Entry) -> None:
         """Remove a request that no replica has taken yet."""
-        await self.r.xdel(entry.stream, entry.entry_id)
+        await self.pool(keys.gen_stream_pool(entry.stream)).withdraw(entry)
 
-    async def abandon(self, request_id: str, entry: Entry) -> None:
-        await asyncio.gather(self.cancel(request_id), self.withdraw(entry))
-        await self.r.expire(keys.response_stream(request_id), 60)
+    async def abandon(self, request_id: str, tenant: str, entry: Entry) -> None:
+        """The client went away: stop the request and let its responses expire soon."""
+        sid = keys.request_scope(tenant, request_id)
+        await self.requests.cancel(sid)  # first: it flags only a request still in its queue stream
+        await self.withdraw(entry)
+        await self.requests.expire_responses(sid, 60)

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import socket
 import sys
+import time
 
 from shared import catalog, config, redis_conn
 from shared.grpc_server import add_health_and_reflection, bind, create_server, set_serving
@@ -24,7 +24,7 @@ from serving_service.servicer import ServingServicer
 
 log = logging.getLogger("llamaship.serving")
 SERVICE = serving_pb2.DESCRIPTOR.services_by_name["Serving"].full_name
-HEARTBEAT_S = 2.0
+HEARTBEAT_FAILURE_LOG_S = 60.0  # a failing heartbeat is logged at once, then at most this often
 
 
 def kv_budget_bytes(budget_mb: int) -> int:
@@ -53,29 +53,43 @@ async def serve(settings: config.Settings) -> None:
     async def heartbeat() -> None:
         hb = catalog.ReplicaHeartbeat(replica_id, settings.pool, address, engine.slots, engine.active, engine.served())
         metrics.ACTIVE.labels(settings.pool).set(engine.active)
-        metrics.KV_RESERVED.labels(settings.pool).set(sum(worker.tasks.values()) if worker else 0)
-        await catalog.put_heartbeat(r, hb)
+        metrics.KV_RESERVED.labels(settings.pool).set(worker.kv_reserved_bytes() if worker else 0)
+        await catalog.put_heartbeat(r, hb, alive_s=settings.replica_stale_s)
 
     worker: QueueWorker | None = None
     watcher = BuildWatcher(r, engine, on_change=heartbeat)
     await watcher.load_current()
     await heartbeat()
-    worker = QueueWorker(r, engine, replica_id, settings.stream_interval_ms / 1000)
+    worker = QueueWorker(r, engine, replica_id, settings.stream_interval_ms / 1000, settings.tenant_fair_slots)
     await set_serving(health, [SERVICE], True)
     log.info("replica %s (pool %s) listening on %s:%d%s; serving %s", replica_id, settings.pool, settings.host, port,
              f", metrics on :{metrics_port}" if metrics_port else "", engine.served() or "nothing yet")
     print(f"LLAMASHIP_READY serving {settings.host}:{port}", flush=True)
 
     async def heartbeat_loop() -> None:
+        failing_since: float | None = None
+        logged_at = 0.0
         while True:
-            await asyncio.sleep(HEARTBEAT_S)
-            with contextlib.suppress(Exception):
+            await asyncio.sleep(settings.heartbeat_s)
+            try:
                 await heartbeat()
+            except Exception as exc:  # noqa: BLE001 - retried at the next beat; gateways see the replica gone meanwhile
+                now = time.monotonic()
+                failing_since = failing_since or now
+                if now - logged_at >= HEARTBEAT_FAILURE_LOG_S:
+                    logged_at = now
+                    log.warning("heartbeat failing for %.0fs (%s: %s); other replicas take over this replica's "
+                                "requests once it has failed for --replica-stale-s", now - failing_since,
+                                type(exc).__name__, exc)
+                continue
+            if failing_since is not None:
+                log.info("heartbeat restored after %.0fs", time.monotonic() - failing_since)
+                failing_since, logged_at = None, 0.0
 
     stop = shutdown_event()
     intake = [asyncio.create_task(forever("queue worker", worker.run)),
               asyncio.create_task(forever("build watcher", watcher.follow)),
-              asyncio.create_task(forever("reclaim", lambda: worker.reclaim_loop(settings.replica_stale_s)))]
+              asyncio.create_task(forever("reclaim", worker.reclaim_loop))]
     beat = asyncio.create_task(heartbeat_loop())
     done, _ = await asyncio.wait([asyncio.create_task(stop.wait()), *intake, beat], return_when=asyncio.FIRST_COMPLETED)
     for t in done:

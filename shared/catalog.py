@@ -1,14 +1,18 @@
-"""What is published and who serves it: model aliases and replica heartbeats in Redis."""
+"""What is published and who serves it: model aliases, replica records and replica liveness (TTL keys) in Redis."""
 
 from __future__ import annotations
 
 import json
+import logging
 import time
 from dataclasses import asdict, dataclass, field
 
 import redis.asyncio as aioredis
 
 from shared import redis_keys as keys
+from shared import wire
+
+log = logging.getLogger("llamaship.catalog")
 
 
 @dataclass(frozen=True)
@@ -26,7 +30,7 @@ class Alias:
 
     @classmethod
     def from_json(cls, text: str) -> "Alias":
-        return cls(**json.loads(text))
+        return wire.from_json(cls, text)
 
 
 @dataclass
@@ -37,14 +41,14 @@ class ReplicaHeartbeat:
     slots: int
     active: int
     builds: dict[str, str] = field(default_factory=dict)  # model name -> build id served
-    ts: float = 0.0
+    ts: float = 0.0  # informational only: liveness is the replica's TTL key, never a clock compare
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
 
     @classmethod
     def from_json(cls, text: str) -> "ReplicaHeartbeat":
-        return cls(**json.loads(text))
+        return wire.from_json(cls, text)
 
 
 async def get_alias(r: aioredis.Redis, name: str) -> Alias | None:
@@ -54,7 +58,7 @@ async def get_alias(r: aioredis.Redis, name: str) -> Alias | None:
 
 async def list_aliases(r: aioredis.Redis) -> list[Alias]:
     raw = await r.hgetall(keys.ALIASES)
-    return sorted((Alias.from_json(v) for v in raw.values()), key=lambda a: a.name)
+    return sorted(_decoded(Alias, raw.values()), key=lambda a: a.name)
 
 
 async def publish_alias(r: aioredis.Redis, alias: Alias) -> None:
@@ -70,42 +74,70 @@ async def publish_alias(r: aioredis.Redis, alias: Alias) -> None:
         await pipe.execute()
 
 
-async def put_heartbeat(r: aioredis.Redis, hb: ReplicaHeartbeat) -> None:
+async def put_heartbeat(r: aioredis.Redis, hb: ReplicaHeartbeat, alive_s: float) -> None:
+    """Record the replica and keep it live for `alive_s` more seconds (Redis expires the key, so
+    no host's clock is ever compared with another's)."""
     hb.ts = time.time()
-    await r.hset(keys.REPLICAS, hb.replica_id, hb.to_json())
+    async with r.pipeline(transaction=True) as pipe:
+        pipe.hset(keys.REPLICAS, hb.replica_id, hb.to_json())
+        pipe.set(keys.replica_alive(hb.replica_id), "1", px=max(1, int(alive_s * 1000)))
+        await pipe.execute()
 
 
 async def remove_heartbeat(r: aioredis.Redis, replica_id: str) -> None:
-    await r.hdel(keys.REPLICAS, replica_id)
+    async with r.pipeline(transaction=True) as pipe:
+        pipe.hdel(keys.REPLICAS, replica_id)
+        pipe.delete(keys.replica_alive(replica_id))
+        await pipe.execute()
 
 
-async def alias_and_replicas(r: aioredis.Redis, name: str, stale_after_s: float) -> tuple[Alias | None, list[ReplicaHeartbeat]]:
-    """The alias of `name` and the live replicas, in one round trip."""
+_FORGET_GONE = """
+local gone = 0
+for _, id in ipairs(redis.call('HKEYS', KEYS[1])) do
+  if redis.call('EXISTS', ARGV[1] .. id) == 0 then redis.call('HDEL', KEYS[1], id); gone = gone + 1 end
+end
+return gone
+"""
+
+
+async def forget_gone_replicas(r: aioredis.Redis) -> int:
+    """Drop the records of replicas whose liveness key expired (atomically with the check, so a
+    replica beating meanwhile is never dropped)."""
+    return int(await r.eval(_FORGET_GONE, 1, keys.REPLICAS, keys.replica_alive("")))
+
+
+async def replica_alive(r: aioredis.Redis, replica_id: str, stale_after_s: float | None = None) -> bool:
+    """`stale_after_s` is ignored: the replica's own TTL decides (kept for older callers)."""
+    return bool(await r.exists(keys.replica_alive(replica_id)))
+
+
+async def alias_and_replicas(r: aioredis.Redis, name: str, stale_after_s: float | None = None
+                             ) -> tuple[Alias | None, list[ReplicaHeartbeat]]:
+    """The alias of `name` and the live replicas (`stale_after_s` is ignored, as in replica_alive)."""
     async with r.pipeline(transaction=False) as pipe:
         pipe.hget(keys.ALIASES, name)
         pipe.hgetall(keys.REPLICAS)
         raw_alias, raw_replicas = await pipe.execute()
-    return (Alias.from_json(raw_alias) if raw_alias else None), _live(raw_replicas, stale_after_s, None)
+    return (Alias.from_json(raw_alias) if raw_alias else None), await _live(r, raw_replicas, None)
 
 
-def is_live(hb: ReplicaHeartbeat, stale_after_s: float, now: float | None = None) -> bool:
-    return (now or time.time()) - hb.ts <= stale_after_s
+async def live_replicas(r: aioredis.Redis, stale_after_s: float | None = None, pool: str | None = None
+                        ) -> list[ReplicaHeartbeat]:
+    return await _live(r, await r.hgetall(keys.REPLICAS), pool)
 
 
-async def replica_alive(r: aioredis.Redis, replica_id: str, stale_after_s: float) -> bool:
-    raw = await r.hget(keys.REPLICAS, replica_id)
-    return raw is not None and is_live(ReplicaHeartbeat.from_json(raw), stale_after_s)
-
-
-async def live_replicas(r: aioredis.Redis, stale_after_s: float, pool: str | None = None) -> list[ReplicaHeartbeat]:
-    return _live(await r.hgetall(keys.REPLICAS), stale_after_s, pool)
-
-
-def _live(raw_replicas: dict[str, str], stale_after_s: float, pool: str | None) -> list[ReplicaHeartbeat]:
-    now = time.time()
-    out = []
-    for raw in raw_replicas.values():
-        hb = ReplicaHeartbeat.from_json(raw)
-        if is_live(hb, stale_after_s, now) and (pool is None or hb.pool == pool):
-            out.append(hb)
+async def _live(r: aioredis.Redis, raw_replicas: dict[str, str], pool: str | None) -> list[ReplicaHeartbeat]:
+    ids = sorted(raw_replicas)
+    alive = await r.mget([keys.replica_alive(i) for i in ids]) if ids else []
+    out = [hb for hb in _decoded(ReplicaHeartbeat, (raw_replicas[i] for i, a in zip(ids, alive) if a))
+           if pool is None or hb.pool == pool]
     return sorted(out, key=lambda h: h.replica_id)
+
+
+def _decoded(cls, raws):
+    """The records that decode; one that does not (another version's, damaged) is logged and skipped."""
+    for raw in raws:
+        try:
+            yield cls.from_json(raw)
+        except wire.WireError as exc:
+            log.warning("skipping an unreadable %s record: %s", cls.__name__, exc)

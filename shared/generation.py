@@ -6,6 +6,7 @@ import json
 import math
 from dataclasses import asdict, dataclass, field
 
+from shared import wire
 from shared.errors import InvalidArgument
 
 FINISH_LENGTH, FINISH_EOS, FINISH_STOP = "length", "eos", "stop"
@@ -26,8 +27,7 @@ class GenRequest:
     top_k: int = 0
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
-    enqueued_at: float = 0.0
-    deadline: float | None = None  # unix time after which the result is useless
+    deadline_s: float | None = None  # seconds the caller allows, counted from enqueue (Redis's clock)
     priority: str = "interactive"
     tenant: str = "default"
 
@@ -40,7 +40,7 @@ class GenRequest:
 
     @classmethod
     def from_json(cls, text: str) -> "GenRequest":
-        return cls(**json.loads(text))
+        return wire.from_json(cls, text)
 
 
 def validate(req: GenRequest, context_length: int | None = None) -> None:
@@ -94,4 +94,4 @@ class Chunk:
 
     @classmethod
     def from_fields(cls, fields: dict[str, str]) -> "Chunk":
-        return cls(**json.loads(fields["c"]))
+        return wire.from_json(cls, fields.get("c", ""))

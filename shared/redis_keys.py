@@ -3,16 +3,19 @@
 Aliases       HASH   ls:aliases                 model name -> JSON alias record
 Model access  HASH   ls:models:access           model name -> JSON {owner, readers} (shared.model_registry)
 Announce      STREAM ls:announce                one entry per publish (name, build_id, pool)
-Replicas      HASH   ls:replicas                replica id -> JSON heartbeat (pool, builds, slots, ts)
+Replicas      HASH   ls:replicas                replica id -> JSON heartbeat (pool, address, builds, slots)
+Replica alive STRING ls:alive:{replica_id}      exists while the replica is live: set with a TTL on each heartbeat
 Gen queue     STREAM ls:gen:{pool}:{prio}:{tenant}  requests of one tenant at one priority; group "replicas"
 Gen streams   SET    ls:genidx:{pool}           the pool's queue streams
 Tenant ring   LIST   ls:genring:{pool}:{prio}   tenants with waiting requests, in round-robin order
 Doorbell      STREAM ls:genbell:{pool}          one entry per enqueue: wakes idle replicas
-Responses     STREAM ls:resp:{request_id}       chunks a replica produced for one request
-Cancel flag   STRING ls:cancel:{request_id}     set when the client went away or cancelled
-Stream owner  STRING ls:owner:{request_id}      the replica allowed to write the response stream
-Request claim STRING ls:rid:{request_id}        a request id in use (not reused for 10 minutes): tenant, stream, entry
-Relay lease   STRING ls:relay:{request_id}      a gateway relays the request's stream (expires when none does)
+Responses     STREAM ls:resp:{sid}              chunks a replica produced for one request
+Cancel flag   STRING ls:cancel:{sid}            set when the client went away or cancelled (only while in flight)
+Stream owner  STRING ls:owner:{sid}             the replica allowed to write the response stream
+Request claim STRING ls:rid:{sid}               a request id in use (not reused for 10 minutes): stream, entry
+Relay lease   STRING ls:relay:{sid}             a gateway relays the request's stream (expires when none does)
+  {sid}: the scoped request id, "<tenant part>:<client request id>" (request_scope): tenants
+  never share request ids. The protocol around these keys lives in shared.request_protocol.
 Jobs          STRING ls:job:{job_id}            one compile job's state (JSON)
 Job events    STREAM ls:job:{job_id}:events     progress of one compile job
 Job cancel  STRING ls:job:{job_id}:cancel      set when a running job should stop
@@ -65,6 +68,21 @@ def gen_stream_pool(stream: str) -> str:
     return stream.split(":")[2]
 
 
+def gen_stream_tenant(stream: str) -> str:
+    """The tenant key part of a queue stream."""
+    return stream.split(":", 4)[4]
+
+
+def request_scope(tenant: str, request_id: str) -> str:
+    """The id a request's keys use: the client's id inside its tenant's namespace (the tenant
+    part never holds a colon, so the two cannot be confused)."""
+    return f"{tenant_part(tenant)}:{request_id}"
+
+
+def replica_alive(replica_id: str) -> str:
+    return f"{PREFIX}alive:{replica_id}"
+
+
 def gen_streams(pool: str) -> str:
     return f"{PREFIX}genidx:{pool}"
 
@@ -77,24 +95,24 @@ def gen_doorbell(pool: str) -> str:
     return f"{PREFIX}genbell:{pool}"
 
 
-def response_stream(request_id: str) -> str:
-    return f"{PREFIX}resp:{request_id}"
+def response_stream(sid: str) -> str:
+    return f"{PREFIX}resp:{sid}"
 
 
-def cancel_flag(request_id: str) -> str:
-    return f"{PREFIX}cancel:{request_id}"
+def cancel_flag(sid: str) -> str:
+    return f"{PREFIX}cancel:{sid}"
 
 
-def request_claim(request_id: str) -> str:
-    return f"{PREFIX}rid:{request_id}"
+def request_claim(sid: str) -> str:
+    return f"{PREFIX}rid:{sid}"
 
 
-def relay_lease(request_id: str) -> str:
-    return f"{PREFIX}relay:{request_id}"
+def relay_lease(sid: str) -> str:
+    return f"{PREFIX}relay:{sid}"
 
 
-def stream_owner(request_id: str) -> str:
-    return f"{PREFIX}owner:{request_id}"
+def stream_owner(sid: str) -> str:
+    return f"{PREFIX}owner:{sid}"
 
 
 def job(job_id: str) -> str:

@@ -86,7 +86,7 @@ def test_gateway_killed_mid_stream(tmp_path, demo_model):
         r = redis.Redis.from_url(stack.redis_url, decode_responses=True)
         deadline = time.time() + 20
         while True:
-            entries = r.xrange(keys.response_stream(orphan["id"]))
+            entries = r.xrange(keys.response_stream(keys.request_scope("default", orphan["id"])))
             last = Chunk.from_fields(entries[-1][1]) if entries else None
             if last and last.kind in ("end", "error") or time.time() > deadline:
                 break

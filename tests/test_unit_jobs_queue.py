@@ -77,13 +77,14 @@ def test_queue_backpressure_cancel_and_relay(redis_url):
         with pytest.raises(AlreadyExists):
             await q.enqueue(reqs[1], "cpu", 64)
         assert await q.depth("cpu") == {"interactive": 1, "batch": 0}
-        await r.xadd(keys.response_stream("r1"), Chunk("tokens", text="a", token_ids=[5]).to_fields())
-        await r.xadd(keys.response_stream("r1"), Chunk("end", finish_reason="length").to_fields())
-        got = [c async for _cursor, c in q.responses("r1", "cpu", e0)]
-        assert [c.kind for c in got] == ["tokens", "end"] and not await r.exists(keys.response_stream("r1"))
-        await q.cancel("r1")
-        await q.cancel("r1")
-        assert await r.exists(keys.cancel_flag("r1"))
+        sid = keys.request_scope("default", "r1")
+        await r.xadd(keys.response_stream(sid), Chunk("tokens", text="a", token_ids=[5]).to_fields())
+        await r.xadd(keys.response_stream(sid), Chunk("end", finish_reason="length").to_fields())
+        got = [c async for _cursor, c in q.responses("r1", "default", "cpu", e0)]
+        assert [c.kind for c in got] == ["tokens", "end"] and not await r.exists(keys.response_stream(sid))
+        assert await q.cancel("r0", "default") is False  # withdrawn above: nothing in flight
+        assert await q.cancel("r1", "default") and await q.cancel("r1", "default")
+        assert await r.exists(keys.cancel_flag(sid))
         await r.aclose()
 
     run(body())

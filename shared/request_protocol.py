@@ -1,0 +1,505 @@
+"""The per-request generation protocol in Redis: one home for every rule and Lua script.
+
+A request is known by its scoped id, `<tenant key part>:<client request id>`
+(`redis_keys.request_scope`): its claim, response stream, cancel flag, owner and relay lease are
+keyed by it, so tenants never see or touch each other's ids (the same client id used by two
+tenants is two requests).
+
+Per pool (see shared.redis_keys):
+- one queue STREAM per (priority, tenant) with the consumer group GROUP. An entry stays in its
+  stream, pending under the replica that took it, until its response has ended, so a replica
+  that dies leaves its requests to be claimed by another one, never lost;
+- per priority a LIST of tenants with waiting requests, rotated on every pick (round robin);
+- a SET of its streams (depth, limits, reclaiming) and a doorbell STREAM that wakes replicas.
+
+Per request:
+- claim      "<stream>\\t<entry id>" while the id is in use (RESPONSE_TTL_S): same-tenant reuse
+             is refused, and resume/cancel find the entry through it;
+- owner      the replica allowed to append to the response stream (the last one to take it);
+- relay      a lease a relaying gateway renews; the replica stops a stream nobody relays;
+- cancel     set only while the request is in flight (queued or running);
+- responses  the chunks, ending with one "end" or "error" chunk.
+
+The gateway enqueues (bounded per pool and per tenant, atomically). A replica with a free slot
+picks: the highest priority with waiting work first, and in it the tenant whose turn it is,
+skipping (with fair slots) a tenant that already runs its share of the replica's slots while
+another tenant waits. A request is taken only if its worst-case KV need fits the replica's free
+budget, otherwise the replica waits (head of line). Reclaiming a dead replica's requests applies
+the same admission. Taking and acknowledging are atomic scripts: a request is never taken twice,
+and only its current owner can remove it from the queue.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+
+import redis.asyncio as aioredis
+from redis.exceptions import ResponseError
+
+from shared import redis_keys as keys
+from shared.generation import Chunk, GenRequest
+from shared.resilience import is_lost_group
+
+PRIORITIES = ("interactive", "batch")  # served strictly in this order
+GROUP = keys.GEN_GROUP
+RECLAIM_MIN_IDLE_MS = 1000  # when two replicas race to claim the same entries, only the first wins
+
+_LUA_COMMON = """
+local function field(flat, name)
+  for i = 1, #flat, 2 do if flat[i] == name then return flat[i + 1] end end
+end
+local function next_waiting(stream, group)
+  if redis.call('EXISTS', stream) == 0 then return nil end
+  for _, g in ipairs(redis.call('XINFO', 'GROUPS', stream)) do
+    if field(g, 'name') == group then
+      local e = redis.call('XRANGE', stream, '(' .. field(g, 'last-delivered-id'), '+', 'COUNT', 1)
+      return e[1]
+    end
+  end
+end
+-- 'take' | 'wait' (does not fit the free KV budget yet) | 'skip' (model not served here), and
+-- the KV bytes it needs. A request larger than the whole budget is taken, for the replica to
+-- refuse it, rather than left blocking the queue.
+local function admit(f, free, budget, per_token)
+  local per = per_token[field(f, 'model') or '']
+  if not per then return 'skip', 0 end
+  local need = tonumber(field(f, 'cost') or '0') * per
+  if need > free and need <= budget then return 'wait', need end
+  return 'take', need
+end
+"""
+
+# KEYS: streams set, tenant ring, stream, claim, doorbell, relay lease.
+# ARGV: request json, max depth, tenant max, claim ttl, tenant part, cost, model, tenant stream
+# suffix, relay lease seconds, group, scoped id.
+# Returns the entry id, or FULL / TENANT_FULL / DUPLICATE.
+_ENQUEUE = """
+local total, mine = 0, 0
+local suffix = ARGV[8]
+for _, s in ipairs(redis.call('SMEMBERS', KEYS[1])) do
+  local n = redis.call('XLEN', s)
+  total = total + n
+  if string.sub(s, -string.len(suffix)) == suffix then mine = mine + n end
+end
+if total >= tonumber(ARGV[2]) then return 'FULL' end
+if mine >= tonumber(ARGV[3]) then return 'TENANT_FULL' end
+if not redis.call('SET', KEYS[4], '', 'NX', 'EX', tonumber(ARGV[4])) then return 'DUPLICATE' end
+if redis.call('EXISTS', KEYS[3]) == 0 then
+  redis.call('XGROUP', 'CREATE', KEYS[3], ARGV[10], '0', 'MKSTREAM')
+end
+redis.call('SADD', KEYS[1], KEYS[3])
+local id = redis.call('XADD', KEYS[3], '*', 'req', ARGV[1], 'cost', ARGV[6], 'model', ARGV[7], 'sid', ARGV[11])
+if not redis.call('LPOS', KEYS[2], ARGV[5]) then redis.call('RPUSH', KEYS[2], ARGV[5]) end
+redis.call('XADD', KEYS[5], 'MAXLEN', '~', '100', '*', 'id', id)
+redis.call('SET', KEYS[4], KEYS[3] .. '\\t' .. id, 'EX', tonumber(ARGV[4]))
+redis.call('SET', KEYS[6], '1', 'EX', tonumber(ARGV[9]))
+return id
+"""
+
+# ARGV: group, consumer, free KV bytes, JSON {model: KV bytes per token} of the models the
+# replica serves, whole KV budget, fair slots (1/0), the replica's slots, JSON {tenant part:
+# requests it runs here}, then per priority (highest first): its ring key and stream key prefix.
+# Returns {} (nothing to take), {'WAIT'} (the next request does not fit), {'HELD'} (only tenants
+# at their slot share have work), or {stream, id, req, sid, tenant part}.
+_PICK = _LUA_COMMON + """
+local group, consumer = ARGV[1], ARGV[2]
+local free, budget = tonumber(ARGV[3]), tonumber(ARGV[5])
+local per_token = cjson.decode(ARGV[4])
+local running = cjson.decode(ARGV[8])
+local share = nil
+if ARGV[6] == '1' then
+  local with_work, n, waiting, n_waiting = {}, 0, {}, 0
+  for t, c in pairs(running) do
+    if tonumber(c) > 0 then with_work[t] = true; n = n + 1 end
+  end
+  for p = 9, #ARGV, 2 do
+    for _, t in ipairs(redis.call('LRANGE', ARGV[p], 0, -1)) do
+      if not waiting[t] and next_waiting(ARGV[p + 1] .. t, group) then
+        waiting[t] = true
+        n_waiting = n_waiting + 1
+        if not with_work[t] then with_work[t] = true; n = n + 1 end
+      end
+    end
+  end
+  if n_waiting > 1 then share = math.max(1, math.floor(tonumber(ARGV[7]) / n)) end
+end
+local held = false
+for p = 9, #ARGV, 2 do
+  local ring, prefix = ARGV[p], ARGV[p + 1]
+  for _ = 1, redis.call('LLEN', ring) do
+    local tenant = redis.call('LINDEX', ring, 0)
+    local stream = prefix .. tenant
+    local entry = next_waiting(stream, group)
+    if not entry then
+      redis.call('LPOP', ring)
+    elseif share and tonumber(running[tenant] or 0) >= share then
+      held = true
+      redis.call('LMOVE', ring, ring, 'LEFT', 'RIGHT')
+    else
+      local verdict = admit(entry[2], free, budget, per_token)
+      if verdict == 'wait' then return {'WAIT'} end
+      redis.call('LMOVE', ring, ring, 'LEFT', 'RIGHT')
+      if verdict == 'take' then
+        local got = redis.call('XREADGROUP', 'GROUP', group, consumer, 'COUNT', 1, 'STREAMS', stream, '>')
+        local e = got[1][2][1]
+        return {stream, e[1], field(e[2], 'req') or '', field(e[2], 'sid') or '', tenant}
+      end
+    end
+  end
+end
+if held then return {'HELD'} end
+return {}
+"""
+
+# KEYS: stream, the dead replica's liveness key. ARGV: group, consumer, dead consumer, min idle
+# ms, free slots, free KV bytes, per-token JSON, whole KV budget.
+# Takes over the dead replica's entries that this replica admits, in queue order, while slots
+# last; an entry that must wait for KV stops the round. Entries deleted meanwhile (finished or
+# withdrawn) are acknowledged. Returns a flat list id, req, sid, ...
+_RECLAIM = _LUA_COMMON + """
+if redis.call('EXISTS', KEYS[2]) == 1 then return {} end
+local group, me, dead = ARGV[1], ARGV[2], ARGV[3]
+local slots, free, budget = tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[8])
+local per_token = cjson.decode(ARGV[7])
+local out = {}
+for _, p in ipairs(redis.call('XPENDING', KEYS[1], group, '-', '+', 100, dead)) do
+  if slots <= 0 then break end
+  local id = p[1]
+  local e = redis.call('XRANGE', KEYS[1], id, id)[1]
+  if not e then
+    redis.call('XACK', KEYS[1], group, id)
+  else
+    local verdict, need = admit(e[2], free, budget, per_token)
+    if verdict == 'wait' then break end
+    if verdict == 'take' then
+      local got = redis.call('XCLAIM', KEYS[1], group, me, tonumber(ARGV[4]), id)
+      if got[1] then
+        slots = slots - 1
+        if need <= budget then free = free - need end
+        table.insert(out, id)
+        table.insert(out, field(e[2], 'req') or '')
+        table.insert(out, field(e[2], 'sid') or '')
+      end
+    end
+  end
+end
+return out
+"""
+
+# KEYS: stream. ARGV: group, consumer, entry id. Acknowledge and remove the entry only while it
+# is pending under this consumer: a replica that was presumed dead and replaced must not remove
+# the entry from its new owner's pending list.
+_FINISH = """
+if #redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[3], ARGV[3], 1, ARGV[2]) == 0 then return 0 end
+redis.call('XACK', KEYS[1], ARGV[1], ARGV[3])
+redis.call('XDEL', KEYS[1], ARGV[3])
+return 1
+"""
+
+# KEYS: claim, cancel flag. ARGV: ttl. Flag the request only while its entry is queued or
+# running; never create anything for an id that is unknown or has ended.
+_CANCEL = """
+local claim = redis.call('GET', KEYS[1])
+if not claim or claim == '' then return 0 end
+local tab = string.find(claim, '\\t', 1, true)
+if not tab then return 0 end
+local stream, id = string.sub(claim, 1, tab - 1), string.sub(claim, tab + 1)
+if #redis.call('XRANGE', stream, id, id) == 0 then return 0 end
+redis.call('SET', KEYS[2], '1', 'EX', tonumber(ARGV[1]))
+return 1
+"""
+
+# KEYS: response stream, owner, cancel flag, relay lease. ARGV: consumer, chunk, ttl, the chunk
+# that closes an unrelayed stream. Append only while this replica owns the stream and a gateway
+# relays it (else close the stream with ARGV[4]); report a cancel flag in the same round trip.
+_WRITE = """
+if redis.call('GET', KEYS[2]) ~= ARGV[1] then return 2 end
+if redis.call('EXISTS', KEYS[4]) == 0 then
+  redis.call('XADD', KEYS[1], '*', 'c', ARGV[4])
+  redis.call('EXPIRE', KEYS[1], tonumber(ARGV[3]))
+  return 3
+end
+redis.call('XADD', KEYS[1], '*', 'c', ARGV[2])
+redis.call('EXPIRE', KEYS[1], tonumber(ARGV[3]))
+redis.call('EXPIRE', KEYS[2], tonumber(ARGV[3]))
+if redis.call('EXISTS', KEYS[3]) == 1 then return 1 end
+return 0
+"""
+WRITE_OUTCOMES = {0: "", 1: "client cancelled", 2: "another replica took the request over",
+                  3: "no gateway relays the stream any more"}
+_ABANDONED = Chunk("error", error_code="UNAVAILABLE",
+                   error_message="the stream was stopped: no gateway relayed it (its gateway went away and no "
+                                 "client resumed it in time); it may be retried").to_fields()["c"]
+
+
+@dataclass(frozen=True)
+class Entry:
+    """Where one request sits: its stream and its id in it."""
+
+    stream: str
+    entry_id: str
+
+    @property
+    def enqueued_ms(self) -> int:
+        """Redis's clock (ms) when the entry was added: its id's first part."""
+        return int(self.entry_id.split("-")[0])
+
+
+@dataclass(frozen=True)
+class Picked:
+    entry: Entry
+    request_json: str
+    sid: str  # scoped request id ("" from gateways older than the scoping: derive it from the request)
+    tenant: str  # the tenant's key part
+
+    def scoped_id(self, req: GenRequest) -> str:
+        return self.sid or keys.request_scope(req.tenant, req.request_id)
+
+
+class QueueFull(Exception):
+    def __init__(self, scope: str):
+        super().__init__(scope)
+        self.scope = scope  # "pool" | "tenant"
+
+
+class DuplicateRequest(Exception):
+    pass
+
+
+def cost_tokens(prompt: str, max_tokens: int, context_length: int) -> int:
+    """An upper bound of the tokens a request can hold in the KV cache before it is tokenized:
+    byte-level and byte-fallback tokenizers give at most one token per byte (plus BOS/prefix)."""
+    return min(context_length, len(prompt.encode()) + 2 + max_tokens)
+
+
+async def redis_now_ms(r: aioredis.Redis) -> int:
+    """Redis's clock: the one clock every host compares against (entry ids are stamped by it)."""
+    sec, usec = await r.time()
+    return int(sec) * 1000 + int(usec) // 1000
+
+
+class PoolQueue:
+    """The queue of one pool: enqueue, pick, reclaim, finish."""
+
+    def __init__(self, r: aioredis.Redis, pool: str):
+        self.r = r
+        self.pool = pool
+        self._enqueue = r.register_script(_ENQUEUE)
+        self._pick = r.register_script(_PICK)
+        self._reclaim = r.register_script(_RECLAIM)
+        self._finish = r.register_script(_FINISH)
+        self.streams_key = keys.gen_streams(pool)
+        self.bell = keys.gen_doorbell(pool)
+
+    async def enqueue(self, req: GenRequest, *, cost: int, max_depth: int, tenant_max: int,
+                      relay_lease_s: float = 10.0) -> Entry:
+        if req.priority not in PRIORITIES:
+            raise ValueError(f"unknown priority {req.priority!r}")
+        sid = keys.request_scope(req.tenant, req.request_id)
+        stream = keys.gen_stream(self.pool, req.priority, req.tenant)
+        result = await self._enqueue(
+            keys=[self.streams_key, keys.gen_tenant_ring(self.pool, req.priority), stream,
+                  keys.request_claim(sid), self.bell, keys.relay_lease(sid)],
+            args=[req.to_json(), max_depth, tenant_max, keys.RESPONSE_TTL_S, keys.tenant_part(req.tenant), cost,
+                  req.model, keys.gen_stream_tenant_suffix(req.tenant), lease_seconds(relay_lease_s), GROUP, sid],
+        )
+        if result == "FULL":
+            raise QueueFull("pool")
+        if result == "TENANT_FULL":
+            raise QueueFull("tenant")
+        if result == "DUPLICATE":
+            raise DuplicateRequest(req.request_id)
+        return Entry(stream, result)
+
+    async def pick(self, consumer: str, free_kv_bytes: int, kv_budget_bytes: int, kv_bytes_per_token: dict[str, int],
+                   running: dict[str, int] | None = None, fair_slots: bool = False, slots: int = 1
+                   ) -> Picked | str | None:
+        """Take the next request for `consumer` among those for the models in `kv_bytes_per_token`:
+        a Picked, "WAIT" (the next one does not fit the free KV budget), "HELD" (with `fair_slots`,
+        every tenant with work waiting already runs its share of `slots`, counted in `running`:
+        tenant key part -> requests this replica runs) or None (nothing to take)."""
+        if not kv_bytes_per_token:
+            return None
+        args: list = [GROUP, consumer, int(free_kv_bytes), json.dumps(kv_bytes_per_token), int(kv_budget_bytes),
+                      "1" if fair_slots else "0", int(slots), json.dumps(running or {})]
+        for priority in PRIORITIES:
+            args += [keys.gen_tenant_ring(self.pool, priority), keys.gen_stream(self.pool, priority, "")]
+        result = await self._pick(keys=[self.streams_key], args=args)
+        if not result:
+            return None
+        if result[0] in ("WAIT", "HELD"):
+            return result[0]
+        return Picked(Entry(result[0], result[1]), result[2], result[3], result[4])
+
+    async def reclaim(self, stream: str, consumer: str, dead: str, free_slots: int, free_kv_bytes: int,
+                      kv_budget_bytes: int, kv_bytes_per_token: dict[str, int]) -> list[Picked]:
+        """Take over what the replica `dead` (no liveness key) holds in `stream`, admitted as by `pick`."""
+        if free_slots <= 0 or not kv_bytes_per_token:
+            return []
+        flat = await self._reclaim(
+            keys=[stream, keys.replica_alive(dead)],
+            args=[GROUP, consumer, dead, RECLAIM_MIN_IDLE_MS, int(free_slots), int(free_kv_bytes),
+                  json.dumps(kv_bytes_per_token), int(kv_budget_bytes)])
+        tenant = keys.gen_stream_tenant(stream)
+        return [Picked(Entry(stream, flat[i]), flat[i + 1], flat[i + 2], tenant) for i in range(0, len(flat), 3)]
+
+    async def finish(self, entry: Entry, consumer: str) -> bool:
+        """Acknowledge and remove the entry if it is pending under `consumer`; False if another
+        replica took it over (or it is gone)."""
+        try:
+            return bool(await self._finish(keys=[entry.stream], args=[GROUP, consumer, entry.entry_id]))
+        except ResponseError as exc:
+            if is_lost_group(exc):
+                return False
+            raise
+
+    async def withdraw(self, entry: Entry) -> None:
+        """Remove a request that no replica has taken yet."""
+        await self.r.xdel(entry.stream, entry.entry_id)
+
+    async def streams(self) -> list[str]:
+        return sorted(await self.r.smembers(self.streams_key))
+
+    async def consumers(self, stream: str) -> dict[str, int]:
+        """Consumer name -> entries pending under it ({} when the stream or its group is gone)."""
+        try:
+            summary = await self.r.xpending(stream, GROUP)
+            infos = await self.r.xinfo_consumers(stream, GROUP)
+        except ResponseError:
+            return {}
+        out = {c["name"]: int(c["pending"]) for c in summary.get("consumers") or []}
+        for info in infos:
+            out.setdefault(info["name"], 0)
+        return out
+
+    async def forget_consumer(self, stream: str, name: str) -> None:
+        await self.r.xgroup_delconsumer(stream, GROUP, name)
+
+    async def pending_of(self, consumer: str, count: int) -> list[Picked]:
+        """The entries pending under `consumer` (an earlier process with the same name), with their
+        fields; entries deleted meanwhile come back with an empty request."""
+        out = []
+        for stream in await self.streams():
+            try:
+                pending = await self.r.xpending_range(stream, GROUP, min="-", max="+", count=count,
+                                                      consumername=consumer)
+            except ResponseError:
+                continue
+            for p in pending:
+                found = await self.r.xrange(stream, p["message_id"], p["message_id"], count=1)
+                fields = found[0][1] if found else {}
+                out.append(Picked(Entry(stream, p["message_id"]), fields.get("req", ""), fields.get("sid", ""),
+                                  keys.gen_stream_tenant(stream)))
+        return out
+
+    async def depth_by_priority(self) -> dict[str, int]:
+        """Requests waiting or running, per priority."""
+        streams = await self.streams()
+        async with self.r.pipeline(transaction=False) as pipe:
+            for s in streams:
+                pipe.xlen(s)
+            lengths = await pipe.execute()
+        depth = dict.fromkeys(PRIORITIES, 0)
+        for s, n in zip(streams, lengths):
+            depth[keys.gen_stream_priority(s)] = depth.get(keys.gen_stream_priority(s), 0) + n
+        return depth
+
+    async def latest_bell(self) -> str:
+        last = await self.r.xrevrange(self.bell, count=1)
+        return last[0][0] if last else "0-0"
+
+    async def wait_bell(self, last_id: str, timeout_ms: int) -> str:
+        """Block until a request is enqueued after `last_id` (or the timeout); returns the new last id."""
+        resp = await self.r.xread({self.bell: last_id}, block=timeout_ms, count=100)
+        for _stream, entries in resp or []:
+            if entries:
+                last_id = entries[-1][0]
+        return last_id
+
+
+def lease_seconds(lease_s: float) -> int:
+    return max(1, math.ceil(lease_s))
+
+
+class Requests:
+    """One request's keys, by its scoped id: claim, owner, relay lease, cancel flag, responses."""
+
+    def __init__(self, r: aioredis.Redis):
+        self.r = r
+        self._cancel = r.register_script(_CANCEL)
+        self._write = r.register_script(_WRITE)
+
+    async def entry(self, sid: str) -> Entry | None:
+        """The queue entry of a request enqueued in the last RESPONSE_TTL_S seconds."""
+        stream, tab, entry_id = (await self.r.get(keys.request_claim(sid)) or "").partition("\t")
+        return Entry(stream, entry_id) if tab and entry_id else None
+
+    async def relayed(self, sid: str) -> bool:
+        return bool(await self.r.exists(keys.relay_lease(sid)))
+
+    async def cancel(self, sid: str) -> bool:
+        """Flag the request to stop if it is in flight (queued or running); True if it is."""
+        return bool(await self._cancel(keys=[keys.request_claim(sid), keys.cancel_flag(sid)],
+                                       args=[keys.CANCEL_TTL_S]))
+
+    async def renew_relay(self, sid: str, lease_s: float) -> None:
+        await self.r.set(keys.relay_lease(sid), "1", ex=lease_seconds(lease_s))
+
+    async def read(self, sid: str, after: str, block_ms: int) -> list[tuple[str, Chunk]]:
+        resp = await self.r.xread({keys.response_stream(sid): after}, block=block_ms, count=256)
+        return [(cursor, Chunk.from_fields(fields)) for _s, entries in resp or [] for cursor, fields in entries]
+
+    async def has_after(self, sid: str, after: str) -> bool:
+        return bool(await self.r.xread({keys.response_stream(sid): after}, count=1))
+
+    async def relay_ended(self, sid: str) -> None:
+        await self.r.delete(keys.response_stream(sid), keys.relay_lease(sid))
+
+    async def expire_responses(self, sid: str, ttl_s: int = 60) -> None:
+        await self.r.expire(keys.response_stream(sid), ttl_s)
+
+    async def consumer_of(self, entry: Entry) -> str:
+        """The replica that took the queue entry, or "" while it waits (or if it is lost)."""
+        try:
+            pending = await self.r.xpending_range(entry.stream, GROUP, min=entry.entry_id, max=entry.entry_id, count=1)
+        except ResponseError as exc:
+            if not is_lost_group(exc):
+                raise
+            return ""
+        return pending[0]["consumer"] if pending else ""
+
+    async def queued(self, entry: Entry) -> bool:
+        """The entry is still in its stream (waiting or running)."""
+        return bool(await self.r.xrange(entry.stream, entry.entry_id, entry.entry_id, count=1))
+
+    async def take_ownership(self, sid: str, consumer: str) -> bool:
+        """Make `consumer` the stream's only writer; True if the request was cancelled meanwhile."""
+        async with self.r.pipeline(transaction=False) as pipe:
+            pipe.set(keys.stream_owner(sid), consumer, ex=keys.RESPONSE_TTL_S)
+            pipe.exists(keys.cancel_flag(sid))
+            _, cancelled = await pipe.execute()
+        return bool(cancelled)
+
+    async def write(self, sid: str, consumer: str, chunk: Chunk) -> str:
+        """Append a chunk to the response stream if `consumer` still owns it.
+
+        Returns "" to go on, or why to stop (WRITE_OUTCOMES): the client cancelled; another
+        replica took the request over and nothing was written; or no gateway relays the stream
+        any more, and it was closed with a retryable error instead of the chunk."""
+        result = await self._write(
+            keys=[keys.response_stream(sid), keys.stream_owner(sid), keys.cancel_flag(sid), keys.relay_lease(sid)],
+            args=[consumer, chunk.to_fields()["c"], keys.RESPONSE_TTL_S, _ABANDONED],
+        )
+        return WRITE_OUTCOMES[int(result)]
+
+    async def written(self, sid: str) -> tuple[list[int], str, bool]:
+        """(token ids, build id, ended) of what was written so far (to continue a request)."""
+        ids, build_id, ended = [], "", False
+        for _id, fields in await self.r.xrange(keys.response_stream(sid)):
+            chunk = Chunk.from_fields(fields)
+            ids.extend(chunk.token_ids)
+            build_id = chunk.build_id or build_id
+            ended = ended or chunk.kind in ("end", "error")
+        return ids, build_id, ended
