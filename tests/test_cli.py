@@ -70,6 +70,15 @@ def test_up_compile_generate_models_and_sigterm(tmp_path, demo_model):
         assert bad.returncode == 1 and "does not exist" in bad.stderr.strip().splitlines()[-1]
         missing = _cli("generate", "nope", "hi", env=env)
         assert missing.returncode == 1 and "NOT_FOUND" in missing.stderr
+
+        access = _cli("models", "access", "cli", "--allow", "acme,beta", env=env)
+        assert access.returncode == 0 and "acme, beta" in access.stdout, access.stderr
+        assert "acme, beta" in _cli("models", env=env).stdout
+        assert _cli("cancel", "not-running", env=env).stdout.strip().endswith("(unknown, finished, or not yours)")
+        gone = _cli("models", "delete", "cli", env=env)
+        assert gone.returncode == 0 and "deleted" in gone.stdout, gone.stderr
+        after = _cli("generate", "cli", "def f(x):", env=env)
+        assert after.returncode == 1 and "NOT_FOUND" in after.stderr
     finally:
         up.send_signal(signal.SIGTERM)
         rest, _ = up.communicate(timeout=60)

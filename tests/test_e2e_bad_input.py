@@ -154,3 +154,62 @@ def test_cancel_generation_ends_the_stream_with_cancelled(client, fp32_build):
     assert info.value.code() == grpc.StatusCode.CANCELLED
     assert time.time() - t0 < 10
     assert client.generate("demo", PROMPT, 4).completion_tokens == 4
+
+
+@pytest.mark.parametrize(
+    "kwargs, field",
+    [
+        (dict(seed=2**31, temperature=0.8), "seed"),
+        (dict(stop=["x" * 257]), "stop"),
+        (dict(model="x" * 5_000_000), "model"),
+        (dict(model="dеmo"), "model"),  # Cyrillic е
+        (dict(model="ｄｅｍｏ"), "model"),  # full-width
+        (dict(model=".."), "model"),
+        (dict(request_id="r" * 10_000_000), "request_id"),
+    ],
+    ids=["seed-2^31", "long-stop", "5MB-name", "cyrillic-name", "fullwidth-name", "dotdot-name", "10MB-id"],
+)
+def test_field_limits_answer_invalid_argument_briefly(client, fp32_build, kwargs, field):
+    args = dict(model="demo", prompt=PROMPT, max_tokens=4)
+    args.update(kwargs)
+    got, details = _status(lambda: client.generate(**args))
+    assert got == grpc.StatusCode.INVALID_ARGUMENT and details.startswith(field) and len(details) < 300
+
+
+def test_cancel_and_sampling_fields_are_bounded(client):
+    from shared.proto_gen.llamaship.gateway.v1 import gateway_pb2
+
+    got, details = _status(lambda: client.stub.CancelGeneration(
+        gateway_pb2.CancelGenerationRequest(request_id="x" * 10_000_000)))
+    assert got == grpc.StatusCode.INVALID_ARGUMENT and len(details) < 300
+    got, details = _status(lambda: client.stub.GetPromptSampling(gateway_pb2.GetPromptSamplingRequest(model="x" * 100_000)))
+    assert got == grpc.StatusCode.INVALID_ARGUMENT and len(details) < 300
+    got, details = _status(lambda: client.set_model_access("x" * 100_000, ["*"]))
+    assert got == grpc.StatusCode.INVALID_ARGUMENT and len(details) < 300
+
+
+def test_upload_errors_keep_their_status(client):
+    got, details = _status(lambda: client.stub.UploadFiles(iter([compiler_pb2.UploadChunk(
+        upload_id="no-such-upload", path="a", offset=0, data=b"x")])))
+    assert got == grpc.StatusCode.NOT_FOUND and "class" not in details
+
+
+def test_corrupt_protobuf_is_invalid_argument_on_every_service(stack):
+    corrupt = b"\xff\xff\xff\xff"
+    calls = [(stack.gateway_address, "/llamaship.gateway.v1.Gateway/ListModels", "unary"),
+             (stack.gateway_address, "/llamaship.gateway.v1.Gateway/Generate", "server-stream"),
+             (stack.gateway_address, "/llamaship.gateway.v1.Gateway/UploadFiles", "client-stream"),
+             (stack.procs["compiler"].address, "/llamaship.compiler.v1.Compiler/GetBuild", "unary"),
+             (stack.procs["compiler"].address, "/llamaship.compiler.v1.Compiler/UploadFiles", "client-stream"),
+             (stack.procs["serving-cpu-0"].address, "/llamaship.serving.v1.Serving/GetStatus", "unary")]
+    for address, method, kind in calls:
+        with grpc.insecure_channel(address) as channel:
+            if kind == "unary":
+                call = lambda: channel.unary_unary(method)(corrupt, timeout=10)  # noqa: E731
+            elif kind == "server-stream":
+                call = lambda: list(channel.unary_stream(method)(corrupt, timeout=10))  # noqa: E731
+            else:
+                call = lambda: channel.stream_unary(method)(iter([corrupt]), timeout=10)  # noqa: E731
+            got, details = _status(call)
+        assert got == grpc.StatusCode.INVALID_ARGUMENT, (method, got, details)
+        assert "class" not in details and "DecodeError" not in details, details
