@@ -9,9 +9,11 @@ import socket
 import sys
 from pathlib import Path
 
+from compiler_service import sources
 from compiler_service.jobs import JobStore
 from compiler_service.pipeline import CompilePipeline
 from compiler_service.servicer import CompilerServicer
+from compiler_service.uploads import UploadLimits, UploadStore
 from compiler_service.worker import CompileWorker
 from shared import config, redis_conn
 from shared.grpc_server import add_health_and_reflection, bind, create_server, set_serving
@@ -25,6 +27,17 @@ log = logging.getLogger("llamaship.compiler")
 SERVICE = compiler_pb2.DESCRIPTOR.services_by_name["Compiler"].full_name
 
 
+async def sweep_uploads(uploads: UploadStore, interval_s: float) -> None:
+    while True:
+        try:
+            gone = await asyncio.to_thread(uploads.sweep)
+            if gone:
+                log.info("deleted %d expired upload(s)", len(gone))
+        except Exception:  # noqa: BLE001 - retried next round
+            log.exception("deleting expired uploads failed")
+        await asyncio.sleep(interval_s)
+
+
 async def serve(settings: config.Settings) -> None:
     store = BuildStore(settings.store).ensure()
     work_dir = Path(settings.work_dir) if settings.work_dir else store.root / ".work"
@@ -32,14 +45,17 @@ async def serve(settings: config.Settings) -> None:
     r = redis_conn.client(settings.redis_url)
     await redis_conn.wait_ready(r, settings.redis_url)
     jobs = JobStore(r)
-    worker = CompileWorker(jobs, CompilePipeline(store, r, work_dir), f"{socket.gethostname()}-{os.getpid()}",
-                           settings.job_lease_s, settings.max_attempts)
+    uploads = UploadStore(store.root, UploadLimits.of(settings))
+    roots = sources.parse_roots(settings.checkpoint_roots)
+    worker = CompileWorker(jobs, CompilePipeline(store, r, work_dir, uploads, roots),
+                           f"{socket.gethostname()}-{os.getpid()}", settings.job_lease_s, settings.max_attempts,
+                           settings.job_poll_s)
     recovered = await jobs.recover(settings.max_attempts)
     if recovered:
         log.warning("recovered %d job(s) left by a compiler that stopped", len(recovered))
 
     server = create_server()
-    compiler_pb2_grpc.add_CompilerServicer_to_server(CompilerServicer(jobs, store), server)
+    compiler_pb2_grpc.add_CompilerServicer_to_server(CompilerServicer(jobs, store, uploads, roots), server)
     health = add_health_and_reflection(server, [SERVICE])
     port = bind(server, settings.host, settings.compiler_port)
     await server.start()
@@ -51,7 +67,8 @@ async def serve(settings: config.Settings) -> None:
 
     stop = shutdown_event()
     tasks = [asyncio.create_task(forever("compile worker", worker.run)),
-             asyncio.create_task(forever("job recovery", worker.recover_loop))]
+             asyncio.create_task(forever("job recovery", worker.recover_loop)),
+             asyncio.create_task(forever("upload expiry", lambda: sweep_uploads(uploads, settings.upload_sweep_s)))]
     await asyncio.wait([asyncio.create_task(stop.wait()), *tasks], return_when=asyncio.FIRST_COMPLETED)
     for t in tasks:
         if t.done() and t.exception():

@@ -4,13 +4,20 @@ output logged to a file, its progress parsed, and a kill switch for cancellation
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import os
 import re
+import signal
 import sys
 from pathlib import Path
 from typing import Awaitable, Callable
 
 _LAYER = re.compile(r"^Reading layer (\d+)")
+PR_SET_PDEATHSIG = 1
+try:  # looked up here, in the parent: a child between fork and exec must only call it
+    _PRCTL = ctypes.CDLL(None, use_errno=True).prctl
+except (OSError, AttributeError):  # not Linux: the parent's kill paths still apply
+    _PRCTL = None
 
 
 class BuildFailed(RuntimeError):
@@ -19,6 +26,23 @@ class BuildFailed(RuntimeError):
 
 class BuildCancelled(RuntimeError):
     pass
+
+
+def _die_with_parent() -> None:
+    """In the child, before exec: get SIGKILL when the compiler dies, however it dies (the child
+    keeps its own session and process group, so that cancelling kills all of it)."""
+    if _PRCTL is not None:
+        _PRCTL(PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
+
+
+def _kill(proc: asyncio.subprocess.Process) -> None:
+    """SIGKILL the builder's whole process group."""
+    if proc.returncode is not None:
+        return
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        proc.kill()
 
 
 def failure_reason(log_lines: list[str]) -> str:
@@ -46,7 +70,8 @@ async def run_builder(
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONUNBUFFERED="1",
                TQDM_DISABLE="1")
     proc = await asyncio.create_subprocess_exec(
-        *cmd, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, env=env, start_new_session=True
+        *cmd, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, env=env, start_new_session=True,
+        preexec_fn=_die_with_parent,
     )
     lines: list[str] = []
     cancelled = False
@@ -56,7 +81,7 @@ async def run_builder(
         while proc.returncode is None:
             if await should_cancel():
                 cancelled = True
-                proc.kill()
+                _kill(proc)
                 return
             await asyncio.sleep(0.5)
 
@@ -78,9 +103,9 @@ async def run_builder(
                     elif line.startswith("Saving GenAI config"):
                         await on_progress(0.95, "writing GenAI config")
         rc = await proc.wait()
-    except asyncio.CancelledError:
-        proc.kill()
-        await proc.wait()
+    except BaseException:  # cancelled, or a progress report that says the job must stop
+        _kill(proc)
+        await asyncio.shield(proc.wait())
         raise
     finally:
         watcher.cancel()

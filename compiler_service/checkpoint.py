@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import stat
 import struct
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from shared.errors import shown
 from shared.store import sha256_file
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM",)
@@ -17,6 +21,8 @@ ROADMAP_ARCHITECTURES = {
     "Llama4ForConditionalGeneration": "Llama 4 (mixture-of-experts) models are on the roadmap, not supported yet",
 }
 TOKENIZER_FILES = ("tokenizer.json",)
+MAX_CONFIG_BYTES = 1 << 20  # config.json
+MAX_HEADER_BYTES = 16 << 20  # a safetensors JSON header (a 405B model's shard needs well under 1 MiB)
 
 
 class CheckpointError(ValueError):
@@ -40,19 +46,56 @@ class Checkpoint:
         return int(self.config.get("max_position_embeddings", 0))
 
 
+def open_regular(path: Path):
+    """Open a file for reading only if it is a regular file (a FIFO, device or socket would block
+    or never end); symlinks are followed. Raises CheckpointError otherwise."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    except OSError:
+        raise CheckpointError(f"{path.name} cannot be read") from None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise CheckpointError(f"{path.name} is not a regular file")
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def _json(data: bytes, what: str):
+    try:
+        return json.loads(data)
+    except RecursionError:
+        raise CheckpointError(f"{what} nests too deeply to be a checkpoint's JSON") from None
+    except ValueError as exc:
+        raise CheckpointError(f"{what} is not valid JSON: {str(exc)[:120]}") from None
+
+
+def read_config(path: Path) -> dict:
+    with open_regular(path) as f:
+        data = f.read(MAX_CONFIG_BYTES + 1)
+    if len(data) > MAX_CONFIG_BYTES:
+        raise CheckpointError(f"config.json is larger than {MAX_CONFIG_BYTES >> 10} KiB; not a model config")
+    config = _json(data, "config.json")
+    if not isinstance(config, dict):
+        raise CheckpointError("config.json is not a JSON object")
+    return config
+
+
 def _safetensors_header(path: Path) -> dict:
-    size = path.stat().st_size
-    with open(path, "rb") as f:
+    with open_regular(path) as f:
+        size = os.fstat(f.fileno()).st_size
         head = f.read(8)
         if len(head) < 8:
             raise CheckpointError(f"corrupt safetensors file {path.name}: shorter than its 8-byte header length")
         (n,) = struct.unpack("<Q", head)
         if n <= 0 or 8 + n > size:
             raise CheckpointError(f"corrupt safetensors file {path.name}: header length {n} does not fit a {size}-byte file")
-        try:
-            header = json.loads(f.read(n))
-        except ValueError:
-            raise CheckpointError(f"corrupt safetensors file {path.name}: header is not valid JSON") from None
+        if n > MAX_HEADER_BYTES:
+            raise CheckpointError(f"safetensors file {path.name}: header of {n} bytes is over the "
+                                  f"{MAX_HEADER_BYTES >> 20} MiB limit")
+        header = _json(f.read(n), f"corrupt safetensors file {path.name}: header")
     if not isinstance(header, dict):
         raise CheckpointError(f"corrupt safetensors file {path.name}: header is not a JSON object")
     end = 0
@@ -61,9 +104,10 @@ def _safetensors_header(path: Path) -> dict:
             continue
         try:
             start, stop = info["data_offsets"]
+            stop = int(stop)
         except (KeyError, TypeError, ValueError):
             raise CheckpointError(f"corrupt safetensors file {path.name}: tensor {name} has no data offsets") from None
-        end = max(end, int(stop))
+        end = max(end, stop)
     if 8 + n + end != size:
         raise CheckpointError(
             f"corrupt safetensors file {path.name}: tensors need {8 + n + end} bytes but the file has {size} (truncated?)"
@@ -71,39 +115,39 @@ def _safetensors_header(path: Path) -> dict:
     return header
 
 
-def inspect(path: str | Path, allow_pickle: bool = False) -> Checkpoint:
+def inspect(path: str | Path, allow_pickle: bool = False, label: str = "") -> Checkpoint:
     """Check that `path` is a Hugging Face Llama checkpoint the builder can take. Pickle weights
-    (.bin/.pt) count only with `allow_pickle`: unpickling can run code from the file."""
+    (.bin/.pt) count only with `allow_pickle`: unpickling can run code from the file. Messages
+    name the checkpoint as `label` (what the user gave), never by its path on the compiler."""
     p = Path(path)
+    label = label or shown(str(path))
     if not p.exists():
-        raise CheckpointError(f"checkpoint path {p} does not exist (it must be visible to the compiler)")
+        raise CheckpointError(f"checkpoint path {label} does not exist (it must be visible to the compiler)")
     if not p.is_dir():
-        raise CheckpointError(f"checkpoint path {p} is not a directory")
+        raise CheckpointError(f"checkpoint path {label} is not a directory")
     cfg_path = p / "config.json"
     if not cfg_path.is_file():
-        raise CheckpointError(f"{p} is not a Hugging Face checkpoint: it has no config.json")
-    try:
-        config = json.loads(cfg_path.read_text())
-    except ValueError as exc:
-        raise CheckpointError(f"{p}/config.json is not valid JSON: {exc}") from None
+        raise CheckpointError(f"{label} is not a Hugging Face checkpoint: it has no config.json")
+    config = read_config(cfg_path)
     archs = config.get("architectures") or []
-    arch = archs[0] if archs else ""
+    arch = archs[0] if isinstance(archs, list) and archs else ""
     if arch in ROADMAP_ARCHITECTURES:
         raise CheckpointError(f"architecture {arch} cannot be compiled: {ROADMAP_ARCHITECTURES[arch]}")
     if arch not in SUPPORTED_ARCHITECTURES:
         raise CheckpointError(
-            f"architecture {arch or '(none in config.json)'} is not supported; supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
+            f"architecture {shown(arch) if arch else '(none in config.json)'} is not supported; "
+            f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
         )
     weights = tuple(sorted(p.glob("*.safetensors")))
     pickles = tuple(sorted([*p.glob("*.bin"), *p.glob("*.pt")]))
     if not weights and not (pickles and allow_pickle):
         if pickles:
-            raise CheckpointError(f"{p} has only pickle weights (.bin/.pt); Llamaship accepts safetensors unless the "
+            raise CheckpointError(f"{label} has only pickle weights (.bin/.pt); Llamaship accepts safetensors unless the "
                                   "request sets allow_pickle (loading pickles can run code from the file)")
-        raise CheckpointError(f"{p} has no *.safetensors weights")
+        raise CheckpointError(f"{label} has no *.safetensors weights")
     missing = [f for f in TOKENIZER_FILES if not (p / f).is_file()]
     if missing:
-        raise CheckpointError(f"{p} has no {', '.join(missing)} (the serving replicas tokenize with it)")
+        raise CheckpointError(f"{label} has no {', '.join(missing)} (the serving replicas tokenize with it)")
     if not weights:  # pickles, allowed: their shapes cannot be read without unpickling
         return Checkpoint(p.resolve(), arch, config, pickles, 0)
     params = 0
@@ -111,7 +155,10 @@ def inspect(path: str | Path, allow_pickle: bool = False) -> Checkpoint:
     for w in weights:
         for name, info in _safetensors_header(w).items():
             if name != "__metadata__":
-                shapes[name] = [int(d) for d in info.get("shape", [])]
+                try:
+                    shapes[name] = [int(d) for d in info.get("shape", [])]
+                except (AttributeError, TypeError, ValueError):
+                    raise CheckpointError(f"corrupt safetensors file {w.name}: tensor {shown(name)} has a bad shape") from None
                 n = 1
                 for d in shapes[name]:
                     n *= d
@@ -168,16 +215,22 @@ def check_config_matches_weights(config: dict, shapes: dict[str, list[int]]) -> 
                               f"the weights hold {len(found)} layers")
 
 
-def content_hash(path: Path, progress: Callable[[float], None] | None = None) -> str:
-    """sha256 over every visible file's relative path and sha256, in sorted order (an upload's
-    eval_prompts.jsonl is not part of the model and does not count)."""
+def content_hash(path: Path, progress: Callable[[float], None] | None = None,
+                 stop: threading.Event | None = None) -> str:
+    """sha256 over every visible regular file's relative path and sha256, in sorted order (an
+    upload's eval_prompts.jsonl is not part of the model and does not count). `stop` set: it
+    raises CheckpointError between chunks."""
     files = sorted(f for f in path.rglob("*") if f.is_file() and f.relative_to(path) != Path("eval_prompts.jsonl")
                    and not any(part.startswith(".") for part in f.relative_to(path).parts))
     total = sum(f.stat().st_size for f in files) or 1
     done = 0
     h = hashlib.sha256()
     for f in files:
-        h.update(str(f.relative_to(path)).encode() + b"\0" + sha256_file(f).encode() + b"\n")
+        with open_regular(f) as handle:
+            digest = sha256_file(handle, stop=stop)
+        if digest is None:
+            raise CheckpointError("hashing stopped")
+        h.update(str(f.relative_to(path)).encode() + b"\0" + digest.encode() + b"\n")
         done += f.stat().st_size
         if progress:
             progress(done / total)

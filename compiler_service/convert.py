@@ -77,7 +77,7 @@ def request_from_proto(m: pb.CompileRequest) -> JobRequest:
 def upload_to_proto(state) -> pb.Upload:
     return pb.Upload(
         upload_id=state.upload_id, complete=state.complete, total_bytes=state.total_bytes,
-        received_bytes=state.received_bytes,
+        received_bytes=state.received_bytes, expires_at=state.expires_at,
         files=[pb.UploadFile(path=f.path, size=f.size, sha256=f.sha256, received=f.received, verified=f.verified)
                for f in state.files],
     )
@@ -102,4 +102,5 @@ def job_to_proto(job: Job) -> pb.CompileJob:
         created_at=job.created_at,
         updated_at=job.updated_at,
         attempts=job.attempts,
+        tenant=job.tenant,
     )

@@ -1,7 +1,8 @@
-"""The compile pipeline: validate → hash → build → configure → verify → publish.
+"""The compile pipeline: validate → hash → (auto) → build → configure → verify → profile → gate → publish.
 
-Each stage reports progress through a callback; heavy stages run in a child process (builder)
-or a worker thread (hashing, verification), never on the event loop.
+Each stage reports progress through a callback (which raises when the job must stop); heavy
+stages run in a child process (builder) or a worker thread (hashing, verification, deletions),
+never on the event loop. The job's scratch directory is removed when the run ends, however it ends.
 """
 
 from __future__ import annotations
@@ -12,18 +13,20 @@ import hashlib
 import json
 import logging
 import shutil
+import threading
 import time
-from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Awaitable, Callable
 
 from shared import catalog, prompt_samples
-from shared.errors import LlamashipError
+from shared.errors import LlamashipError, PermissionDenied, shown
+from shared.model_registry import ModelRegistry
 from shared.service import package_versions
 from shared.store import BuildStore, Manifest
+from shared.tenancy import Caller
 from compiler_service import checkpoint as ckpt
-from compiler_service import auto_precision, profiling, quality, recipes, sources
+from compiler_service import auto_precision, profiling, quality, recipes, request_checks, sources
 from compiler_service.uploads import UploadStore
 from compiler_service.builder_runner import BuildCancelled, run_builder
 from compiler_service.jobs import JobRequest
@@ -72,83 +75,103 @@ def build_id_for(source_sha: str, req: JobRequest, versions: dict[str, str]) -> 
 
 
 def normalize(req: JobRequest) -> JobRequest:
-    if not req.model_name or not all(c.isalnum() or c in "-_.:" for c in req.model_name):
-        raise CompileError(f"model name {req.model_name!r} must be non-empty and use only letters, digits, - _ . :")
     req.target_pool = req.target_pool or "cpu"
     req.max_sequence_length = req.max_sequence_length or DEFAULT_MAX_SEQ
     req.max_batch = req.max_batch or DEFAULT_MAX_BATCH
-    if req.max_sequence_length < 16 or req.max_batch < 1:
-        raise CompileError("max_sequence_length must be >= 16 and max_batch >= 1")
     try:
+        request_checks.check_bounds(req)
         sources.check_one_source(req)
         recipes.get(req.recipe, req.target_pool)
         quality.thresholds_for(req.recipe, req.quality)
         quality.eval_prompts(req.quality.get("eval_prompts", []))
     except (recipes.RecipeError, quality.GateInputError, sources.SourceError) as exc:
         raise CompileError(str(exc)) from None
+    except LlamashipError as exc:
+        raise CompileError(exc.message) from None
     return req
 
 
 class CompilePipeline:
-    def __init__(self, store: BuildStore, redis, work_dir: Path):
+    def __init__(self, store: BuildStore, redis, work_dir: Path, uploads: UploadStore | None = None,
+                 checkpoint_roots: tuple[Path, ...] = ()):
         self.store = store
         self.r = redis
         self.work_dir = work_dir
-        self.uploads = UploadStore(store.root)
+        self.uploads = uploads or UploadStore(store.root)
+        self.roots = checkpoint_roots
         self.hub_cache = store.root / ".hub"
 
     async def run(
         self,
         job_id: str,
         req: JobRequest,
+        caller: Caller,
         progress: Progress,
         should_cancel: Callable[[], Awaitable[bool]],
     ) -> Outcome:
         # a private copy: prompts resolved below must not ride along in every job event
         req = dataclasses.replace(normalize(req), quality=dict(req.quality))
-        recipe = recipes.get(req.recipe, req.target_pool)
-
-        where = req.checkpoint_path or (f"hub {req.hub_id}" if req.hub_id else f"upload {req.upload_id}")
-        await progress("validate", 0.0, f"checking checkpoint {where}")
+        job_dir = self.work_dir / job_id
+        stop = threading.Event()  # set when the run ends: thread stages that outlive it stop early
         try:
-            path = await asyncio.to_thread(sources.resolve, req, self.uploads, self.hub_cache)
-            source = await asyncio.to_thread(ckpt.inspect, path, req.allow_pickle)
+            return await self._run(job_dir, req, caller, progress, should_cancel, stop)
+        finally:
+            stop.set()
+            await asyncio.shield(asyncio.to_thread(shutil.rmtree, job_dir, True))
+
+    async def _run(self, job_dir: Path, req: JobRequest, caller: Caller, progress: Progress,
+                   should_cancel: Callable[[], Awaitable[bool]], stop: threading.Event) -> Outcome:
+        recipe = recipes.get(req.recipe, req.target_pool)
+        where = sources.label(req)
+        await progress("validate", 0.0, f"checking checkpoint {where}")
+        await asyncio.to_thread(job_dir.mkdir, parents=True, exist_ok=True)
+        try:
+            await self._check_sampled_prompts_owner(req, caller)
+            if req.upload_id:
+                path = await asyncio.to_thread(self.uploads.snapshot, req.upload_id, caller, job_dir / "source")
+            else:
+                path = await asyncio.to_thread(sources.resolve, req, caller, self.uploads, self.hub_cache, self.roots)
+            source = await asyncio.to_thread(ckpt.inspect, path, req.allow_pickle, where)
             if req.upload_id and not req.quality.get("eval_prompts"):
                 prompts = await asyncio.to_thread(sources.upload_prompts, path)
                 if prompts:
-                    req.quality = {**req.quality, "eval_prompts": prompts, "prompt_source": "upload"}
                     quality.eval_prompts(prompts)
+                    request_checks.check_prompts(prompts, "eval_prompts.jsonl")
+                    req.quality = {**req.quality, "eval_prompts": prompts, "prompt_source": "upload"}
             if req.quality.get("sampled_prompts_of"):
                 await self._use_sampled_prompts(req)
         except (ckpt.CheckpointError, sources.SourceError, quality.GateInputError) as exc:
             raise CompileError(str(exc)) from None
-        except LlamashipError as exc:  # an incomplete or unknown upload
+        except LlamashipError as exc:  # an incomplete or unknown upload, a name of another tenant
             raise CompileError(exc.message) from None
         context_length = min(req.max_sequence_length, source.max_position_embeddings or req.max_sequence_length)
 
         await progress("hash", 0.0, "hashing checkpoint")
         loop = asyncio.get_running_loop()
-        source_sha = await asyncio.to_thread(
-            ckpt.content_hash, source.path,
-            lambda f: asyncio.run_coroutine_threadsafe(progress("hash", f, "hashing checkpoint"), loop),
-        )
+        try:
+            source_sha = await asyncio.to_thread(
+                ckpt.content_hash, source.path,
+                lambda f: asyncio.run_coroutine_threadsafe(progress("hash", f, "hashing checkpoint"), loop),
+                stop,
+            )
+        except ckpt.CheckpointError as exc:
+            raise CompileError(str(exc)) from None
         versions = tool_versions()
         build_id = build_id_for(source_sha, req, versions)
 
-        if self.store.exists(build_id):
-            manifest = self.store.manifest(build_id)
+        if await asyncio.to_thread(self.store.exists, build_id):
+            manifest = await asyncio.to_thread(self.store.manifest, build_id)
             report = await self._gate(req, source.path, self.store.path(build_id), manifest.quality, progress)
             if report.to_dict() != manifest.quality:
                 manifest.quality = report.to_dict()
                 await asyncio.to_thread(self.store.update_manifest, manifest)
             await self._publish_if_passed(req, manifest, report)
             await progress("publish", 0.5, f"identical build {build_id} exists; publishing it")
-            await self._publish_alias(req, manifest)
+            manifest = await self._add_tenant(manifest, caller)
+            await self._publish_alias(req, manifest, caller)
             return Outcome(build_id, True, manifest)
 
-        staging = self.store.new_staging(build_id)
-        job_dir = self.work_dir / job_id
-        job_dir.mkdir(parents=True, exist_ok=True)
+        staging = await asyncio.to_thread(self.store.new_staging, build_id)
         auto_details: dict = {}
         try:
             if recipe.name == "auto":
@@ -172,6 +195,7 @@ class CompilePipeline:
             if req.target_pool == "cpu":
                 await progress("profile", 0.0, "offline graph optimization: does it load faster?")
                 profile["load"] = await asyncio.to_thread(profiling.offline_optimize, staging, job_dir)
+            await progress("verify", 0.5, "smoke test: the runtime loads the build and keeps its limits")
             await asyncio.to_thread(smoke_test, staging, context_length, req.max_batch)
             if req.target_pool == "cpu":
                 await progress("profile", 0.5, "ONNX Runtime profile: 1 prefill + 16 decode steps")
@@ -189,7 +213,7 @@ class CompilePipeline:
             manifest = Manifest(
                 build_id=build_id,
                 model_name=req.model_name,
-                source_path=str(source.path),
+                source_path=where,
                 source_sha256=source_sha,
                 recipe=recipe.name,
                 recipe_details={
@@ -209,14 +233,30 @@ class CompilePipeline:
                 parameters=source.parameters,
                 quality=report.to_dict(),
                 profile=profile,
+                tenants=[caller.tenant],
             )
-            manifest = await asyncio.to_thread(self.store.publish, staging, manifest)
+            manifest = await asyncio.to_thread(self.store.publish, staging, manifest, stop)
+            manifest = await self._add_tenant(manifest, caller)  # published meanwhile by another tenant
             await self._publish_if_passed(req, manifest, report)
-            await self._publish_alias(req, manifest)
+            await self._publish_alias(req, manifest, caller)
             return Outcome(build_id, False, manifest)
         finally:
-            self.store.discard_staging(staging)
-            shutil.rmtree(job_dir / "cache", ignore_errors=True)
+            await asyncio.shield(asyncio.to_thread(self.store.discard_staging, staging))
+
+    async def _check_sampled_prompts_owner(self, req: JobRequest, caller: Caller) -> None:
+        """Prompts sampled from a model's traffic are its owner's: only they (or an admin) use them."""
+        model = req.quality.get("sampled_prompts_of")
+        if model:
+            access = await ModelRegistry(self.r).access(model)
+            if access is None or not caller.owns(access.owner):
+                raise CompileError(f"quality.sampled_prompts_of: no model {shown(model)} of yours")
+
+    async def _add_tenant(self, manifest: Manifest, caller: Caller) -> Manifest:
+        if caller.tenant in manifest.tenants:
+            return manifest
+        manifest.tenants = sorted({*manifest.tenants, caller.tenant})
+        await asyncio.to_thread(self.store.update_manifest, manifest)
+        return manifest
 
     async def _use_sampled_prompts(self, req: JobRequest) -> None:
         """The prompts the gateway sampled for a model become the calibration and eval set; a
@@ -257,14 +297,14 @@ class CompilePipeline:
 
         async def trial(assignment: dict[str, str], label: str) -> auto_precision.Drift:
             out = job_dir / "auto" / label.replace("=", "-")
-            shutil.rmtree(out, ignore_errors=True)
+            await asyncio.to_thread(shutil.rmtree, out, True)
             trial_recipe = dataclasses.replace(base, assignment=tuple(assignment.items()))
             await run_builder(source.path, out, job_dir / "cache",
                               recipes.builder_args(trial_recipe, req.target_pool, source.num_layers),
                               source.num_layers, job_dir / f"builder-auto-{out.name}.log",
                               lambda f, msg: asyncio.sleep(0), should_cancel)
             logits = await asyncio.to_thread(quality.build_logits, out, ids)
-            shutil.rmtree(out, ignore_errors=True)
+            await asyncio.to_thread(shutil.rmtree, out, True)
             got = quality.compare(list(zip(reference, logits, ids)))
             return auto_precision.Drift(got.mean_kl, 1.0 - got.top1_agreement, got.perplexity_increase_pct)
 
@@ -320,16 +360,12 @@ class CompilePipeline:
         manifest.quality = report.to_dict()
         await asyncio.to_thread(self.store.update_manifest, manifest)
 
-    async def _publish_alias(self, req: JobRequest, manifest: Manifest) -> None:
-        await catalog.publish_alias(
-            self.r,
-            catalog.Alias(
-                name=req.model_name,
-                build_id=manifest.build_id,
-                pool=manifest.target_pool,
-                recipe=manifest.recipe,
-                context_length=manifest.context_length,
-                max_batch=manifest.max_batch,
-                published_at=time.time(),
-            ),
-        )
+    async def _publish_alias(self, req: JobRequest, manifest: Manifest, caller: Caller) -> None:
+        """Point the name at the build, if the job's tenant (still) may publish under it."""
+        alias = catalog.Alias(name=req.model_name, build_id=manifest.build_id, pool=manifest.target_pool,
+                              recipe=manifest.recipe, context_length=manifest.context_length,
+                              max_batch=manifest.max_batch, published_at=time.time())
+        try:
+            await ModelRegistry(self.r).publish(alias, caller)
+        except PermissionDenied as exc:
+            raise CompileError(f"{exc.message}; build {manifest.build_id} is stored but not published") from None

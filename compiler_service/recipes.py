@@ -22,7 +22,6 @@ class Recipe:
     name: str
     precision: str  # builder -p
     description: str
-    quantize_attention: bool = True
     extra_options: dict[str, str] = field(default_factory=dict)
     # mixed recipes: (group, "int4" | "int8" | "float") for attn, mlp, lm_head
     assignment: tuple[tuple[str, str], ...] = ()
@@ -55,7 +54,6 @@ RECIPES: dict[str, Recipe] = {
             "hybrid-int8", "mixed",
             "MLP projections (gate/up/down) and lm_head as MatMulNBits 8-bit weight-only, block 32, symmetric RTN; "
             "attention projections (fused q/k/v, o) kept float32.",
-            quantize_attention=False,
             assignment=(("attn", "float"), ("mlp", "int8"), ("lm_head", "int8")),
         ),
         Recipe(

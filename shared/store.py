@@ -13,29 +13,41 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
+import threading
 import time
 import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, BinaryIO, Iterator
 
-from shared.errors import NotFound
+from shared.errors import NotFound, shown
 
 MANIFEST = "manifest.json"
 MANIFEST_VERSION = 1
 _CHUNK = 1 << 20
+_BUILD_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
 
 
 class StoreError(RuntimeError):
     """The store holds something that is not a whole, valid build."""
 
 
-def sha256_file(path: Path) -> str:
+def sha256_file(source: Path | BinaryIO, stop: threading.Event | None = None) -> str | None:
+    """The hex sha256 of a file (a path, or a file open for reading); None if `stop` was set meanwhile."""
+    if not isinstance(source, (str, os.PathLike)):
+        return _sha256_stream(source, stop)
+    with open(source, "rb") as f:
+        return _sha256_stream(f, stop)
+
+
+def _sha256_stream(f: BinaryIO, stop: threading.Event | None) -> str | None:
     h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(_CHUNK):
-            h.update(chunk)
+    while chunk := f.read(_CHUNK):
+        if stop is not None and stop.is_set():
+            return None
+        h.update(chunk)
     return h.hexdigest()
 
 
@@ -65,6 +77,7 @@ class Manifest:
     parameters: int = 0
     quality: dict[str, Any] = field(default_factory=dict)  # the quality gate's report
     profile: dict[str, Any] = field(default_factory=dict)  # ONNX Runtime profile summary
+    tenants: list[str] = field(default_factory=list)  # who built it (an identical rebuild adds its tenant)
     manifest_version: int = MANIFEST_VERSION
 
     def to_json(self) -> str:
@@ -94,8 +107,8 @@ class BuildStore:
         return self
 
     def path(self, build_id: str) -> Path:
-        if not build_id or "/" in build_id or build_id.startswith("."):
-            raise NotFound(f"invalid build id {build_id!r}")
+        if not _BUILD_ID.fullmatch(build_id or ""):
+            raise NotFound(f"build {shown(build_id)} not found")
         return self.builds / build_id
 
     def exists(self, build_id: str) -> bool:
@@ -104,7 +117,7 @@ class BuildStore:
     def manifest(self, build_id: str) -> Manifest:
         path = self.path(build_id) / MANIFEST
         if not path.is_file():
-            raise NotFound(f"build {build_id} is not in the store at {self.root}")
+            raise NotFound(f"build {shown(build_id)} not found")
         return Manifest.from_json(path.read_text())
 
     def list(self) -> Iterator[Manifest]:
@@ -120,16 +133,20 @@ class BuildStore:
         path.mkdir()
         return path
 
-    def publish(self, staging: Path, manifest: Manifest) -> Manifest:
+    def publish(self, staging: Path, manifest: Manifest, stop: threading.Event | None = None) -> Manifest:
         """Hash the staged files into the manifest, verify, and move the build into place.
 
         If the same build id was published meanwhile, the staged copy is dropped and the
         existing build is returned (builds with one id are identical by construction).
+        `stop` set before the move: StoreError, nothing published.
         """
         staging = Path(staging)
         entries = []
         for f in sorted(p for p in staging.rglob("*") if p.is_file() and p.name != MANIFEST):
-            entries.append(FileEntry(str(f.relative_to(staging)), sha256_file(f), f.stat().st_size))
+            digest = sha256_file(f, stop)
+            if digest is None:
+                raise StoreError("publishing stopped")
+            entries.append(FileEntry(str(f.relative_to(staging)), digest, f.stat().st_size))
         if not entries:
             raise StoreError(f"nothing to publish in {staging}")
         manifest.files = entries
@@ -139,6 +156,8 @@ class BuildStore:
         os.replace(tmp, staging / MANIFEST)
         self.verify_dir(staging, manifest, full=False)
         final = self.path(manifest.build_id)
+        if stop is not None and stop.is_set():
+            raise StoreError("publishing stopped")
         try:
             os.rename(staging, final)
         except OSError:

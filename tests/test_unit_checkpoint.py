@@ -1,4 +1,7 @@
 import json
+import os
+import struct
+import threading
 
 import pytest
 
@@ -29,7 +32,7 @@ def test_missing_tokenizer_and_unknown_architecture(scratch_checkpoint):
     cfg = json.loads((scratch_checkpoint / "config.json").read_text())
     cfg["architectures"] = ["GPT2LMHeadModel"]
     (scratch_checkpoint / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(ckpt.CheckpointError, match="GPT2LMHeadModel is not supported"):
+    with pytest.raises(ckpt.CheckpointError, match="'GPT2LMHeadModel' is not supported"):
         ckpt.inspect(scratch_checkpoint)
     cfg["architectures"] = ["LlamaForCausalLM"]
     (scratch_checkpoint / "config.json").write_text(json.dumps(cfg))
@@ -51,3 +54,57 @@ def test_config_and_weights_that_disagree(scratch_checkpoint, field, value, mess
     (scratch_checkpoint / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ckpt.CheckpointError, match=message):
         ckpt.inspect(scratch_checkpoint)
+
+
+def test_a_fifo_as_weights_is_refused_not_waited_on(scratch_checkpoint):
+    weights = scratch_checkpoint / "model.safetensors"
+    weights.unlink()
+    os.mkfifo(weights)
+    outcome: list = []
+
+    def inspect():
+        try:
+            ckpt.inspect(scratch_checkpoint)
+        except ckpt.CheckpointError as exc:
+            outcome.append(str(exc))
+
+    t = threading.Thread(target=inspect, daemon=True)
+    t.start()
+    t.join(5)
+    if t.is_alive():  # the old code blocks in open(): release it before failing
+        os.close(os.open(weights, os.O_WRONLY | os.O_NONBLOCK))
+        t.join(5)
+        pytest.fail("inspect blocked on a FIFO")
+    assert outcome and "not a regular file" in outcome[0]
+
+
+def test_a_huge_safetensors_header_is_refused_before_it_is_read(scratch_checkpoint):
+    weights = scratch_checkpoint / "model.safetensors"
+    n = 1 << 30  # a 1 GiB header in a sparse file: reading it would cost the compiler 1 GiB
+    with open(weights, "wb") as f:
+        f.write(struct.pack("<Q", n))
+        f.truncate(8 + n + 16)
+    with pytest.raises(ckpt.CheckpointError, match="over the 16 MiB limit"):
+        ckpt.inspect(scratch_checkpoint)
+
+
+def test_a_deeply_nested_config_is_an_invalid_checkpoint(scratch_checkpoint):
+    (scratch_checkpoint / "config.json").write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(ckpt.CheckpointError, match="nests too deeply"):
+        ckpt.inspect(scratch_checkpoint)
+    (scratch_checkpoint / "config.json").write_text(" " * (2 << 20) + "{}")
+    with pytest.raises(ckpt.CheckpointError, match="larger than"):
+        ckpt.inspect(scratch_checkpoint)
+
+
+def test_messages_name_the_checkpoint_as_given_not_its_server_path(tmp_path):
+    with pytest.raises(ckpt.CheckpointError) as info:
+        ckpt.inspect(tmp_path, label="upload up-1")
+    assert str(tmp_path) not in str(info.value) and "upload up-1" in str(info.value)
+
+
+def test_hashing_stops_when_told(demo_model):
+    stop = threading.Event()
+    stop.set()
+    with pytest.raises(ckpt.CheckpointError, match="stopped"):
+        ckpt.content_hash(demo_model, stop=stop)

@@ -34,9 +34,15 @@ def test_cli_and_compiler_know_the_same_recipes():
 
 @pytest.mark.parametrize("name, precision", [("fp32", "fp32"), ("int8", "int8"), ("int4", "int4")])
 def test_plain_recipes_quantize_everything(name, precision):
-    args = recipes.builder_args(recipes.get(name, "cpu"), "cpu", 4)
-    assert args[1] == precision
-    assert not any(a.startswith("nodes_to_exclude") for a in args)
+    recipe = recipes.get(name, "cpu")
+    args = recipes.builder_args(recipe, "cpu", 4)
+    assert args[:4] == ["-p", precision, "-e", "cpu"] and "--target_options" not in args
+    extra = args[args.index("--extra_options") + 1:]
+    assert "hf_token=false" in extra
+    assert ("block_size=32" in extra) == (precision != "fp32")
+    # what the graph check demands of the build: every projection group at the recipe's precision
+    want = "float" if precision == "fp32" else precision
+    assert recipe.group_precision() == {"attn": want, "mlp": want, "lm_head": want}
 
 
 def test_unknown_recipe_and_pool_mismatch():
