@@ -23,7 +23,7 @@ def two_replicas(tmp_path_factory, demo_model):
 
     base = tmp_path_factory.mktemp("failover")
     cfg = StackConfig(store=base / "store", log_dir=base / "logs", serving_ports=[0, 0],
-                      env={"LLAMASHIP_REPLICA_STALE_S": "2"})
+                      env={"LLAMASHIP_REPLICA_STALE_S": "2", "LLAMASHIP_HEARTBEAT_S": "0.5"})
     with Stack(cfg) as stack, GatewayClient(stack.gateway_address) as client:
         assert client.compile(str(demo_model), "demo", "fp32").build_id
         yield stack, client

@@ -31,7 +31,7 @@ def test_services_survive_a_redis_restart(tmp_path, demo_model, persistence):
     from llamaship.stack import Stack, StackConfig
 
     cfg = StackConfig(store=tmp_path / "store", log_dir=tmp_path / "logs", redis_persistence=persistence,
-                      env={"LLAMASHIP_REPLICA_STALE_S": "3"})
+                      env={"LLAMASHIP_REPLICA_STALE_S": "3", "LLAMASHIP_HEARTBEAT_S": "1"})
     with Stack(cfg) as stack, GatewayClient(stack.gateway_address) as client:
         job = client.compile(str(demo_model), "demo", "fp32")
         reference = client.generate("demo", PROMPT, 32)

@@ -16,7 +16,8 @@ def test_replica_killed_mid_stream_gives_unavailable_then_recovers(tmp_path, dem
     from llamaship.client import GatewayClient
     from llamaship.stack import Stack, StackConfig
 
-    cfg = StackConfig(store=tmp_path / "store", log_dir=tmp_path / "logs", env={"LLAMASHIP_REPLICA_STALE_S": "2", "LLAMASHIP_FAILOVER_TIMEOUT_S": "2"})
+    cfg = StackConfig(store=tmp_path / "store", log_dir=tmp_path / "logs", env={"LLAMASHIP_REPLICA_STALE_S": "2", "LLAMASHIP_HEARTBEAT_S": "0.5",
+                                                                                  "LLAMASHIP_FAILOVER_TIMEOUT_S": "2"})
     with Stack(cfg) as stack, GatewayClient(stack.gateway_address) as client:
         job = client.compile(str(demo_model), "demo", "fp32")
         assert job.build_id
@@ -56,14 +57,17 @@ def test_decode_worker_crash_is_retryable_and_the_replica_recovers(tmp_path, dem
         worker.kill()
         worker.wait(10)
         deadline = time.time() + 60
-        codes = []
+        failures = []
         while True:
             try:
                 assert client.generate("demo", "x = ", 4).completion_tokens == 4
                 break
             except grpc.RpcError as exc:
-                codes.append(exc.code())
-                assert exc.code() == grpc.StatusCode.UNAVAILABLE, exc.details()
+                failures.append((exc.code(), exc.details()))
                 assert time.time() < deadline, "the replica never recovered its decode worker"
                 time.sleep(0.5)
+        # the first request after the crash is told, retryably, that the worker is being restarted
+        assert failures, "a request after the crash succeeded without the worker being restarted"
+        assert all(code == grpc.StatusCode.UNAVAILABLE for code, _ in failures), failures
         assert stack.procs["serving-cpu-0"].alive()
+        assert [p for p in replica.children() if p.pid != worker.pid and "spawn_main" in " ".join(p.cmdline())]
