@@ -117,16 +117,13 @@ class CompileWorker:
 
     async def _watch(self, job, pipeline: asyncio.Task, stop_reason: list[str]) -> None:
         """Renew the lease, and stop the pipeline when the job is cancelled or taken from this worker."""
-        last_renew = time.monotonic()
         while not pipeline.done():
             await asyncio.sleep(self.poll_s)
             try:
                 if await self.jobs.cancel_requested(job.job_id):
                     stop_reason.append("cancelled")
-                elif time.monotonic() - last_renew >= self.lease_s / 3:
-                    if not await self.jobs.renew(job, self.lease_s):
-                        stop_reason.append("lost")
-                    last_renew = time.monotonic()
+                elif not await self.jobs.renew(job, self.lease_s):
+                    stop_reason.append("lost")
             except Exception:  # noqa: BLE001 - Redis hiccup: retried next round
                 log.exception("checking job %s failed", job.job_id)
                 continue
