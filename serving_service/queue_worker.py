@@ -51,7 +51,7 @@ class QueueWorker:
         while True:
             outcome = await self._take_what_fits()
             if outcome == "full":
-                # every slot, the KV budget or the tenants' slot shares are taken: wait for a request to end
+                # every slot or the KV budget is taken: wait for a request to end
                 self._wake.clear()
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), 0.5)
@@ -71,8 +71,6 @@ class QueueWorker:
                 return "empty"
             if picked == "WAIT":
                 metrics.ADMISSION_WAITS.labels(self.engine.pool).inc()
-                return "full"
-            if picked == "HELD":
                 return "full"
             self._spawn(picked, resume=False)
 

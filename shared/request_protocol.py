@@ -101,8 +101,8 @@ return id
 # ARGV: group, consumer, free KV bytes, JSON {model: KV bytes per token} of the models the
 # replica serves, whole KV budget, fair slots (1/0), the replica's slots, JSON {tenant part:
 # requests it runs here}, then per priority (highest first): its ring key and stream key prefix.
-# Returns {} (nothing to take), {'WAIT'} (the next request does not fit), {'HELD'} (only tenants
-# at their slot share have work), or {stream, id, req, sid, tenant part}.
+# Returns {} (nothing to take), {'WAIT'} (the next request does not fit), or {stream, id, req,
+# sid, tenant part}.
 _PICK = _LUA_COMMON + """
 local group, consumer = ARGV[1], ARGV[2]
 local free, budget = tonumber(ARGV[3]), tonumber(ARGV[5])
@@ -125,32 +125,38 @@ if ARGV[6] == '1' then
   end
   if n_waiting > 1 then share = math.max(1, math.floor(tonumber(ARGV[7]) / n)) end
 end
-local held = false
-for p = 9, #ARGV, 2 do
-  local ring, prefix = ARGV[p], ARGV[p + 1]
-  for _ = 1, redis.call('LLEN', ring) do
-    local tenant = redis.call('LINDEX', ring, 0)
-    local stream = prefix .. tenant
-    local entry = next_waiting(stream, group)
-    if not entry then
-      redis.call('LPOP', ring)
-    elseif share and tonumber(running[tenant] or 0) >= share then
-      held = true
-      redis.call('LMOVE', ring, ring, 'LEFT', 'RIGHT')
-    else
-      local verdict = admit(entry[2], free, budget, per_token)
-      if verdict == 'wait' then return {'WAIT'} end
-      redis.call('LMOVE', ring, ring, 'LEFT', 'RIGHT')
-      if verdict == 'take' then
-        local got = redis.call('XREADGROUP', 'GROUP', group, consumer, 'COUNT', 1, 'STREAMS', stream, '>')
-        local e = got[1][2][1]
-        return {stream, e[1], field(e[2], 'req') or '', field(e[2], 'sid') or '', tenant}
+local function take(share)
+  local held = false
+  for p = 9, #ARGV, 2 do
+    local ring, prefix = ARGV[p], ARGV[p + 1]
+    for _ = 1, redis.call('LLEN', ring) do
+      local tenant = redis.call('LINDEX', ring, 0)
+      local stream = prefix .. tenant
+      local entry = next_waiting(stream, group)
+      if not entry then
+        redis.call('LPOP', ring)
+      elseif share and tonumber(running[tenant] or 0) >= share then
+        held = true
+        redis.call('LMOVE', ring, ring, 'LEFT', 'RIGHT')
+      else
+        local verdict = admit(entry[2], free, budget, per_token)
+        if verdict == 'wait' then return {'WAIT'} end
+        redis.call('LMOVE', ring, ring, 'LEFT', 'RIGHT')
+        if verdict == 'take' then
+          local got = redis.call('XREADGROUP', 'GROUP', group, consumer, 'COUNT', 1, 'STREAMS', stream, '>')
+          local e = got[1][2][1]
+          return {stream, e[1], field(e[2], 'req') or '', field(e[2], 'sid') or '', tenant}
+        end
       end
     end
   end
+  return held
 end
-if held then return {'HELD'} end
-return {}
+local got = take(share)
+-- every tenant with work waiting is at its share: a free slot is still better used than idle
+if got == true then got = take(nil) end
+if got == true or got == false then return {} end
+return got
 """
 
 # KEYS: stream, the dead replica's liveness key. ARGV: group, consumer, dead consumer, min idle
@@ -317,9 +323,10 @@ class PoolQueue:
                    running: dict[str, int] | None = None, fair_slots: bool = False, slots: int = 1
                    ) -> Picked | str | None:
         """Take the next request for `consumer` among those for the models in `kv_bytes_per_token`:
-        a Picked, "WAIT" (the next one does not fit the free KV budget), "HELD" (with `fair_slots`,
-        every tenant with work waiting already runs its share of `slots`, counted in `running`:
-        tenant key part -> requests this replica runs) or None (nothing to take)."""
+        a Picked, "WAIT" (the next one does not fit the free KV budget) or None (nothing to take).
+        With `fair_slots`, while more than one tenant has work waiting, a tenant that runs its
+        share of `slots` (`running`: tenant key part -> requests this replica runs) is passed
+        over, unless every waiting tenant is at its share."""
         if not kv_bytes_per_token:
             return None
         args: list = [GROUP, consumer, int(free_kv_bytes), json.dumps(kv_bytes_per_token), int(kv_budget_bytes),
@@ -329,8 +336,8 @@ class PoolQueue:
         result = await self._pick(keys=[self.streams_key], args=args)
         if not result:
             return None
-        if result[0] in ("WAIT", "HELD"):
-            return result[0]
+        if result[0] == "WAIT":
+            return "WAIT"
         return Picked(Entry(result[0], result[1]), result[2], result[3], result[4])
 
     async def reclaim(self, stream: str, consumer: str, dead: str, free_slots: int, free_kv_bytes: int,

@@ -221,16 +221,20 @@ def test_fair_slots_hold_a_tenant_at_its_share_while_another_waits(redis_url):
             await q.enqueue(_req(f"a{i}", "a"), "cpu", 64)
         await q.enqueue(_req("b0", "b"), "cpu", 64)
 
-        def pick(running, fair=True):
-            return fq.pick("replica-a", BUDGET, BUDGET, PER_TOKEN, running, fair, 4)
+        def pick(running, fair=True, slots=4):
+            return fq.pick("replica-a", BUDGET, BUDGET, PER_TOKEN, running, fair, slots)
 
         # a runs 2 of 4 slots and b waits: a is at its share (4 slots / 2 tenants), b goes first
         assert _rid(await pick({"a": 2})) == "b0"
         # nobody else waits: a may use every free slot
         assert _rid(await pick({"a": 2, "b": 1})) == "a0"
+        assert _rid(await pick({"a": 3}, fair=False, slots=5)) == "a1"  # without fair slots: the ring's turn
         await q.enqueue(_req("b1", "b"), "cpu", 64)
-        assert await pick({"a": 2, "b": 2}) == "HELD"  # both at their share: wait for a slot to free
-        assert _rid(await pick({"a": 2, "b": 2}, fair=False)) == "b1"  # without fair slots: the ring's turn
+        assert _rid(await pick({"a": 3}, fair=False, slots=5)) == "a2"
+        assert _rid(await pick({"a": 3}, slots=5)) == "b1"
+        # both at their share (5 slots / 2 tenants) and a slot free: it is used rather than left idle
+        await q.enqueue(_req("b2", "b"), "cpu", 64)
+        assert _rid(await pick({"a": 2, "b": 2}, slots=5)) in ("a3", "b2")
         await r.aclose()
 
     run(body())
