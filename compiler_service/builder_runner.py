@@ -4,7 +4,6 @@ output logged to a file, its progress parsed, and a kill switch for cancellation
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import os
 import re
 import signal
@@ -13,11 +12,6 @@ from pathlib import Path
 from typing import Awaitable, Callable
 
 _LAYER = re.compile(r"^Reading layer (\d+)")
-PR_SET_PDEATHSIG = 1
-try:  # looked up here, in the parent: a child between fork and exec must only call it
-    _PRCTL = ctypes.CDLL(None, use_errno=True).prctl
-except (OSError, AttributeError):  # not Linux: the parent's kill paths still apply
-    _PRCTL = None
 
 
 class BuildFailed(RuntimeError):
@@ -26,13 +20,6 @@ class BuildFailed(RuntimeError):
 
 class BuildCancelled(RuntimeError):
     pass
-
-
-def _die_with_parent() -> None:
-    """In the child, before exec: get SIGKILL when the compiler dies, however it dies (the child
-    keeps its own session and process group, so that cancelling kills all of it)."""
-    if _PRCTL is not None:
-        _PRCTL(PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
 
 
 def _kill(proc: asyncio.subprocess.Process) -> None:
@@ -70,8 +57,8 @@ async def run_builder(
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONUNBUFFERED="1",
                TQDM_DISABLE="1")
     proc = await asyncio.create_subprocess_exec(
-        *cmd, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, env=env, start_new_session=True,
-        preexec_fn=_die_with_parent,
+        sys.executable, "-m", "compiler_service.child_guard", str(os.getpid()), *cmd,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, env=env, start_new_session=True,
     )
     lines: list[str] = []
     cancelled = False
