@@ -95,7 +95,8 @@ def cmd_up(args: argparse.Namespace) -> int:
 
 def _print_stack(stack, args: argparse.Namespace) -> None:
     cfg = stack.cfg
-    print(f"  redis     {stack.redis_url}{' (embedded)' if not args.redis_url else ''}")
+    redis = stack.procs.get("redis")
+    print(f"  redis     {stack.redis_url}" + (f" (embedded)   pid {redis.popen.pid}" if redis else ""))
     for name, proc in stack.procs.items():
         if name != "redis":
             metrics = stack.metrics_ports.get(name)

@@ -1,7 +1,7 @@
 """`llamaship up` supervises its services: a replica SIGKILLed under two running streams is
 restarted with its replica id and port while the other replica and the gateway keep serving;
 both streams end exactly as an undisturbed run; a service that keeps crashing is given up on;
-SIGTERM stops everything, leaving no process behind."""
+the embedded Redis comes back on its port; SIGTERM stops everything, leaving no process behind."""
 
 from __future__ import annotations
 
@@ -146,12 +146,31 @@ def test_up_restarts_a_killed_replica_and_both_streams_complete_exactly(tmp_path
     assert not _all_gone(seen | {victim}), f"left behind after SIGTERM:\n{up.output}"
 
 
-def test_up_gives_up_on_a_crash_looping_service_and_stops_when_nothing_is_left(tmp_path):
+def test_up_restarts_redis_gives_up_on_a_crash_looping_service_and_stops_when_nothing_is_left(tmp_path):
+    import grpc
+
+    from llamaship.client import GatewayClient
     from llamaship.stack import free_port
 
-    up = Up(tmp_path, "--gateway-port", str(free_port()), "--max-restarts", "1", "--restart-window-s", "300")
+    gw = free_port()
+    up = Up(tmp_path, "--gateway-port", str(gw), "--max-restarts", "1", "--restart-window-s", "300")
     try:
         up.wait_for("gateway ready", 180)
+        # the embedded Redis comes back on its port; the services reconnect
+        redis_url = up.wait_for(r"^  redis\s+(\S+)").group(1)
+        os.kill(up.pid_of("redis"), signal.SIGKILL)
+        up.wait_for(r"redis killed by SIGKILL; restarting it", 30)
+        up.wait_for(r"redis is back \(pid \d+, (\S+)\)", 60)
+        assert up.wait_for(r"^  redis\s+(\S+)").group(1) == redis_url
+        with GatewayClient(f"127.0.0.1:{gw}") as client:
+            deadline = time.time() + 30
+            while True:
+                try:
+                    assert not client.models()
+                    break
+                except grpc.RpcError:
+                    assert time.time() < deadline, up.output
+                    time.sleep(0.5)
         # the compiler keeps crashing: given up on after one restart, the rest serves on
         os.kill(up.pid_of("compiler"), signal.SIGKILL)
         again = int(up.wait_for(r"compiler is back \(pid (\d+)", 120).group(1))
