@@ -28,6 +28,7 @@ def test_a_flooding_tenant_neither_starves_another_nor_exceeds_its_limit(tmp_pat
     with Stack(cfg) as stack:
         with GatewayClient(stack.gateway_address, api_key=ops) as c:
             assert c.compile(str(demo_model), "demo", "fp32").build_id
+            c.set_model_access("demo", ["*"])
         finished: list[str] = []
         rejected: list[str] = []
         lock = threading.Lock()
@@ -43,11 +44,15 @@ def test_a_flooding_tenant_neither_starves_another_nor_exceeds_its_limit(tmp_pat
                 with lock:
                     finished.append(label)
 
-        floods = [threading.Thread(target=run, args=(flood_key, f"flood-{i}")) for i in range(12)]
+        floods = [threading.Thread(target=run, args=(flood_key, f"flood-{i}"), kwargs={"request_id": f"job-{i}"})
+                  for i in range(12)]
         for t in floods:
             t.start()
         time.sleep(0.5)  # the flood is queued (10 accepted: its limit) and one of it is running
-        calm = threading.Thread(target=run, args=(calm_key, "calm"))
+        with GatewayClient(stack.gateway_address, api_key=calm_key) as c:
+            # request ids are per tenant: another tenant can neither cancel nor detect the flood's
+            assert not c.cancel("job-0") and not c.cancel("job-5")
+        calm = threading.Thread(target=run, args=(calm_key, "calm"), kwargs={"request_id": "job-0"})
         calm.start()
         for t in [*floods, calm]:
             t.join(300)
