@@ -180,6 +180,8 @@ class JobStore:
             keys=[keys.job(job.job_id), keys.job_events(job.job_id), lease_key(job.job_id), keys.COMPILE_QUEUE],
             args=[state, worker, str(attempts), job.to_json(), JOB_TTL_S, EVENTS_MAXLEN, lease_check, lease_owner,
                   int(lease_ms), lease_action, job.job_id, push])
+        if ok and job.terminal:
+            await self.r.delete(request_key(job.job_id))  # the snapshot's slim request is what stays
         return bool(ok)
 
     async def next_job(self, timeout_s: float) -> str | None:
