@@ -28,9 +28,11 @@ class BuildWatcher:
         that nothing published meanwhile is missed."""
         last = await self.r.xrevrange(keys.ANNOUNCE, count=1)
         self.last_id = last[0][0] if last else "0-0"
-        for alias in await catalog.list_aliases(self.r):
-            if alias.pool == self.engine.pool:
-                await self._load(alias.name, alias.build_id)
+        aliases = [a for a in await catalog.list_aliases(self.r) if a.pool == self.engine.pool]
+        for alias in aliases:
+            await self._load(alias.name, alias.build_id)
+        for name in set(self.engine.builds) - {a.name for a in aliases}:
+            await self._unload(name)  # deleted while this replica was not following
 
     async def follow(self) -> None:
         """Follow announcements; (re)started after a Redis outage, it first reloads what the
@@ -43,12 +45,19 @@ class BuildWatcher:
             for _stream, entries in resp or []:
                 for entry_id, fields in entries:
                     self.last_id = entry_id
-                    if fields.get("pool") != self.engine.pool:
+                    name = fields.get("name", "")
+                    if fields.get("pool") != self.engine.pool and name not in self.engine.builds:
                         continue
-                    # The alias may have moved again since this announcement: load what it says now.
-                    alias = await catalog.get_alias(self.r, fields["name"])
+                    # The alias may have moved again since this announcement: follow what it says now.
+                    alias = await catalog.get_alias(self.r, name)
                     if alias is not None and alias.pool == self.engine.pool:
                         await self._load(alias.name, alias.build_id)
+                    else:  # deleted, or moved to another pool
+                        await self._unload(name)
+
+    async def _unload(self, name: str) -> None:
+        if await self.engine.unload(name) and self.on_change:
+            await self.on_change()
 
     async def _load(self, name: str, build_id: str) -> None:
         try:

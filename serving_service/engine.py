@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import AsyncIterator
 
 from shared.errors import InvalidArgument, NotFound, ResourceExhausted, Unavailable
-from shared.fair_queue import cost_tokens
+from shared.request_protocol import cost_tokens
 from shared.generation import FINISH_EOS, FINISH_LENGTH, FINISH_STOP, Chunk, GenRequest, validate
 from shared.pools import POOLS
 from shared.store import BuildStore, Manifest

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import time
 import sys
 from pathlib import Path
 
@@ -131,6 +132,12 @@ def test_models_belong_to_their_tenant(keyed, demo_model):
     assert gone.returncode == 0, gone.stderr
     assert _code(lambda: dev.generate("acme-m", "x", 4)) == grpc.StatusCode.NOT_FOUND
     assert "acme-m" not in [m.name for m in ops.models()]
+    # the replicas stop serving it (and keep serving the build under its other name)
+    deadline = time.time() + 20
+    while "stopped serving acme-m" not in "".join(p.read_text() for p in keyed["logs"].glob("serving-*.log")):
+        assert time.time() < deadline, "no replica stopped serving the deleted model"
+        time.sleep(0.2)
+    assert dev.generate("demo", "x = ", 4).completion_tokens == 4
 
 
 def test_upload_through_a_gateway_with_keys(keyed, tmp_path):
