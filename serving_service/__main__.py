@@ -60,7 +60,8 @@ async def serve(settings: config.Settings) -> None:
     watcher = BuildWatcher(r, engine, on_change=heartbeat)
     await watcher.load_current()
     await heartbeat()
-    worker = QueueWorker(r, engine, replica_id, settings.stream_interval_ms / 1000, settings.tenant_fair_slots)
+    worker = QueueWorker(r, engine, replica_id, settings.stream_interval_ms / 1000, settings.tenant_fair_slots,
+                         settings.tenant_headroom_s)
     await set_serving(health, [SERVICE], True)
     log.info("replica %s (pool %s) listening on %s:%d%s; serving %s", replica_id, settings.pool, settings.host, port,
              f", metrics on :{metrics_port}" if metrics_port else "", engine.served() or "nothing yet")

@@ -34,12 +34,13 @@ class _Holding:
 
 class QueueWorker:
     def __init__(self, r: aioredis.Redis, engine: Engine, replica_id: str, stream_interval_s: float = 0.0,
-                 fair_slots: bool = True):
+                 fair_slots: bool = True, headroom_s: float = 0.0):
         self.r = r
         self.engine = engine
         self.replica_id = replica_id
         self.stream_interval_s = stream_interval_s
         self.fair_slots = fair_slots
+        self.headroom_s = headroom_s
         self.queue = PoolQueue(r, engine.pool)
         self.requests = Requests(r)
         self.tasks: dict[asyncio.Task, _Holding] = {}  # running request -> what it holds
@@ -66,7 +67,7 @@ class QueueWorker:
                 return "full"
             picked = await self.queue.pick(self.replica_id, self._free_kv_bytes(), self.engine.kv_budget_bytes,
                                            self.engine.kv_bytes_per_token(), self.running_by_tenant(),
-                                           self.fair_slots, self.engine.slots)
+                                           self.fair_slots, self.engine.slots, self.headroom_s)
             if picked is None:
                 return "empty"
             if picked == "WAIT":

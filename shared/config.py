@@ -110,6 +110,7 @@ _DECLARED = [
     Setting("replica_id", str, "", "Stable name of this replica (default: pool-host-pid)."),
     Setting("heartbeat_s", float, 2.0, "Seconds between a replica's heartbeats; replica_stale_s must be at least twice this.", check=_positive),
     Setting("tenant_fair_slots", bool, True, "While requests of more than one tenant wait, a replica gives each tenant at most its share of running slots (slots / tenants with work, at least one).", ),
+    Setting("tenant_headroom_s", float, 300.0, "With tenant_fair_slots: while another tenant has sent this pool work within this many seconds, one tenant may not take a replica's last free slot (so a newcomer does not wait for a long request to end). 0 turns the headroom off.", check=_non_negative),
     Setting("advertise_address", str, "", "Address other services reach this replica at (default: host:port)."),
 ]
 
@@ -122,7 +123,7 @@ COMPILER = (*COMMON, "compiler_port", "work_dir", "job_lease_s", "max_attempts",
             "upload_quota_gib", "upload_max_active", "upload_expiry_s", "upload_min_free_gib", "job_poll_s",
             "upload_sweep_s")
 SERVING = (*COMMON, "serving_port", "pool", "slots", "kv_budget_mb", "threads", "stream_interval_ms", "replica_stale_s", "replica_id",
-           "advertise_address", "heartbeat_s", "tenant_fair_slots")
+           "advertise_address", "heartbeat_s", "tenant_fair_slots", "tenant_headroom_s")
 
 
 def _stale_vs_heartbeat(values: dict[str, Any]) -> None:

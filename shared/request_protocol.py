@@ -100,7 +100,10 @@ return id
 
 # ARGV: group, consumer, free KV bytes, JSON {model: KV bytes per token} of the models the
 # replica serves, whole KV budget, fair slots (1/0), the replica's slots, JSON {tenant part:
-# requests it runs here}, then per priority (highest first): its ring key and stream key prefix.
+# requests it runs here}, headroom window ms (0: off), then per priority (highest first): its ring
+# key and stream key prefix.
+# Headroom: while another tenant has sent this pool work within the window, one tenant may not
+# take a replica's last free slot (a newcomer then never waits for a long request to end).
 # Returns {} (nothing to take), {'WAIT'} (the next request does not fit), or {stream, id, req,
 # sid, tenant part}.
 _PICK = _LUA_COMMON + """
@@ -114,7 +117,7 @@ if ARGV[6] == '1' then
   for t, c in pairs(running) do
     if tonumber(c) > 0 then with_work[t] = true; n = n + 1 end
   end
-  for p = 9, #ARGV, 2 do
+  for p = 10, #ARGV, 2 do
     for _, t in ipairs(redis.call('LRANGE', ARGV[p], 0, -1)) do
       if not waiting[t] and next_waiting(ARGV[p + 1] .. t, group) then
         waiting[t] = true
@@ -125,9 +128,37 @@ if ARGV[6] == '1' then
   end
   if n_waiting > 1 then share = math.max(1, math.floor(tonumber(ARGV[7]) / n)) end
 end
+local total = 0
+for _, c in pairs(running) do total = total + tonumber(c) end
+local last_slot = ARGV[6] == '1' and tonumber(ARGV[7]) > 1 and total + 1 >= tonumber(ARGV[7])
+local others_recent = nil
+-- has a tenant other than `tenant` enqueued in this pool within the headroom window?
+local function others_active(tenant)
+  if others_recent == nil then
+    others_recent = {}
+    local window = tonumber(ARGV[9])
+    if window > 0 then
+      local now = redis.call('TIME')
+      local since = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000) - window
+      for _, s in ipairs(redis.call('SMEMBERS', KEYS[1])) do
+        if redis.call('EXISTS', s) == 1 then
+          local info = redis.call('XINFO', 'STREAM', s)
+          local last = field(info, 'last-generated-id') or '0-0'
+          if tonumber(string.match(last, '^(%d+)')) >= since then
+            others_recent[string.match(s, ':([^:]*)$')] = true
+          end
+        end
+      end
+    end
+  end
+  for t, _ in pairs(others_recent) do
+    if t ~= tenant then return true end
+  end
+  return false
+end
 local function take(share)
   local held = false
-  for p = 9, #ARGV, 2 do
+  for p = 10, #ARGV, 2 do
     local ring, prefix = ARGV[p], ARGV[p + 1]
     for _ = 1, redis.call('LLEN', ring) do
       local tenant = redis.call('LINDEX', ring, 0)
@@ -138,6 +169,8 @@ local function take(share)
       elseif share and tonumber(running[tenant] or 0) >= share then
         held = true
         redis.call('LMOVE', ring, ring, 'LEFT', 'RIGHT')
+      elseif last_slot and tonumber(running[tenant] or 0) == total and others_active(tenant) then
+        redis.call('LMOVE', ring, ring, 'LEFT', 'RIGHT')  -- the last slot is kept for the others
       else
         local verdict = admit(entry[2], free, budget, per_token)
         if verdict == 'wait' then return {'WAIT'} end
@@ -320,17 +353,19 @@ class PoolQueue:
         return Entry(stream, result)
 
     async def pick(self, consumer: str, free_kv_bytes: int, kv_budget_bytes: int, kv_bytes_per_token: dict[str, int],
-                   running: dict[str, int] | None = None, fair_slots: bool = False, slots: int = 1
-                   ) -> Picked | str | None:
+                   running: dict[str, int] | None = None, fair_slots: bool = False, slots: int = 1,
+                   headroom_s: float = 0.0) -> Picked | str | None:
         """Take the next request for `consumer` among those for the models in `kv_bytes_per_token`:
         a Picked, "WAIT" (the next one does not fit the free KV budget) or None (nothing to take).
         With `fair_slots`, while more than one tenant has work waiting, a tenant that runs its
         share of `slots` (`running`: tenant key part -> requests this replica runs) is passed
-        over, unless every waiting tenant is at its share."""
+        over, unless every waiting tenant is at its share; and while another tenant has sent the pool
+        work in the last `headroom_s` seconds, a tenant that runs everything here may not take
+        the last free slot."""
         if not kv_bytes_per_token:
             return None
         args: list = [GROUP, consumer, int(free_kv_bytes), json.dumps(kv_bytes_per_token), int(kv_budget_bytes),
-                      "1" if fair_slots else "0", int(slots), json.dumps(running or {})]
+                      "1" if fair_slots else "0", int(slots), json.dumps(running or {}), int(headroom_s * 1000)]
         for priority in PRIORITIES:
             args += [keys.gen_tenant_ring(self.pool, priority), keys.gen_stream(self.pool, priority, "")]
         result = await self._pick(keys=[self.streams_key], args=args)

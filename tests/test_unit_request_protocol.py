@@ -240,6 +240,34 @@ def test_fair_slots_hold_a_tenant_at_its_share_while_another_waits(redis_url):
     run(body())
 
 
+def test_headroom_keeps_the_last_slot_from_a_tenant_that_runs_everything(redis_url):
+    """Four long requests of one tenant took all 4 slots; another tenant's short one then waited
+    for one of them to end (25.6 s in the probe)."""
+    async def body():
+        r, q = await _setup(redis_url, max_depth=20)
+        fq = q.pool("cpu")
+        for i in range(4):
+            await q.enqueue(_req(f"a{i}", "a"), "cpu", 64)
+
+        def pick(running, headroom_s=300.0):
+            return fq.pick("replica-a", BUDGET, BUDGET, PER_TOKEN, running, True, 4, headroom_s)
+
+        # only tenant a has ever used the pool: it may take every slot
+        assert _rid(await pick({"a": 3})) == "a0"
+        await q.enqueue(_req("b0", "b"), "cpu", 64)
+        assert _rid(await pick({"a": 2})) == "b0"  # b's request is served at once
+        # b used the pool a moment ago: a, running everything, may not take the last slot ...
+        assert await pick({"a": 3}) is None
+        # ... but may take one that leaves a slot free, and the last one when headroom is off
+        assert _rid(await pick({"a": 2})) == "a1"
+        assert _rid(await pick({"a": 3}, headroom_s=0)) == "a2"
+        # b running here too: the last slot is not all a's, so a takes it
+        assert _rid(await pick({"a": 2, "b": 1})) == "a3"
+        await r.aclose()
+
+    run(body())
+
+
 def test_liveness_and_deadlines_ignore_host_clocks(redis_url, monkeypatch, tmp_path):
     async def body():
         r, q = await _setup(redis_url, max_depth=10)
