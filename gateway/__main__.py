@@ -26,8 +26,8 @@ async def serve(settings: config.Settings) -> None:
     r = redis_conn.client(settings.redis_url)
     await redis_conn.wait_ready(r, settings.redis_url)
     channel = grpc.aio.insecure_channel(settings.compiler_address)
-    queue = GenerationQueue(r, settings.queue_max_depth, settings.queue_timeout_s, settings.replica_stale_s,
-                            settings.failover_timeout_s, settings.tenant_max_requests, settings.relay_lease_s)
+    queue = GenerationQueue(r, settings.queue_max_depth, settings.queue_timeout_s, settings.failover_timeout_s,
+                            settings.tenant_max_requests, settings.relay_lease_s)
     interceptors = []
     keys = None
     if settings.api_keys_file:
@@ -42,7 +42,7 @@ async def serve(settings: config.Settings) -> None:
         if not (settings.tls_cert_file and settings.tls_key_file):
             raise RuntimeError("TLS needs both --tls-cert-file and --tls-key-file")
         tls = (Path(settings.tls_cert_file).read_bytes(), Path(settings.tls_key_file).read_bytes())
-    servicer = GatewayServicer(r, queue, compiler_pb2_grpc.CompilerStub(channel), settings.replica_stale_s, keys)
+    servicer = GatewayServicer(r, queue, compiler_pb2_grpc.CompilerStub(channel), keys)
     server = create_server(interceptors)
     gateway_pb2_grpc.add_GatewayServicer_to_server(servicer, server)
     health = add_health_and_reflection(server, [SERVICE])

@@ -64,16 +64,15 @@ async def access_of(registry: ModelRegistry, name: str, caller: Caller) -> Model
 
 
 class Admission:
-    def __init__(self, r: aioredis.Redis, registry: ModelRegistry, replica_stale_s: float):
+    def __init__(self, r: aioredis.Redis, registry: ModelRegistry):
         self.r = r
         self.registry = registry
-        self.replica_stale_s = replica_stale_s
 
     async def admit(self, req: GenRequest, caller: Caller, time_remaining: float | None) -> Alias:
         """Check and complete `req` for the queue; returns the alias it is served under."""
         check_name(req.model)
         (alias, replicas), access = await asyncio.gather(
-            catalog.alias_and_replicas(self.r, req.model, self.replica_stale_s), self.registry.access(req.model))
+            catalog.alias_and_replicas(self.r, req.model), self.registry.access(req.model))
         if alias is None or not (access or LEGACY).may_generate(caller):
             raise unknown_model(req.model)
         validate(req, alias.context_length)

@@ -16,9 +16,8 @@ from shared.request_protocol import DuplicateRequest, Entry, PoolQueue, QueueFul
 
 
 class GenerationQueue:
-    def __init__(self, r: aioredis.Redis, max_depth: int, wait_timeout_s: float, replica_stale_s: float = 10.0,
-                 failover_timeout_s: float = 15.0, tenant_max: int = 0, relay_lease_s: float = 10.0):
-        # replica_stale_s is accepted for older callers; replicas' own TTL keys decide liveness
+    def __init__(self, r: aioredis.Redis, max_depth: int, wait_timeout_s: float, failover_timeout_s: float = 15.0,
+                 tenant_max: int = 0, relay_lease_s: float = 10.0):
         self.r = r
         self.relay_lease_s = relay_lease_s
         self.max_depth = max_depth

@@ -55,16 +55,15 @@ def _metadata_request_id(context: grpc.aio.ServicerContext) -> str:
 
 class GatewayServicer(pb_grpc.GatewayServicer):
     def __init__(self, r: aioredis.Redis, queue: GenerationQueue, compiler: compiler_pb2_grpc.CompilerStub,
-                 replica_stale_s: float, keys: KeyStore | None = None):
+                 keys: KeyStore | None = None):
         self.r = r
         self.keys = keys
         self.sampler = PromptSampler(r)
         self._background: set[asyncio.Task] = set()
         self.queue = queue
         self.compiler = compiler
-        self.replica_stale_s = replica_stale_s
         self.registry = ModelRegistry(r)
-        self.admission = Admission(r, self.registry, replica_stale_s)
+        self.admission = Admission(r, self.registry)
 
     def _caller(self, context: grpc.aio.ServicerContext) -> Caller:
         """The caller's identity (the auth interceptor has already checked the key)."""
@@ -187,7 +186,7 @@ class GatewayServicer(pb_grpc.GatewayServicer):
         caller = self._caller(context)
         aliases, access, replicas = await asyncio.gather(
             catalog.list_aliases(self.r), self.registry.all_access(),
-            catalog.live_replicas(self.r, self.replica_stale_s))
+            catalog.live_replicas(self.r))
         out = pb.ListModelsResponse()
         for view in visible_models(aliases, access, replicas, caller):
             a = view.alias

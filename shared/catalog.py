@@ -106,14 +106,13 @@ async def forget_gone_replicas(r: aioredis.Redis) -> int:
     return int(await r.eval(_FORGET_GONE, 1, keys.REPLICAS, keys.replica_alive("")))
 
 
-async def replica_alive(r: aioredis.Redis, replica_id: str, stale_after_s: float | None = None) -> bool:
-    """`stale_after_s` is ignored: the replica's own TTL decides (kept for older callers)."""
+async def replica_alive(r: aioredis.Redis, replica_id: str) -> bool:
+    """Its liveness key has not expired (the replica sets the TTL: no clocks are compared)."""
     return bool(await r.exists(keys.replica_alive(replica_id)))
 
 
-async def alias_and_replicas(r: aioredis.Redis, name: str, stale_after_s: float | None = None
-                             ) -> tuple[Alias | None, list[ReplicaHeartbeat]]:
-    """The alias of `name` and the live replicas (`stale_after_s` is ignored, as in replica_alive)."""
+async def alias_and_replicas(r: aioredis.Redis, name: str) -> tuple[Alias | None, list[ReplicaHeartbeat]]:
+    """The alias of `name` and the live replicas."""
     async with r.pipeline(transaction=False) as pipe:
         pipe.hget(keys.ALIASES, name)
         pipe.hgetall(keys.REPLICAS)
@@ -121,8 +120,7 @@ async def alias_and_replicas(r: aioredis.Redis, name: str, stale_after_s: float 
     return (Alias.from_json(raw_alias) if raw_alias else None), await _live(r, raw_replicas, None)
 
 
-async def live_replicas(r: aioredis.Redis, stale_after_s: float | None = None, pool: str | None = None
-                        ) -> list[ReplicaHeartbeat]:
+async def live_replicas(r: aioredis.Redis, pool: str | None = None) -> list[ReplicaHeartbeat]:
     return await _live(r, await r.hgetall(keys.REPLICAS), pool)
 
 

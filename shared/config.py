@@ -82,7 +82,7 @@ _DECLARED = [
     Setting("queue_max_depth", int, 256, "Requests in a pool's queue (waiting or running) before Generate answers RESOURCE_EXHAUSTED.", check=_positive),
     Setting("tenant_max_requests", int, 0, "Requests one tenant may have in a pool's queue (waiting or running) before its Generate calls answer RESOURCE_EXHAUSTED; 0 = queue_max_depth.", check=_non_negative),
     Setting("queue_timeout_s", float, 120.0, "Seconds a request may wait for a replica to take it, or a taken request for its next chunk, before UNAVAILABLE.", check=_positive),
-    Setting("replica_stale_s", float, 10.0, "A replica whose heartbeat is older than this is treated as gone (its requests are taken over).", check=_positive),
+    Setting("replica_stale_s", float, 10.0, "A replica that has not renewed its liveness key for this long (the key's TTL, set by the replica) is treated as gone: its requests are taken over.", check=_positive),
     Setting("api_keys_file", str, "", "JSON file of hashed API keys per tenant (llamaship keys create); empty = no auth (keep the gateway on loopback)."),
     Setting("tls_cert_file", str, "", "PEM certificate chain: serve the gateway over TLS (with --tls-key-file)."),
     Setting("tls_key_file", str, "", "PEM private key of the gateway's TLS certificate."),
@@ -117,7 +117,7 @@ _DECLARED = [
 SETTINGS: dict[str, Setting] = {s.name: s for s in _DECLARED}
 
 COMMON = ("redis_url", "store", "host", "log_level", "metrics_port")
-GATEWAY = (*COMMON, "gateway_port", "compiler_address", "queue_max_depth", "tenant_max_requests", "queue_timeout_s", "replica_stale_s",
+GATEWAY = (*COMMON, "gateway_port", "compiler_address", "queue_max_depth", "tenant_max_requests", "queue_timeout_s",
            "failover_timeout_s", "relay_lease_s", "api_keys_file", "tls_cert_file", "tls_key_file")
 COMPILER = (*COMMON, "compiler_port", "work_dir", "job_lease_s", "max_attempts", "checkpoint_roots",
             "upload_quota_gib", "upload_max_active", "upload_expiry_s", "upload_min_free_gib", "job_poll_s",

@@ -37,7 +37,7 @@ async def _setup(url: str, pools=("cpu",)):
     for i, pool in enumerate(pools):
         await catalog.put_heartbeat(r, ReplicaHeartbeat(f"{pool}-{i}", pool, f"10.0.0.{i}:50053", 4, 1,
                                                         {"acme-m": "b-acme-m", "legacy": "b-legacy"}), 30)
-    return r, reg, Admission(r, reg, replica_stale_s=10)
+    return r, reg, Admission(r, reg)
 
 
 def _req(model="acme-m", **kw) -> GenRequest:
@@ -142,7 +142,7 @@ def test_list_shows_only_usable_models_and_replica_internals_to_admins(redis_url
         r, reg, _ = await _setup(redis_url)
         aliases = await catalog.list_aliases(r)
         access = await reg.all_access()
-        replicas = await catalog.live_replicas(r, 10)
+        replicas = await catalog.live_replicas(r)
         beta = visible_models(aliases, access, replicas, BETA)
         assert [v.alias.name for v in beta] == ["legacy"]
         assert beta[0].replicas == [] and beta[0].served_build_ids == ["b-legacy"]
