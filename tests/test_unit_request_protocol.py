@@ -14,7 +14,7 @@ from shared import redis_keys as keys
 from shared.catalog import ReplicaHeartbeat
 from shared.errors import AlreadyExists, ResourceExhausted
 from shared.generation import Chunk, GenRequest
-from shared.request_protocol import Entry, Picked, PoolQueue, Requests
+from shared.request_protocol import Picked, PoolQueue, Requests
 from shared.store import BuildStore
 
 BUDGET = 1 << 40

@@ -1,0 +1,82 @@
+"""`llamaship up`: start the whole stack on one machine and supervise it until Ctrl-C/SIGTERM."""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import threading
+from pathlib import Path
+
+
+def _fail(message: str) -> int:
+    print(f"llamaship: {message}", file=sys.stderr)
+    return 1
+
+
+LOOPBACK = ("127.0.0.1", "::1", "localhost")
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    from llamaship.stack import Stack, StackConfig
+    from llamaship.supervisor import RestartPolicy, Supervisor
+
+    if not args.api_keys_file and args.host not in LOOPBACK and not args.allow_open:
+        return _fail(f"refusing to serve on {args.host} without API keys: pass --api-keys-file "
+                     "(llamaship keys create), or --allow-open to serve anyone who can reach it")
+    if not 0 <= args.max_restarts <= 1000 or not 0 < args.restart_window_s <= 86400:
+        return _fail("--max-restarts must be 0..1000 and --restart-window-s in (0, 86400]")
+
+    cfg = StackConfig(
+        store=Path(args.store).resolve(), log_dir=Path(args.log_dir).resolve(), redis_url=args.redis_url,
+        host=args.host, gateway_port=args.gateway_port, compiler_port=args.compiler_port,
+        serving_ports=[args.serving_port + i if args.serving_port else 0 for i in range(args.replicas)],
+        slots=args.slots, metrics=True, echo_logs=args.verbose,
+        env={k: str(Path(v).resolve()) for k, v in (("LLAMASHIP_API_KEYS_FILE", args.api_keys_file),
+                                                      ("LLAMASHIP_TLS_CERT_FILE", args.tls_cert_file),
+                                                      ("LLAMASHIP_TLS_KEY_FILE", args.tls_key_file)) if v},
+    )
+    stack = Stack(cfg)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    print("llamaship: starting the stack…", flush=True)
+    try:
+        stack.start()
+    except RuntimeError as exc:
+        return _fail(str(exc))
+    _print_stack(stack, args)
+    supervisor = Supervisor(stack, RestartPolicy(max_restarts=args.max_restarts, window_s=args.restart_window_s),
+                            say=lambda line: print(f"llamaship: {line}", file=sys.stderr, flush=True))
+    return_code = 0
+    try:
+        while not stop.wait(0.25):
+            supervisor.tick()
+            hopeless = supervisor.nothing_useful_left()
+            if hopeless:
+                print(f"llamaship: {hopeless}; stopping the stack", file=sys.stderr, flush=True)
+                return_code = 1
+                break
+    finally:
+        print("llamaship: stopping…", flush=True)
+        stack.stop()
+    print("llamaship: stopped", flush=True)
+    return return_code
+
+
+def _print_stack(stack, args: argparse.Namespace) -> None:
+    cfg = stack.cfg
+    redis = stack.procs.get("redis")
+    print(f"  redis     {stack.redis_url}" + (f" (embedded)   pid {redis.popen.pid}" if redis else ""))
+    for name, proc in stack.procs.items():
+        if name != "redis":
+            metrics = stack.metrics_ports.get(name)
+            print(f"  {name:<13} grpc {proc.address}   metrics http://{cfg.host}:{metrics}/metrics   "
+                  f"pid {proc.popen.pid}   log {proc.log_path}")
+    print(f"  store     {cfg.store}")
+    auth = f"API keys from {args.api_keys_file}" if args.api_keys_file else \
+        f"no API keys: open to anyone who can reach {args.host}" + (" (loopback only)" if args.host in LOOPBACK else "")
+    print(f"gateway ready at {stack.gateway_address} ({auth}{', TLS' if args.tls_cert_file else ''}). "
+          f"Crashed services are restarted; Ctrl-C stops.", flush=True)
+
+
