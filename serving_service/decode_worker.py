@@ -20,6 +20,7 @@ import asyncio
 import json
 import logging
 import multiprocessing as mp
+import os
 import threading
 from collections import Counter
 from dataclasses import dataclass, field
@@ -34,6 +35,14 @@ log = logging.getLogger("llamaship.serving.decode")
 _CTX = mp.get_context("spawn")
 
 
+def usable_cores() -> int:
+    """CPU cores this process may run on (its affinity mask, so a container's limit counts)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
 def _load_model(build_dir: str, provider: str | None, threads: int):
     import onnxruntime_genai as og
 
@@ -41,8 +50,8 @@ def _load_model(build_dir: str, provider: str | None, threads: int):
     config.clear_providers()
     if provider:
         config.append_provider(provider)
-    if threads:
-        config.overlay(json.dumps({"model": {"decoder": {"session_options": {"intra_op_num_threads": threads}}}}))
+    config.overlay(json.dumps({"model": {"decoder": {"session_options": {
+        "intra_op_num_threads": threads or usable_cores()}}}}))
     model = og.Model(config)
     params = og.GeneratorParams(model)
     params.set_search_options(max_length=4, do_sample=False)

@@ -21,7 +21,7 @@ from shared.request_protocol import cost_tokens
 from shared.generation import FINISH_EOS, FINISH_LENGTH, FINISH_STOP, Chunk, GenRequest, validate
 from shared.pools import POOLS
 from shared.store import BuildStore, Manifest
-from serving_service.decode_worker import DecodeWorker
+from serving_service.decode_worker import DecodeWorker, usable_cores
 from serving_service.text import IncrementalDetokenizer, PromptTokenizer, StopMatcher
 
 log = logging.getLogger("llamaship.serving.engine")
@@ -140,8 +140,8 @@ class Engine:
                 current.retired = True
                 current.close_if_idle()
             log.info(
-                "serving %s = build %s (%s, loaded and warmed in %.2fs)%s",
-                name, build_id, loaded.manifest.recipe, loaded.load_seconds,
+                "serving %s = build %s (%s, %d intra-op threads, loaded and warmed in %.2fs)%s",
+                name, build_id, loaded.manifest.recipe, self.threads or usable_cores(), loaded.load_seconds,
                 f", replacing {current.build_id}" if current else "",
             )
             return loaded

@@ -105,7 +105,7 @@ _DECLARED = [
     Setting("pool", str, "cpu", "Hardware pool this replica serves: cpu or cuda.", check=_pool),
     Setting("slots", int, 4, "Requests a replica runs at once; it takes work from the queue only when a slot is free.", check=_positive),
     Setting("kv_budget_mb", int, 0, "KV-cache memory a replica may commit to running requests; it takes a request only when the request's worst-case KV need fits. 0 = a quarter of the machine's memory.", check=_non_negative),
-    Setting("threads", int, 0, "Intra-op threads per ONNX Runtime session; 0 lets ONNX Runtime choose.", check=_non_negative),
+    Setting("threads", int, 0, "Intra-op threads per ONNX Runtime session; 0 = one per CPU core this process may run on (ONNX Runtime's own default can be a single thread).", check=_non_negative),
     Setting("stream_interval_ms", float, 0.0, "Least time between two chunks of one stream; tokens decoded meanwhile share a chunk (the first token is never held). 0 sends each as soon as it exists.", check=_non_negative),
     Setting("replica_id", str, "", "Stable name of this replica (default: pool-host-pid)."),
     Setting("heartbeat_s", float, 2.0, "Seconds between a replica's heartbeats; replica_stale_s must be at least twice this.", check=_positive),

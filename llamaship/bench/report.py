@@ -171,7 +171,8 @@ def markdown(report: dict, chart_prefix: str = "") -> str:
     lines = [
         f"# Llamaship bench — {meta['date']} on {meta['host']}",
         "",
-        f"{meta['platform']}, {meta['cpu_count']} cores, {meta['threads']} threads for every contender, "
+        f"{meta['platform']}, {meta['cpu_count']} cores, {meta['threads']} threads for PyTorch and direct ORT "
+        "(the stack runs as `llamaship up` starts it: one thread per core), "
         f"device {meta['device']}{', quick run' if meta['quick'] else ''}. "
         f"Memory read bandwidth: **{report['bandwidth_gbs']:.1f} GB/s** (best of "
         f"{', '.join(f'{b:.1f}' for b in report.get('bandwidth_samples_gbs', [report['bandwidth_gbs']]))} "

@@ -1,4 +1,4 @@
-"""`llamaship bench`: every contender on the same machine, same threads, in one run."""
+"""`llamaship bench`: every contender on the same machine in one run; the stack as a user starts it."""
 
 from __future__ import annotations
 
@@ -75,7 +75,8 @@ def run_bench(plan: Plan, out_dir: Path, cache: Path, threads: int) -> dict:
 
     # A fresh store each run, so that compile times are real builds, not re-publications.
     store_dir = Path(tempfile.mkdtemp(prefix="store-", dir=cache))
-    cfg = StackConfig(store=store_dir, log_dir=out_dir / "logs", env={"LLAMASHIP_THREADS": str(threads)}, slots=16,
+    # the stack runs as a user starts it: its own thread default (one per core), no tuning flags
+    cfg = StackConfig(store=store_dir, log_dir=out_dir / "logs", slots=16,
                       pool=plan.device)
     with Stack(cfg) as stack:
         client = GatewayClient(stack.gateway_address)
