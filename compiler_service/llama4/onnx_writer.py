@@ -1,0 +1,81 @@
+"""Builds an ONNX graph whose initializers go straight to the external data file as they are
+added, so the model's weights are never all in memory at once."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+ALIGN = 4096
+MS = "com.microsoft"
+_ONNX_TYPES = {np.dtype(np.float32): TensorProto.FLOAT, np.dtype(np.int64): TensorProto.INT64,
+               np.dtype(np.int32): TensorProto.INT32, np.dtype(np.uint8): TensorProto.UINT8,
+               np.dtype(np.float16): TensorProto.FLOAT16}
+
+
+class GraphWriter:
+    def __init__(self, out_dir: Path, model_name: str = "model.onnx"):
+        self.model_path = out_dir / model_name
+        self.data_name = model_name + ".data"
+        self._data = open(out_dir / self.data_name, "wb")
+        self.nodes: list[onnx.NodeProto] = []
+        self.initializers: list[TensorProto] = []
+        self.ops: set[str] = set()
+        self._names: set[str] = set()
+        self._consts: dict[tuple, str] = {}
+
+    def close(self) -> None:
+        if not self._data.closed:
+            self._data.close()
+
+    def weight(self, name: str, array: np.ndarray) -> str:
+        """Append `array` to the external data file; the graph keeps only its location."""
+        array = np.ascontiguousarray(array)
+        offset = self._data.tell()
+        pad = (-offset) % ALIGN
+        if pad:
+            self._data.write(b"\0" * pad)
+            offset += pad
+        self._data.write(array.tobytes())
+        t = TensorProto(name=name, data_type=_ONNX_TYPES[array.dtype], dims=list(array.shape))
+        t.data_location = TensorProto.EXTERNAL
+        for key, value in (("location", self.data_name), ("offset", str(offset)), ("length", str(array.nbytes))):
+            t.external_data.add(key=key, value=value)
+        self.initializers.append(t)
+        return name
+
+    def const(self, value, dtype=np.int64) -> str:
+        """A small inline constant, shared by value."""
+        array = np.asarray(value, dtype=dtype)
+        key = (array.dtype.str, array.shape, array.tobytes())
+        if key not in self._consts:
+            name = f"const/{array.dtype.name}/{len(self._consts)}"
+            self.initializers.append(numpy_helper.from_array(array, name))
+            self._consts[key] = name
+        return self._consts[key]
+
+    def node(self, op: str, inputs: list[str], name: str, outputs: int | list[str] = 1, domain: str = "",
+             **attrs) -> list[str]:
+        """Add a node; `outputs` is a count (named after the node) or the output names."""
+        if name in self._names:
+            raise ValueError(f"duplicate node name {name}")
+        self._names.add(name)
+        outs = outputs if isinstance(outputs, list) else [f"{name}/output_{i}" for i in range(outputs)]
+        self.nodes.append(helper.make_node(op, inputs, outs, name=name, domain=domain, **attrs))
+        self.ops.add(f"{domain + '.' if domain else ''}{op}")
+        return outs
+
+    def op(self, op: str, inputs: list[str], name: str, domain: str = "", **attrs) -> str:
+        return self.node(op, inputs, name, 1, domain, **attrs)[0]
+
+    def save(self, inputs: list[onnx.ValueInfoProto], outputs: list[onnx.ValueInfoProto]) -> None:
+        self.close()
+        graph = helper.make_graph(self.nodes, "llama4_text", inputs, outputs, self.initializers)
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid(MS, 1)],
+                                  producer_name="llamaship-llama4")
+        model.ir_version = 10
+        with open(self.model_path, "wb") as f:
+            f.write(model.SerializeToString())

@@ -1,0 +1,100 @@
+"""Reads safetensors checkpoints one tensor at a time (numpy only, nothing else held), and
+checks each tensor's shape against what the config implies."""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from compiler_service.checkpoint import CheckpointError, open_regular
+
+MAX_HEADER_BYTES = 16 << 20
+_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16, "F64": np.float64}
+
+
+@dataclass(frozen=True)
+class _Entry:
+    file: Path
+    dtype: str
+    shape: tuple[int, ...]
+    start: int
+    end: int
+
+
+def _read_header(path: Path) -> tuple[dict, int]:
+    with open_regular(path) as f:
+        size = os.fstat(f.fileno()).st_size
+        head = f.read(8)
+        if len(head) < 8:
+            raise CheckpointError(f"corrupt safetensors file {path.name}: shorter than its 8-byte header length")
+        (n,) = struct.unpack("<Q", head)
+        if n <= 0 or n > MAX_HEADER_BYTES or 8 + n > size:
+            raise CheckpointError(f"corrupt safetensors file {path.name}: header length {n} does not fit")
+        try:
+            header = json.loads(f.read(n))
+        except ValueError:
+            raise CheckpointError(f"corrupt safetensors file {path.name}: header is not JSON") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"corrupt safetensors file {path.name}: header is not a JSON object")
+    return header, 8 + n
+
+
+class Weights:
+    """Index of every tensor in a checkpoint directory's *.safetensors files."""
+
+    def __init__(self, directory: Path, prefix: str = ""):
+        self.prefix = prefix
+        self._entries: dict[str, _Entry] = {}
+        files = sorted(directory.glob("*.safetensors"))
+        if not files:
+            raise CheckpointError("no *.safetensors weight files in the checkpoint")
+        for path in files:
+            header, base = _read_header(path)
+            size = path.stat().st_size
+            for name, info in header.items():
+                if name == "__metadata__":
+                    continue
+                try:
+                    start, end = (int(v) for v in info["data_offsets"])
+                    entry = _Entry(path, str(info["dtype"]), tuple(int(d) for d in info["shape"]), base + start, base + end)
+                except (KeyError, TypeError, ValueError):
+                    raise CheckpointError(f"corrupt safetensors file {path.name}: bad entry for {name[:80]}") from None
+                if entry.dtype not in _DTYPES:
+                    raise CheckpointError(f"tensor {name[:80]}: dtype {entry.dtype[:10]} is not supported")
+                count = int(np.prod(entry.shape, dtype=np.int64))
+                if entry.end > size or entry.end - entry.start != count * np.dtype(_DTYPES[entry.dtype]).itemsize:
+                    raise CheckpointError(f"corrupt safetensors file {path.name}: {name[:80]} does not fit its bytes")
+                self._entries[name] = entry
+
+    def has(self, name: str) -> bool:
+        return self.prefix + name in self._entries
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self._entry(name).shape
+
+    def _entry(self, name: str) -> _Entry:
+        entry = self._entries.get(self.prefix + name)
+        if entry is None:
+            raise CheckpointError(f"missing tensor {self.prefix + name}")
+        return entry
+
+    def read(self, name: str, shape: tuple[int, ...]) -> np.ndarray:
+        """The tensor as float32, after checking its shape is `shape`."""
+        entry = self._entry(name)
+        if entry.shape != tuple(shape):
+            raise CheckpointError(f"tensor {self.prefix + name} has shape {list(entry.shape)}, expected {list(shape)}")
+        raw_dtype = _DTYPES[entry.dtype]
+        count = (entry.end - entry.start) // np.dtype(raw_dtype).itemsize
+        with open_regular(entry.file) as f:
+            f.seek(entry.start)
+            data = np.fromfile(f, dtype=np.dtype(raw_dtype).newbyteorder("<"), count=count)
+        if len(data) != count:
+            raise CheckpointError(f"tensor {self.prefix + name}: file {entry.file.name} ends early")
+        if entry.dtype == "BF16":
+            data = (data.astype(np.uint32) << 16).view(np.float32)
+        return data.astype(np.float32, copy=False).reshape(shape)

@@ -1,0 +1,90 @@
+"""Helpers for the Llama 4 graph tests: tiny random checkpoints made with transformers, and
+logit parity of a build (onnxruntime directly) against transformers, prefill then decode."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+               "high_freq_factor": 4.0, "original_max_position_embeddings": 16}
+
+
+def tiny_config(**overrides) -> dict:
+    base = dict(vocab_size=2048, hidden_size=64, intermediate_size=32, intermediate_size_mlp=96, num_hidden_layers=4,
+                num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_local_experts=4, num_experts_per_tok=1,
+                interleave_moe_layer_step=1, attention_chunk_size=8, floor_scale=4, attn_scale=0.5,
+                max_position_embeddings=256, rope_parameters=dict(LLAMA3_ROPE), bos_token_id=1, eos_token_id=[2, 3],
+                pad_token_id=0)
+    base.update(overrides)
+    return base
+
+
+def make_checkpoint(out: Path, demo_model: Path, seed: int = 0, **overrides):
+    import torch
+    from transformers import Llama4ForCausalLM, Llama4TextConfig
+
+    torch.manual_seed(seed)
+    model = Llama4ForCausalLM(Llama4TextConfig(**tiny_config(**overrides))).eval()
+    with torch.no_grad():  # random init is tiny (std 0.02); widen it so every feature moves the logits
+        for name, param in model.named_parameters():
+            if "norm" not in name:
+                param.normal_(0.0, 0.15 if "embed" not in name else 1.0)
+    model.save_pretrained(out)
+    for name in TOKENIZER_FILES:
+        shutil.copyfile(demo_model / name, out / name)
+    return model
+
+
+def reference_steps(model, prompt: list[int], decode_steps: int) -> tuple[list[np.ndarray], list[int]]:
+    """transformers' logits for the prompt's last token and each greedy decode step, and the tokens."""
+    import torch
+
+    with torch.no_grad():
+        out = model(input_ids=torch.tensor([prompt]), use_cache=True)
+        cache, logits = out.cache, [out.logits[0, -1].numpy()]
+        prefill = out.logits[0].numpy()
+        tokens = []
+        for _ in range(decode_steps):
+            tokens.append(int(logits[-1].argmax()))
+            out = model(input_ids=torch.tensor([[tokens[-1]]]), cache=cache, use_cache=True)
+            cache = out.cache
+            logits.append(out.logits[0, -1].numpy())
+    return [prefill] + logits[1:], tokens
+
+
+def onnx_steps(build: Path, prompts: list[list[int]], tokens: list[list[int]], layers: int,
+               kv_heads: int, head_dim: int) -> list[list[np.ndarray]]:
+    """The build's logits per prompt: the whole prefill (right-padded batch), then one row per
+    decode step fed with `tokens` (present → past, mask grows by one)."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = 1
+    session = ort.InferenceSession(str(build / "model.onnx"), so, providers=["CPUExecutionProvider"])
+    batch, width = len(prompts), max(len(p) for p in prompts)
+    ids = np.zeros((batch, width), dtype=np.int64)
+    mask = np.zeros((batch, width), dtype=np.int64)
+    for b, p in enumerate(prompts):
+        ids[b, : len(p)], mask[b, : len(p)] = p, 1
+    past = {f"past_key_values.{i}.{kind}": np.zeros((batch, kv_heads, 0, head_dim), np.float32)
+            for i in range(layers) for kind in ("key", "value")}
+    results: list[list[np.ndarray]] = [[] for _ in prompts]
+    names = [o.name for o in session.get_outputs()]
+    for step in range(len(tokens[0]) + 1):
+        outs = dict(zip(names, session.run(None, {"input_ids": ids, "attention_mask": mask, **past})))
+        for b, p in enumerate(prompts):
+            results[b].append(outs["logits"][b, : len(p)] if step == 0 else outs["logits"][b, -1])
+        if step == len(tokens[0]):
+            break
+        past = {n.replace("present", "past_key_values"): v for n, v in outs.items() if n.startswith("present")}
+        ids = np.array([[t[step]] for t in tokens], dtype=np.int64)
+        mask = np.concatenate([mask, np.ones((batch, 1), np.int64)], axis=1)
+    return results
+
+
+def max_diff(a: list[np.ndarray], b: list[np.ndarray]) -> float:
+    return max(float(np.abs(x - y).max()) for x, y in zip(a, b, strict=True))
