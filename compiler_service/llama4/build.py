@@ -13,6 +13,7 @@ from compiler_service.checkpoint import CheckpointError, read_config
 from compiler_service.llama4 import config as l4config
 from compiler_service.llama4.genai_config import genai_config
 from compiler_service.llama4.graph import emit, save
+from compiler_service.llama4.layout import expected_tensors
 from compiler_service.llama4.onnx_writer import GraphWriter
 from compiler_service.llama4.weights import Weights
 
@@ -35,6 +36,7 @@ def build_llama4(checkpoint: Path, out_dir: Path, *, precision: str, pool: str, 
         raise CheckpointError(f"config.json: architectures {str(archs)[:80]} is not a Llama 4 model")
     spec = l4config.parse(config)
     weights = Weights(checkpoint, spec.weight_prefix)
+    weights.check(expected_tensors(spec))
     out_dir.mkdir(parents=True, exist_ok=True)
 
     def on_layer(layer: int) -> None:

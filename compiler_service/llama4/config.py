@@ -115,6 +115,9 @@ def parse(config: dict) -> Llama4TextSpec:
         raise CheckpointError(f"config.json: hidden_act {str(cfg.get('hidden_act'))[:40]} is not supported (only silu)")
     if cfg.get("attention_bias"):
         raise CheckpointError("config.json: attention_bias=true is not supported")
+    kv_heads = _int(cfg, "num_key_value_heads", heads)
+    if heads % kv_heads:
+        raise CheckpointError(f"config.json: num_attention_heads {heads} is not a multiple of num_key_value_heads {kv_heads}")
     if head_dim % 2:
         raise CheckpointError(f"config.json: head_dim {head_dim} must be even for rotary embeddings")
 
@@ -140,6 +143,8 @@ def parse(config: dict) -> Llama4TextSpec:
     if any(chunked) and chunk is None:
         raise CheckpointError("config.json: layer_types names chunked_attention but attention_chunk_size is null")
 
+    if _float(cfg, "floor_scale", 8192) <= 0:
+        raise CheckpointError("config.json: floor_scale must be positive")
     experts = _int(cfg, "num_local_experts", 16)
     top_k = _int(cfg, "num_experts_per_tok", 1)
     if top_k > experts:
@@ -148,7 +153,7 @@ def parse(config: dict) -> Llama4TextSpec:
     return Llama4TextSpec(
         vocab_size=_int(cfg, "vocab_size"), hidden_size=hidden, intermediate_size=intermediate,
         intermediate_size_mlp=_int(cfg, "intermediate_size_mlp", 16384), num_layers=n, num_heads=heads,
-        num_kv_heads=_int(cfg, "num_key_value_heads", heads), head_dim=head_dim,
+        num_kv_heads=kv_heads, head_dim=head_dim,
         rms_norm_eps=_float(cfg, "rms_norm_eps", 1e-5), num_experts=experts, top_k=top_k,
         moe_layers=tuple(sorted(set(moe))), rope_layers=rope_layers, chunked_layers=chunked,
         attention_chunk_size=chunk, use_qk_norm=bool(cfg.get("use_qk_norm", True)),

@@ -24,18 +24,23 @@ def swiglu_mlp(g: GraphWriter, w: Weights, spec: Llama4TextSpec, src: str, p: st
                 f"{p}/down_proj")
 
 
+def fc1_rows(gate_up: np.ndarray) -> np.ndarray:
+    """One expert's [H, 2I] (gate | up, used as x @ W) → [2I, H] rows gate0, up0, gate1, up1...
+    (MoE's swiglu_fusion=1 layout)."""
+    i = gate_up.shape[1] // 2
+    rows = np.empty((2 * i, gate_up.shape[0]), dtype=np.float32)
+    rows[0::2], rows[1::2] = gate_up[:, :i].T, gate_up[:, i:].T
+    return rows
+
+
 def _expert_weights(g: GraphWriter, w: Weights, spec: Llama4TextSpec, src: str) -> tuple[str, str]:
     e, h, i = spec.num_experts, spec.hidden_size, spec.intermediate_size
-    gate_up = w.read(f"{src}.experts.gate_up_proj", (e, h, 2 * i))
-    # MoE wants [E, 2I, H] with gate and up rows interleaved (swiglu_fusion=1)
-    fc1 = np.empty((e, 2 * i, h), dtype=np.float32)
-    fc1[:, 0::2, :] = gate_up[:, :, :i].transpose(0, 2, 1)
-    fc1[:, 1::2, :] = gate_up[:, :, i:].transpose(0, 2, 1)
-    del gate_up
-    fc1_name = g.weight(f"{src}.experts.fc1", fc1)
-    del fc1
-    fc2 = w.read(f"{src}.experts.down_proj", (e, i, h)).transpose(0, 2, 1)
-    return fc1_name, g.weight(f"{src}.experts.fc2", fc2)
+    gate_up, down = f"{src}.experts.gate_up_proj", f"{src}.experts.down_proj"
+    fc1 = g.weight_parts(f"{src}.experts.fc1", np.float32, (e, 2 * i, h),
+                         (fc1_rows(w.read_slice(gate_up, (e, h, 2 * i), x)) for x in range(e)))
+    fc2 = g.weight_parts(f"{src}.experts.fc2", np.float32, (e, h, i),
+                         (w.read_slice(down, (e, i, h), x).T for x in range(e)))
+    return fc1, fc2
 
 
 def moe(g: GraphWriter, w: Weights, spec: Llama4TextSpec, layer: int, x: str, features: dict[str, str]) -> str:

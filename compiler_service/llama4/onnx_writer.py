@@ -4,6 +4,7 @@ added, so the model's weights are never all in memory at once."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import onnx
@@ -33,16 +34,24 @@ class GraphWriter:
 
     def weight(self, name: str, array: np.ndarray) -> str:
         """Append `array` to the external data file; the graph keeps only its location."""
-        array = np.ascontiguousarray(array)
+        return self.weight_parts(name, array.dtype, array.shape, iter([array]))
+
+    def weight_parts(self, name: str, dtype, shape: tuple[int, ...], parts: Iterator[np.ndarray]) -> str:
+        """A weight written from consecutive slices along its first axis, one in memory at a time."""
+        dtype = np.dtype(dtype)
         offset = self._data.tell()
         pad = (-offset) % ALIGN
         if pad:
             self._data.write(b"\0" * pad)
             offset += pad
-        self._data.write(array.tobytes())
-        t = TensorProto(name=name, data_type=_ONNX_TYPES[array.dtype], dims=list(array.shape))
+        for part in parts:
+            self._data.write(np.ascontiguousarray(part, dtype=dtype).tobytes())
+        length = self._data.tell() - offset
+        if length != int(np.prod(shape, dtype=np.int64)) * dtype.itemsize:
+            raise ValueError(f"weight {name}: wrote {length} bytes for shape {list(shape)}")
+        t = TensorProto(name=name, data_type=_ONNX_TYPES[dtype], dims=list(shape))
         t.data_location = TensorProto.EXTERNAL
-        for key, value in (("location", self.data_name), ("offset", str(offset)), ("length", str(array.nbytes))):
+        for key, value in (("location", self.data_name), ("offset", str(offset)), ("length", str(length))):
             t.external_data.add(key=key, value=value)
         self.initializers.append(t)
         return name

@@ -83,18 +83,35 @@ class Weights:
             raise CheckpointError(f"missing tensor {self.prefix + name}")
         return entry
 
-    def read(self, name: str, shape: tuple[int, ...]) -> np.ndarray:
-        """The tensor as float32, after checking its shape is `shape`."""
+    def check(self, expected: dict[str, tuple[int, ...]]) -> None:
+        """Every expected tensor is present with its shape (headers only, nothing read)."""
+        for name, shape in expected.items():
+            self._checked(name, shape)
+
+    def _checked(self, name: str, shape: tuple[int, ...]) -> _Entry:
         entry = self._entry(name)
         if entry.shape != tuple(shape):
             raise CheckpointError(f"tensor {self.prefix + name} has shape {list(entry.shape)}, expected {list(shape)}")
-        raw_dtype = _DTYPES[entry.dtype]
-        count = (entry.end - entry.start) // np.dtype(raw_dtype).itemsize
+        return entry
+
+    def read(self, name: str, shape: tuple[int, ...]) -> np.ndarray:
+        """The tensor as float32, after checking its shape is `shape`."""
+        entry = self._checked(name, shape)
+        return self._load(entry, name, 0, int(np.prod(shape, dtype=np.int64))).reshape(shape)
+
+    def read_slice(self, name: str, shape: tuple[int, ...], index: int) -> np.ndarray:
+        """`tensor[index]` as float32 (e.g. one expert), reading only its bytes."""
+        entry = self._checked(name, shape)
+        inner = int(np.prod(shape[1:], dtype=np.int64))
+        return self._load(entry, name, index * inner, inner).reshape(shape[1:])
+
+    def _load(self, entry: _Entry, name: str, first: int, count: int) -> np.ndarray:
+        raw_dtype = np.dtype(_DTYPES[entry.dtype]).newbyteorder("<")
         with open_regular(entry.file) as f:
-            f.seek(entry.start)
-            data = np.fromfile(f, dtype=np.dtype(raw_dtype).newbyteorder("<"), count=count)
+            f.seek(entry.start + first * raw_dtype.itemsize)
+            data = np.fromfile(f, dtype=raw_dtype, count=count)
         if len(data) != count:
             raise CheckpointError(f"tensor {self.prefix + name}: file {entry.file.name} ends early")
         if entry.dtype == "BF16":
             data = (data.astype(np.uint32) << 16).view(np.float32)
-        return data.astype(np.float32, copy=False).reshape(shape)
+        return data.astype(np.float32, copy=False)
