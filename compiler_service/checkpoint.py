@@ -15,11 +15,8 @@ from typing import Callable
 from shared.errors import shown
 from shared.store import sha256_file
 
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM",)
-ROADMAP_ARCHITECTURES = {
-    "Llama4ForCausalLM": "Llama 4 (mixture-of-experts) text models are on the roadmap, not supported yet",
-    "Llama4ForConditionalGeneration": "Llama 4 (mixture-of-experts) models are on the roadmap, not supported yet",
-}
+LLAMA4_ARCHITECTURES = ("Llama4ForCausalLM", "Llama4ForConditionalGeneration")
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", *LLAMA4_ARCHITECTURES)
 TOKENIZER_FILES = ("tokenizer.json",)
 MAX_CONFIG_BYTES = 1 << 20  # config.json
 MAX_HEADER_BYTES = 16 << 20  # a safetensors JSON header (a 405B model's shard needs well under 1 MiB)
@@ -35,15 +32,29 @@ class Checkpoint:
     architecture: str
     config: dict
     weight_files: tuple[Path, ...]
-    parameters: int
+    parameters: int  # of the model that is compiled (a Llama 4 checkpoint's text tower)
+    text_config: dict | None = None  # the compiled text model's config (Llama 4: text_config, if nested)
+
+    @property
+    def is_llama4(self) -> bool:
+        return self.architecture in LLAMA4_ARCHITECTURES
+
+    @property
+    def text(self) -> dict:
+        return self.config if self.text_config is None else self.text_config
 
     @property
     def num_layers(self) -> int:
-        return int(self.config.get("num_hidden_layers", 0))
+        return int(self.text.get("num_hidden_layers", 0))
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.text.get("vocab_size", 32000))
 
     @property
     def max_position_embeddings(self) -> int:
-        return int(self.config.get("max_position_embeddings", 0))
+        """As config.json states it; the build's context is what the request asks for within it."""
+        return int(self.text.get("max_position_embeddings", 0))
 
 
 def open_regular(path: Path):
@@ -131,8 +142,6 @@ def inspect(path: str | Path, allow_pickle: bool = False, label: str = "") -> Ch
     config = read_config(cfg_path)
     archs = config.get("architectures") or []
     arch = archs[0] if isinstance(archs, list) and archs else ""
-    if arch in ROADMAP_ARCHITECTURES:
-        raise CheckpointError(f"architecture {arch} cannot be compiled: {ROADMAP_ARCHITECTURES[arch]}")
     if arch not in SUPPORTED_ARCHITECTURES:
         raise CheckpointError(
             f"architecture {shown(arch) if arch else '(none in config.json)'} is not supported; "
@@ -148,21 +157,33 @@ def inspect(path: str | Path, allow_pickle: bool = False, label: str = "") -> Ch
     missing = [f for f in TOKENIZER_FILES if not (p / f).is_file()]
     if missing:
         raise CheckpointError(f"{label} has no {', '.join(missing)} (the serving replicas tokenize with it)")
+    if arch in LLAMA4_ARCHITECTURES and not weights:
+        raise CheckpointError(f"{label} has no *.safetensors weights (Llama 4 builds read safetensors only)")
     if not weights:  # pickles, allowed: their shapes cannot be read without unpickling
         return Checkpoint(p.resolve(), arch, config, pickles, 0)
     params = 0
     shapes: dict[str, list[int]] = {}
+    dtypes: dict[str, str] = {}
     for w in weights:
         for name, info in _safetensors_header(w).items():
             if name != "__metadata__":
                 try:
                     shapes[name] = [int(d) for d in info.get("shape", [])]
+                    dtypes[name] = str(info.get("dtype", ""))
                 except (AttributeError, TypeError, ValueError):
                     raise CheckpointError(f"corrupt safetensors file {w.name}: tensor {shown(name)} has a bad shape") from None
                 n = 1
                 for d in shapes[name]:
                     n *= d
                 params += n
+    if arch in LLAMA4_ARCHITECTURES:
+        from compiler_service import llama4_checkpoint  # it imports this module
+
+        try:
+            l4 = llama4_checkpoint.inspect(config, shapes, dtypes)
+        except CheckpointError as exc:
+            raise CheckpointError(f"{arch} checkpoint {label}: {exc}") from None
+        return Checkpoint(p.resolve(), arch, config, weights, l4.parameters, l4.text_config)
     check_config_matches_weights(config, shapes)
     return Checkpoint(p.resolve(), arch, config, weights, params)
 

@@ -26,7 +26,7 @@ from shared.service import package_versions
 from shared.store import BuildStore, Manifest
 from shared.tenancy import Caller
 from compiler_service import checkpoint as ckpt
-from compiler_service import auto_precision, profiling, quality, recipes, request_checks, sources
+from compiler_service import auto_precision, llama4_runner, profiling, quality, recipes, request_checks, sources
 from compiler_service.uploads import UploadStore
 from compiler_service.builder_runner import BuildCancelled, run_builder
 from compiler_service.jobs import JobRequest
@@ -52,7 +52,8 @@ def tool_versions() -> dict[str, str]:
     return package_versions(("llamaship", "onnxruntime-genai", "onnxruntime", "onnx", "transformers", "torch"))
 
 
-def build_id_for(source_sha: str, req: JobRequest, versions: dict[str, str]) -> str:
+def build_id_for(source_sha: str, req: JobRequest, versions: dict[str, str], builder: str = "") -> str:
+    """`builder`: the builder that makes it, if not the GenAI model builder (Llama 4's own)."""
     auto = {}
     if req.recipe == "auto":  # its choice depends on the drift budget and the calibration prompts
         gate = req.quality
@@ -66,7 +67,7 @@ def build_id_for(source_sha: str, req: JobRequest, versions: dict[str, str]) -> 
             "pool": req.target_pool,
             "max_seq": req.max_sequence_length,
             "max_batch": req.max_batch,
-            "builder": versions.get("onnxruntime-genai", ""),
+            "builder": builder or versions.get("onnxruntime-genai", ""),
             "format": BUILD_FORMAT,
         },
         sort_keys=True,
@@ -132,6 +133,8 @@ class CompilePipeline:
             else:
                 path = await asyncio.to_thread(sources.resolve, req, caller, self.uploads, self.hub_cache, self.roots)
             source = await asyncio.to_thread(ckpt.inspect, path, req.allow_pickle, where)
+            if source.is_llama4:
+                recipes.check_llama4(recipe, req.target_pool, llama4_runner.supported_precisions())
             if req.upload_id and not req.quality.get("eval_prompts"):
                 prompts = await asyncio.to_thread(sources.upload_prompts, path)
                 if prompts:
@@ -140,10 +143,11 @@ class CompilePipeline:
                     req.quality = {**req.quality, "eval_prompts": prompts, "prompt_source": "upload"}
             if req.quality.get("sampled_prompts_of"):
                 await self._use_sampled_prompts(req)
-        except (ckpt.CheckpointError, sources.SourceError, quality.GateInputError) as exc:
+        except (ckpt.CheckpointError, sources.SourceError, quality.GateInputError, recipes.RecipeError) as exc:
             raise CompileError(str(exc)) from None
         except LlamashipError as exc:  # an incomplete or unknown upload, a name of another tenant
             raise CompileError(exc.message) from None
+        # Llama 4 configs state 10M positions (Scout): the build's context is what the request asks
         context_length = min(req.max_sequence_length, source.max_position_embeddings or req.max_sequence_length)
 
         await progress("hash", 0.0, "hashing checkpoint")
@@ -157,11 +161,12 @@ class CompilePipeline:
         except ckpt.CheckpointError as exc:
             raise CompileError(str(exc)) from None
         versions = tool_versions()
-        build_id = build_id_for(source_sha, req, versions)
+        builder = llama4_runner.builder_version() if source.is_llama4 else ""
+        build_id = build_id_for(source_sha, req, versions, builder)
 
         if await asyncio.to_thread(self.store.exists, build_id):
             manifest = await asyncio.to_thread(self.store.manifest, build_id)
-            report = await self._gate(req, source.path, self.store.path(build_id), manifest.quality, progress)
+            report = await self._gate(req, source, self.store.path(build_id), manifest.quality, progress)
             if report.to_dict() != manifest.quality:
                 manifest.quality = report.to_dict()
                 await asyncio.to_thread(self.store.update_manifest, manifest)
@@ -176,21 +181,36 @@ class CompilePipeline:
         try:
             if recipe.name == "auto":
                 recipe, auto_details = await self._choose_auto(req, source, job_dir, progress, should_cancel)
-            await progress("build", 0.0, f"running the GenAI model builder ({recipe.name})")
             t0 = time.perf_counter()
-            await run_builder(
-                source.path, staging, job_dir / "cache",
-                recipes.builder_args(recipe, req.target_pool, source.num_layers),
-                source.num_layers, job_dir / "builder.log",
-                lambda f, msg: progress("build", f, msg), should_cancel,
-            )
+            if source.is_llama4:
+                await progress("build", 0.0, f"running the Llama 4 graph builder ({recipe.name})")
+                llama4_report = await llama4_runner.run_llama4_build(
+                    source.path, staging, precision=recipe.name, pool=req.target_pool,
+                    context_length=context_length, on_progress=lambda f, msg: progress("build", f, msg),
+                    should_cancel=should_cancel, stop=stop)
+                builder_details: dict = {"builder": builder, "builder_precision": recipe.name,
+                                         "llama4": llama4_report}
+            else:
+                await progress("build", 0.0, f"running the GenAI model builder ({recipe.name})")
+                await run_builder(
+                    source.path, staging, job_dir / "cache",
+                    recipes.builder_args(recipe, req.target_pool, source.num_layers),
+                    source.num_layers, job_dir / "builder.log",
+                    lambda f, msg: progress("build", f, msg), should_cancel,
+                )
+                builder_details = {"builder_precision": recipe.precision,
+                                   "builder_args": recipes.builder_args(recipe, req.target_pool, source.num_layers)}
             build_seconds = time.perf_counter() - t0
 
             await progress("configure", 0.0, f"context length {context_length}, max batch {req.max_batch}")
             await asyncio.to_thread(configure, staging, context_length)
 
             await progress("verify", 0.0, "checking graph shapes and fused kernels; smoke test")
-            graph = await asyncio.to_thread(inspect_graph, staging, recipe)
+            if source.is_llama4:
+                graph = await asyncio.to_thread(inspect_graph, staging, recipe, source.num_layers,
+                                                tuple(llama4_report["moe_layers"]))
+            else:
+                graph = await asyncio.to_thread(inspect_graph, staging, recipe)
             profile: dict = {}
             if req.target_pool == "cpu":
                 await progress("profile", 0.0, "offline graph optimization: does it load faster?")
@@ -200,12 +220,12 @@ class CompilePipeline:
             if req.target_pool == "cpu":
                 await progress("profile", 0.5, "ONNX Runtime profile: 1 prefill + 16 decode steps")
                 profile["summary"] = await asyncio.to_thread(
-                    profiling.profile_build, staging, job_dir, graph["ops"], int(source.config.get("vocab_size", 32000)))
+                    profiling.profile_build, staging, job_dir, graph["ops"], source.vocab_size)
                 for warning in profile["summary"]["warnings"]:
                     log.warning("build %s: %s", build_id, warning)
             else:
                 profile["skipped"] = f"{req.target_pool} builds are profiled where they run, not on the compiler"
-            report = await self._gate(req, source.path, staging, {}, progress)
+            report = await self._gate(req, source, staging, {}, progress)
 
             if await should_cancel():
                 raise BuildCancelled("cancelled before publishing")
@@ -218,8 +238,7 @@ class CompilePipeline:
                 recipe=recipe.name,
                 recipe_details={
                     "description": recipe.description,
-                    "builder_precision": recipe.precision,
-                    "builder_args": recipes.builder_args(recipe, req.target_pool, source.num_layers),
+                    **builder_details,
                     "build_seconds": round(build_seconds, 3),
                     "graph": graph,
                     **({"auto": auto_details} if auto_details else {}),
@@ -324,11 +343,12 @@ class CompilePipeline:
         }
         return dataclasses.replace(base, assignment=tuple(choice.assignment.items())), details
 
-    async def _gate(self, req: JobRequest, checkpoint: Path, build_dir: Path, previous: dict,
+    async def _gate(self, req: JobRequest, source: ckpt.Checkpoint, build_dir: Path, previous: dict,
                     progress: Progress) -> quality.QualityReport:
         """Run the quality gate, or re-judge an earlier report made on the same prompts."""
+        checkpoint = source.path
         options = req.quality
-        thresholds = quality.thresholds_for(req.recipe, options)
+        thresholds = quality.thresholds_for(req.recipe, options, routed=source.is_llama4)
         prompts, source = quality.eval_prompts(options.get("eval_prompts", []))
         source = options.get("prompt_source", source)
         old = quality.QualityReport.from_dict(previous) if previous.get("metrics") else None

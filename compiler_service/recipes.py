@@ -127,3 +127,17 @@ def builder_args(recipe: Recipe, pool: str, num_layers: int) -> list[str]:
         args = ["-p", recipe.precision, "-e", POOLS[pool].execution_provider]
     args += ["--extra_options", *[f"{k}={v}" for k, v in sorted(extra.items())]]
     return args
+
+
+def llama4_offered(precisions: tuple[str, ...]) -> dict[str, tuple[str, ...]]:
+    """Per pool, the recipes Llama 4 checkpoints may use: those the Llama 4 graph builder makes
+    (its precisions are recipe names) and the pool offers."""
+    return {pool: tuple(r for r in p.recipes if r in precisions) for pool, p in POOLS.items()}
+
+
+def check_llama4(recipe: Recipe, pool: str, precisions: tuple[str, ...]) -> None:
+    offered = llama4_offered(precisions)
+    if recipe.name not in offered.get(pool, ()):
+        supported = "; ".join(f"{', '.join(names)} on {p}" for p, names in offered.items() if names) or "none"
+        raise RecipeError(f"recipe {recipe.name} on pool {pool} is not supported for Llama 4 checkpoints yet; "
+                          f"supported: {supported}")

@@ -22,8 +22,10 @@ def configure(build_dir: Path, context_length: int) -> None:
     cfg_path.write_text(json.dumps(cfg, indent=4))
 
 
-def inspect_graph(build_dir: Path, recipe: recipes.Recipe) -> dict:
-    """Check the graph has symbolic batch/sequence dims and the fused kernels; summarize it."""
+def inspect_graph(build_dir: Path, recipe: recipes.Recipe, layers: int = 0, moe_layers: tuple[int, ...] = ()) -> dict:
+    """Check the graph has symbolic batch/sequence dims and the fused kernels; summarize it. With
+    `layers` (Llama 4 builds), every layer must attend through GroupQueryAttention and each of
+    `moe_layers` must route through an MoE/QMoE kernel or composed expert nodes."""
     import onnx
 
     model = onnx.load(str(build_dir / "model.onnx"), load_external_data=False)
@@ -34,6 +36,7 @@ def inspect_graph(build_dir: Path, recipe: recipes.Recipe) -> dict:
     ops = Counter(n.op_type for n in model.graph.node)
     if not ops.get("GroupQueryAttention"):
         raise CompileError("built graph has no fused GroupQueryAttention kernel")
+    _check_layers(model.graph.node, layers, moe_layers)
     bits = {n.name: next((a.i for a in n.attribute if a.name == "bits"), 0)
             for n in model.graph.node if n.op_type == "MatMulNBits"}
     float_matmuls = sorted(n.name for n in model.graph.node if n.op_type == "MatMul")
@@ -55,6 +58,24 @@ def inspect_graph(build_dir: Path, recipe: recipes.Recipe) -> dict:
         "quantized_matmuls": {name: bits[name] for name in quantized},
         "float_matmuls": float_matmuls,
     }
+
+
+def _check_layers(nodes, layers: int, moe_layers: tuple[int, ...]) -> None:
+    per_layer: dict[int, set[str]] = {}
+    for n in nodes:
+        if n.name.startswith("/model/layers."):
+            index = n.name[len("/model/layers."):].split("/", 1)[0]
+            if index.isdigit():
+                kinds = per_layer.setdefault(int(index), set())
+                kinds.add(n.op_type)
+                if "/experts" in n.name:
+                    kinds.add("experts")
+    for layer in range(layers):
+        kinds = per_layer.get(layer, set())
+        if "GroupQueryAttention" not in kinds:
+            raise CompileError(f"built graph: layer {layer} has no GroupQueryAttention kernel")
+        if layer in moe_layers and not kinds & {"MoE", "QMoE", "experts"}:
+            raise CompileError(f"built graph: MoE layer {layer} has no MoE kernel or expert nodes")
 
 
 def smoke_test(build_dir: Path, context_length: int, max_batch: int) -> None:

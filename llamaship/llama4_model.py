@@ -1,0 +1,178 @@
+"""Tiny random Llama 4 checkpoints for tests and the bench.
+
+`make_llama4` writes a Llama4ForCausalLM (or a Llama4ForConditionalGeneration with a tiny vision
+tower) with random weights as safetensors, with the demo model's tokenizer, an untied lm_head and
+several EOS ids. The config can carry the quirks of published Llama 4 configs
+(`attn_temperature_tuning: 4`, `max_position_embeddings: 10485760`, an empty `no_rope_layers`),
+which transformers' strict config validation rejects: load such a checkpoint with
+`load_llama4_text` below, never with a bare `from_pretrained`. Deterministic: the same arguments
+give the same bytes.
+
+Imports torch and transformers: only the compiler side, tests and bench use this module.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from llamaship.demo_model import DEFAULT_DIR as DEMO_DIR
+
+STAMP = ".llamaship-make-llama4.json"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+PUBLISHED_MAX_POSITIONS = 10_485_760  # Llama 4 Scout's config.json
+# Scout's rotary: llama3 scaling with these factors (high == low, which transformers warns about)
+LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 16.0, "low_freq_factor": 1.0,
+               "high_freq_factor": 1.0, "original_max_position_embeddings": 8192}
+
+
+@dataclass(frozen=True)
+class Llama4Spec:
+    hidden_size: int = 64
+    num_hidden_layers: int = 4
+    num_attention_heads: int = 4
+    num_key_value_heads: int = 2
+    head_dim: int = 16
+    intermediate_size: int = 64  # experts and shared expert
+    intermediate_size_mlp: int = 128  # dense layers
+    num_experts: int = 4
+    top_k: int = 1
+    moe_layers: tuple[int, ...] | None = None
+    interleave_moe_layer_step: int = 1
+    no_rope_layers: tuple[int, ...] | None = None  # None: transformers' default (every 4th layer NoPE)
+    use_qk_norm: bool = True
+    attention_chunk_size: int | None = 8192
+    floor_scale: int = 8192
+    attn_scale: float = 0.1
+    attn_temperature_tuning: bool | int = 4  # 4: as published configs write it
+    max_position_embeddings: int = PUBLISHED_MAX_POSITIONS
+    rope: tuple[tuple[str, float | str | int], ...] = tuple(sorted(LLAMA3_ROPE.items()))
+    rms_norm_eps: float = 1e-5
+    init_std: float = 0.05
+    conditional: bool = False
+    dtype: str = "float32"  # or "bfloat16"
+    max_shard_size: str = "5GB"
+    seed: int = 0
+    version: int = 1
+    extra: tuple[tuple[str, str], ...] = field(default=())  # config.json keys added as they are (quirks)
+
+    def digest(self) -> str:
+        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def demo_tokenizer_dir() -> Path:
+    from llamaship.demo_model import make_model
+
+    return make_model(DEMO_DIR)
+
+
+def _special_ids(tokenizer_dir: Path) -> tuple[int, int, int, int]:
+    """vocab size, bos, eos, pad of the demo tokenizer."""
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(tokenizer_dir / "tokenizer.json"))
+    ids = [tok.token_to_id(t) for t in ("<s>", "</s>", "<pad>")]
+    if None in ids:
+        raise ValueError("the demo tokenizer lacks <s>, </s> or <pad>")
+    return tok.get_vocab_size(), ids[0], ids[1], ids[2]
+
+
+def text_config_dict(spec: Llama4Spec, vocab: int, bos: int, eos: list[int], pad: int) -> dict:
+    cfg = {
+        "vocab_size": vocab, "hidden_size": spec.hidden_size, "num_hidden_layers": spec.num_hidden_layers,
+        "num_attention_heads": spec.num_attention_heads, "num_key_value_heads": spec.num_key_value_heads,
+        "head_dim": spec.head_dim, "intermediate_size": spec.intermediate_size,
+        "intermediate_size_mlp": spec.intermediate_size_mlp, "num_local_experts": spec.num_experts,
+        "num_experts_per_tok": spec.top_k, "interleave_moe_layer_step": spec.interleave_moe_layer_step,
+        "use_qk_norm": spec.use_qk_norm, "attention_chunk_size": spec.attention_chunk_size,
+        "floor_scale": spec.floor_scale, "attn_scale": spec.attn_scale,
+        "attn_temperature_tuning": bool(spec.attn_temperature_tuning),
+        "max_position_embeddings": spec.max_position_embeddings, "rope_parameters": dict(spec.rope),
+        "rms_norm_eps": spec.rms_norm_eps, "initializer_range": spec.init_std, "bos_token_id": bos,
+        "eos_token_id": eos, "pad_token_id": pad, "tie_word_embeddings": False,
+    }
+    if spec.moe_layers is not None:
+        cfg["moe_layers"] = list(spec.moe_layers)
+    if spec.no_rope_layers is not None:
+        cfg["no_rope_layers"] = list(spec.no_rope_layers)
+    return cfg
+
+
+def _vision_config(text_hidden: int) -> dict:
+    return {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 64,
+            "image_size": 28, "patch_size": 14, "vision_output_dim": 32, "projector_input_dim": 32,
+            "projector_output_dim": 32, "pixel_shuffle_ratio": 0.5, "rope_parameters": {"rope_theta": 10000.0}}
+
+
+def _quirk(config: dict, spec: Llama4Spec) -> dict:
+    """Write the text config the way published checkpoints do (what transformers would not save)."""
+    config["attn_temperature_tuning"] = spec.attn_temperature_tuning
+    config.update(dict(spec.extra))
+    return config
+
+
+def make_llama4(out_dir: str | Path, spec: Llama4Spec | None = None, *, force: bool = False, **fields) -> Path:
+    """Write (or reuse, if made with the same spec) a random Llama 4 checkpoint in `out_dir`.
+    Keyword fields override `spec` (e.g. moe_layers=(1, 3), conditional=True)."""
+    import dataclasses
+
+    spec = dataclasses.replace(spec or Llama4Spec(), **{k: tuple(v) if isinstance(v, list) else v
+                                                       for k, v in fields.items()})
+    out = Path(out_dir)
+    stamp = out / STAMP
+    if not force and stamp.is_file():
+        try:
+            if json.loads(stamp.read_text()).get("digest") == spec.digest():
+                return out
+        except (OSError, ValueError):
+            pass
+
+    import torch
+    from transformers import Llama4Config, Llama4ForCausalLM, Llama4ForConditionalGeneration, Llama4TextConfig
+
+    tok_dir = demo_tokenizer_dir()
+    vocab, bos, eos, pad = _special_ids(tok_dir)
+    eos_ids = [eos, pad]  # several EOS ids, as Llama 4's (<|end_of_text|>, <|eot|>, ...)
+    text = Llama4TextConfig(**text_config_dict(spec, vocab, bos, eos_ids, pad))
+    torch.manual_seed(spec.seed)
+    if spec.conditional:
+        config = Llama4Config(text_config=text, vision_config=_vision_config(spec.hidden_size),
+                              boi_token_index=vocab - 3, eoi_token_index=vocab - 2, image_token_index=vocab - 1,
+                              tie_word_embeddings=False)
+        model = Llama4ForConditionalGeneration(config)
+    else:
+        model = Llama4ForCausalLM(text)
+    for param in model.parameters():  # not model.to(): the vision tower's rotary buffer is complex
+        param.data = param.data.to(getattr(torch, spec.dtype))
+    model.eval()
+
+    tmp = out.with_name(out.name + f".tmp-{int(time.time() * 1000)}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    model.save_pretrained(tmp, safe_serialization=True, max_shard_size=spec.max_shard_size)
+    cfg_path = tmp / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    if spec.conditional:
+        _quirk(cfg["text_config"], spec)
+    else:
+        _quirk(cfg, spec)
+    cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True))
+    for name in TOKENIZER_FILES:
+        shutil.copyfile(tok_dir / name, tmp / name)
+    (tmp / STAMP).write_text(json.dumps({"digest": spec.digest(), "spec": asdict(spec)}, indent=2, default=str))
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+    return out
+
+
+def load_llama4_text(checkpoint: str | Path, dtype: str = "float32"):
+    """transformers' Llama4ForCausalLM for the text tower of a Llama 4 checkpoint (either
+    architecture; published-config quirks coerced); the vision tower is never read."""
+    from compiler_service.torch_reference import load_llama4_text as load
+
+    return load(Path(checkpoint), dtype)
