@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 
 from compiler_service.llama4.config import Llama4TextSpec
+from compiler_service.llama4.linear import Linears
 from compiler_service.llama4.onnx_writer import MS, GraphWriter
 from compiler_service.llama4.positions import SharedInputs
 from compiler_service.llama4.weights import Weights
@@ -18,15 +19,16 @@ def _qk_norm(g: GraphWriter, x: str, name: str, spec: Llama4TextSpec) -> str:
     return g.op("Reshape", [normed, g.const([0, 0, -1])], f"{name}/flat")
 
 
-def attention(g: GraphWriter, w: Weights, spec: Llama4TextSpec, layer: int, x: str, shared: SharedInputs,
+def attention(lin: Linears, w: Weights, spec: Llama4TextSpec, layer: int, x: str, shared: SharedInputs,
               caches: tuple[str, str] | None, features: dict[str, str]) -> str:
+    g = lin.g
     p = f"/model/layers.{layer}/attn"
     src = f"model.layers.{layer}.self_attn"
     h, d = spec.hidden_size, spec.head_dim
     q_rows, kv_rows = spec.num_heads * d, spec.num_kv_heads * d
     qkv_weight = np.concatenate([w.read(f"{src}.q_proj.weight", (q_rows, h)), w.read(f"{src}.k_proj.weight", (kv_rows, h)),
-                                 w.read(f"{src}.v_proj.weight", (kv_rows, h))], axis=0).T
-    qkv = g.op("MatMul", [x, g.weight(f"{src}.qkv_proj.weight", qkv_weight)], f"{p}/qkv_proj")
+                                 w.read(f"{src}.v_proj.weight", (kv_rows, h))], axis=0)
+    qkv = lin.matmul("attn", f"{src}.qkv_proj.weight", qkv_weight, x, f"{p}/qkv_proj")
     del qkv_weight
 
     rope = spec.rope_layers[layer]
@@ -55,5 +57,4 @@ def attention(g: GraphWriter, w: Weights, spec: Llama4TextSpec, layer: int, x: s
                  [f"{p}/GroupQueryAttention/output_0", f"present.{layer}.key", f"present.{layer}.value"], MS,
                  num_heads=spec.num_heads, kv_num_heads=spec.num_kv_heads, scale=spec.scale, local_window_size=-1,
                  do_rotary=int(rope), rotary_interleaved=1)[0]
-    o_weight = w.read(f"{src}.o_proj.weight", (h, q_rows)).T
-    return g.op("MatMul", [out, g.weight(f"{src}.o_proj.weight", o_weight)], f"{p}/o_proj")
+    return lin.matmul("attn", f"{src}.o_proj.weight", w.read(f"{src}.o_proj.weight", (h, q_rows)), out, f"{p}/o_proj")

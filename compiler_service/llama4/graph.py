@@ -11,6 +11,7 @@ from onnx import TensorProto, helper
 from compiler_service.llama4.attention import attention
 from compiler_service.llama4.config import Llama4TextSpec
 from compiler_service.llama4.ffn import moe, swiglu_mlp
+from compiler_service.llama4.linear import Linears
 from compiler_service.llama4.onnx_writer import MS, GraphWriter
 from compiler_service.llama4.positions import shared_inputs
 from compiler_service.llama4.rope import cos_sin_caches
@@ -37,10 +38,10 @@ def _skip_norm(g: GraphWriter, residual: str, x: str, weight: str, name: str, ep
                   [f"{name}/output_0", "", "", f"{name}/output_3"], MS, epsilon=eps)
 
 
-def emit(g: GraphWriter, w: Weights, spec: Llama4TextSpec, context_length: int,
+def emit(lin: Linears, w: Weights, spec: Llama4TextSpec, context_length: int,
          on_layer: Callable[[int], None]) -> dict[str, str]:
     """Write every node and weight; returns {feature: how the graph implements it}."""
-    features: dict[str, str] = {}
+    g, features = lin.g, {}
     h, eps = spec.hidden_size, spec.rms_norm_eps
     needs_tuning = spec.temperature_tuning and not all(spec.rope_layers)
     shared = shared_inputs(g, chunk=spec.attention_chunk_size if any(spec.chunked_layers) else None,
@@ -64,21 +65,20 @@ def emit(g: GraphWriter, w: Weights, spec: Llama4TextSpec, context_length: int,
                      epsilon=eps, axis=-1, stash_type=1)
         else:
             x, _, _, residual = _skip_norm(g, residual, ffn_out, norm_w, f"{p}/input_layernorm", eps)
-        attn = attention(g, w, spec, layer, x, shared, caches, features)
+        attn = attention(lin, w, spec, layer, x, shared, caches, features)
         post_w = g.weight(f"{src}.post_attention_layernorm.weight", w.read(f"{src}.post_attention_layernorm.weight", (h,)))
         x, _, _, residual = _skip_norm(g, residual, attn, post_w, f"{p}/post_attention_layernorm", eps)
         if layer in spec.moe_layers:
-            ffn_out = moe(g, w, spec, layer, x, features)
+            ffn_out = moe(lin, w, spec, layer, x, features)
         else:
-            ffn_out = swiglu_mlp(g, w, spec, f"{src}.feed_forward", f"{p}/mlp", x, spec.intermediate_size_mlp)
+            ffn_out = swiglu_mlp(lin, "mlp", w, spec, f"{src}.feed_forward", f"{p}/mlp", x, spec.intermediate_size_mlp)
         on_layer(layer)
 
     final_w = g.weight("model.norm.weight", w.read("model.norm.weight", (h,)))
     x = _skip_norm(g, residual, ffn_out, final_w, "/model/norm", eps)[0]
-    head = w.read("lm_head.weight", (spec.vocab_size, h)).T
-    g.node("MatMul", [x, g.weight("lm_head.weight", head)], "/lm_head", ["logits"])
+    lin.matmul("lm_head", "lm_head.weight", w.read("lm_head.weight", (spec.vocab_size, h)), x, "/lm_head", ["logits"])
     features["residual_norms"] = "SkipSimplifiedLayerNormalization"
-    features["lm_head"] = "untied MatMul"
+    features.update({f"weights.{group}": how for group, how in lin.used.items()})
     return features
 
 

@@ -1,0 +1,87 @@
+"""Weight-carrying nodes at the precision each group asks for: MatMul (float32) or MatMulNBits
+for projections, MoE or QMoE for the routed experts."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+
+from compiler_service.llama4.onnx_writer import MS, GraphWriter
+from compiler_service.llama4.quant import BLOCK, quantize
+
+GROUPS = ("attn", "mlp", "shared_expert", "experts", "lm_head")
+ACCURACY_LEVEL = 0  # float32 activations: a 4-bit build computes exactly with its dequantized weights
+
+
+@dataclass(frozen=True)
+class Precision:
+    name: str
+    bits: dict[str, int | None]  # group → 4, 8 or None (float32)
+    description: str
+
+
+def _all(bits: int | None) -> dict[str, int | None]:
+    return {group: bits for group in GROUPS}
+
+
+PRECISIONS = {p.name: p for p in (
+    Precision("fp32", _all(None), "every weight float32"),
+    Precision("int8", _all(8), "projections MatMulNBits 8-bit, experts QMoE 8-bit (block 32, symmetric RTN)"),
+    Precision("int4", _all(4), "projections MatMulNBits 4-bit, experts QMoE 4-bit (block 32, symmetric RTN)"),
+    Precision("hybrid-int4", {**_all(None), "experts": 4}, "experts QMoE 4-bit; attention, dense MLP, shared "
+              "expert and lm_head float32"),
+)}
+
+
+class Linears:
+    def __init__(self, g: GraphWriter, precision: Precision):
+        self.g, self.precision = g, precision
+        self.used: dict[str, str] = {}
+
+    def _bits(self, group: str, *dims: int) -> int | None:
+        bits = self.precision.bits[group]
+        return bits if bits and all(d % BLOCK == 0 for d in dims) else None
+
+    def matmul(self, group: str, name: str, weight: np.ndarray, x: str, node: str,
+               outputs: list[str] | None = None) -> str:
+        """x @ weight.T for a [N, K] (nn.Linear layout) weight."""
+        n, k = weight.shape
+        bits = self._bits(group, k)
+        out = outputs or 1
+        if bits is None:
+            self.used.setdefault(group, "MatMul float32")
+            return self.g.node("MatMul", [x, self.g.weight(name, weight.T)], node, out)[0]
+        packed, scales = quantize(weight, bits)
+        self.used.setdefault(group, f"MatMulNBits {bits}-bit block {BLOCK}")
+        inputs = [x, self.g.weight(f"{name}.q{bits}", packed), self.g.weight(f"{name}.scales", scales)]
+        return self.g.node("MatMulNBits", inputs, node, out, MS, K=k, N=n, bits=bits, block_size=BLOCK,
+                           accuracy_level=ACCURACY_LEVEL)[0]
+
+    def experts(self, name: str, shape: tuple[int, int, int], fc1_rows: Callable[[int], np.ndarray],
+                fc2_rows: Callable[[int], np.ndarray]) -> tuple[str, list[str], dict]:
+        """(op, weight inputs after router_probs, attributes) for E experts of hidden H and width I;
+        fc1_rows(e) is [2I, H] (gate/up interleaved), fc2_rows(e) is [H, I]; one expert in memory at a time."""
+        e, h, i = shape
+        bits = self._bits("experts", h, i)
+        if bits is None:
+            self.used.setdefault("experts", "MoE float32")
+            fc1 = self.g.weight_parts(f"{name}.fc1", np.float32, (e, 2 * i, h), (fc1_rows(x) for x in range(e)))
+            fc2 = self.g.weight_parts(f"{name}.fc2", np.float32, (e, h, i), (fc2_rows(x) for x in range(e)))
+            return "MoE", [fc1, "", fc2], {}
+        self.used.setdefault("experts", f"QMoE {bits}-bit block {BLOCK}")
+        inputs = []
+        for label, rows, n, k in (("fc1", fc1_rows, 2 * i, h), ("fc2", fc2_rows, h, i)):
+            scales: list[np.ndarray] = []
+
+            def packed_parts(rows=rows, scales=scales):
+                for x in range(e):
+                    packed, s = quantize(rows(x), bits)
+                    scales.append(s)
+                    yield packed.reshape(packed.shape[0], -1)
+
+            weights = self.g.weight_parts(f"{name}.{label}.q{bits}", np.uint8, (e, n, k * bits // 8), packed_parts())
+            inputs += [weights, self.g.weight(f"{name}.{label}.scales", np.stack(scales)), ""]
+        return "QMoE", inputs[:-1], dict(expert_weight_bits=bits, block_size=BLOCK, quant_type="int",
+                                         weights_prepacked=0, accuracy_level=ACCURACY_LEVEL)

@@ -1,0 +1,69 @@
+"""Quantized Llama 4 builds (MatMulNBits projections, QMoE experts) against transformers run
+with the same round-to-nearest weights: the graph's packing and layouts are exact."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from compiler_service.llama4.build import build_llama4
+from compiler_service.llama4.linear import PRECISIONS
+from compiler_service.llama4.quant import fake_quantize
+from tests.llama4_parity import make_checkpoint, max_diff, onnx_steps, reference_steps
+
+
+def _fake_quantize_model(model, bits: dict[str, int | None]) -> None:
+    """Replace each weight the build quantizes by its dequantized value, in place."""
+    import torch
+
+    def fq(t: torch.Tensor, b: int | None) -> None:  # t: [N, K] as the build quantizes it
+        if b:
+            t.copy_(torch.from_numpy(fake_quantize(t.detach().numpy().copy(), b)))
+
+    with torch.no_grad():
+        for layer in model.model.layers:
+            attn = layer.self_attn
+            for proj in (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj):
+                fq(proj.weight, bits["attn"])
+            ff = layer.feed_forward
+            mlp, group = (ff.shared_expert, "shared_expert") if layer.is_moe_layer else (ff, "mlp")
+            for proj in (mlp.gate_proj, mlp.up_proj, mlp.down_proj):
+                fq(proj.weight, bits[group])
+            if layer.is_moe_layer and bits["experts"]:
+                for e in range(ff.experts.gate_up_proj.shape[0]):
+                    fq(ff.experts.gate_up_proj[e].T, bits["experts"])
+                    fq(ff.experts.down_proj[e].T, bits["experts"])
+        fq(model.lm_head.weight, bits["lm_head"])
+
+
+@pytest.mark.parametrize("precision,tolerance,ops", [
+    pytest.param("int4", 1e-3, {"com.microsoft.MatMulNBits", "com.microsoft.QMoE"}, id="int4"),
+    # 8-bit QMoE on CPU always quantizes its activations to int8 (no float kernel)
+    pytest.param("int8", 5e-2, {"com.microsoft.MatMulNBits", "com.microsoft.QMoE"}, id="int8"),
+    pytest.param("hybrid-int4", 1e-3, {"com.microsoft.QMoE", "MatMul"}, id="hybrid-int4"),
+])
+@pytest.mark.parametrize("top_k", [1, 2])
+def test_quantized_build_matches_its_dequantized_weights(tmp_path, demo_model, precision, tolerance, ops, top_k):
+    ckpt, build = tmp_path / "ckpt", tmp_path / "build"
+    model = make_checkpoint(ckpt, demo_model, seed=5, interleave_moe_layer_step=2, num_experts_per_tok=top_k)
+    summary = build_llama4(ckpt, build, precision=precision, pool="cpu", context_length=64)
+    assert ops <= set(summary["ops"])
+    assert "com.microsoft.MoE" not in summary["ops"]
+    _fake_quantize_model(model, PRECISIONS[precision].bits)
+    rng = np.random.default_rng(5)
+    prompts = [[1] + [int(t) for t in rng.integers(4, 2048, n - 1)] for n in (40, 17)]
+    refs = [reference_steps(model, p, 3) for p in prompts]
+    cfg = model.config
+    got = onnx_steps(build, prompts, [r[1] for r in refs], cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim)
+    diffs = [max_diff(ref[0], row) for ref, row in zip(refs, got)]
+    assert max(diffs) < tolerance, diffs
+    fp32_bytes = sum(f.stat().st_size for f in ckpt.glob("*.safetensors"))
+    assert (build / "model.onnx.data").stat().st_size < fp32_bytes
+
+
+def test_unquantizable_widths_stay_float(tmp_path, demo_model):
+    """K not a multiple of the block (32): that projection stays MatMul, the rest is quantized."""
+    ckpt = tmp_path / "ckpt"
+    make_checkpoint(ckpt, demo_model, intermediate_size_mlp=72, interleave_moe_layer_step=2)
+    summary = build_llama4(ckpt, tmp_path / "build", precision="int4", pool="cpu", context_length=64)
+    assert "MatMul" in summary["ops"] and "com.microsoft.MatMulNBits" in summary["ops"]
