@@ -54,7 +54,8 @@ def emit(lin: Linears, w: Weights, spec: Llama4TextSpec, context_length: int,
     if not all(spec.rope_layers):
         features["nope"] = "GroupQueryAttention do_rotary=0"
 
-    embed = g.weight("model.embed_tokens.weight", w.read("model.embed_tokens.weight", (spec.vocab_size, h)))
+    vocab = (spec.vocab_size, h)
+    embed = g.weight_parts("model.embed_tokens.weight", np.float32, vocab, w.row_blocks("model.embed_tokens.weight", vocab))
     residual = g.op("Gather", [embed, "input_ids"], "/model/embed_tokens")
     ffn_out = None
     for layer in range(spec.num_layers):
@@ -76,7 +77,8 @@ def emit(lin: Linears, w: Weights, spec: Llama4TextSpec, context_length: int,
 
     final_w = g.weight("model.norm.weight", w.read("model.norm.weight", (h,)))
     x = _skip_norm(g, residual, ffn_out, final_w, "/model/norm", eps)[0]
-    lin.matmul("lm_head", "lm_head.weight", w.read("lm_head.weight", (spec.vocab_size, h)), x, "/lm_head", ["logits"])
+    lin.matmul_rows("lm_head", "lm_head.weight", vocab, lambda: w.row_blocks("lm_head.weight", vocab), x, "/lm_head",
+                    ["logits"])
     features["residual_norms"] = "SkipSimplifiedLayerNormalization"
     features.update({f"weights.{group}": how for group, how in lin.used.items()})
     return features

@@ -4,7 +4,7 @@ for projections, MoE or QMoE for the routed experts."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 
@@ -56,6 +56,30 @@ class Linears:
         packed, scales = quantize(weight, bits)
         self.used.setdefault(group, f"MatMulNBits {bits}-bit block {BLOCK}")
         inputs = [x, self.g.weight(f"{name}.q{bits}", packed), self.g.weight(f"{name}.scales", scales)]
+        return self.g.node("MatMulNBits", inputs, node, out, MS, K=k, N=n, bits=bits, block_size=BLOCK,
+                           accuracy_level=ACCURACY_LEVEL)[0]
+
+    def matmul_rows(self, group: str, name: str, shape: tuple[int, int], blocks: Callable[[], Iterator[np.ndarray]],
+                    x: str, node: str, outputs: list[str] | None = None) -> str:
+        """x @ W.T for a large [N, K] weight given as consecutive row blocks, never whole in memory."""
+        n, k = shape
+        bits = self._bits(group, k)
+        out = outputs or 1
+        if bits is None:
+            self.used.setdefault(group, "FusedMatMul float32 (transB)")
+            weight = self.g.weight_parts(name, np.float32, shape, blocks())
+            return self.g.node("FusedMatMul", [x, weight], node, out, MS, transB=1)[0]
+        self.used.setdefault(group, f"MatMulNBits {bits}-bit block {BLOCK}")
+        scales: list[np.ndarray] = []
+
+        def packed_parts():
+            for rows in blocks():
+                packed, s = quantize(rows, bits)
+                scales.append(s)
+                yield packed
+
+        packed = self.g.weight_parts(f"{name}.q{bits}", np.uint8, (n, k // BLOCK, BLOCK * bits // 8), packed_parts())
+        inputs = [x, packed, self.g.weight(f"{name}.scales", np.concatenate(scales))]
         return self.g.node("MatMulNBits", inputs, node, out, MS, K=k, N=n, bits=bits, block_size=BLOCK,
                            accuracy_level=ACCURACY_LEVEL)[0]
 

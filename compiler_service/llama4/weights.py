@@ -14,6 +14,7 @@ import numpy as np
 from compiler_service.checkpoint import CheckpointError, open_regular
 
 MAX_HEADER_BYTES = 16 << 20
+ROW_BLOCK_BYTES = 64 << 20  # how much of a large tensor (embeddings, lm_head) is read at once
 _DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16, "F64": np.float64}
 
 
@@ -101,9 +102,20 @@ class Weights:
 
     def read_slice(self, name: str, shape: tuple[int, ...], index: int) -> np.ndarray:
         """`tensor[index]` as float32 (e.g. one expert), reading only its bytes."""
+        return self.read_rows(name, shape, index, index + 1)[0]
+
+    def read_rows(self, name: str, shape: tuple[int, ...], start: int, stop: int) -> np.ndarray:
+        """`tensor[start:stop]` as float32, reading only its bytes."""
         entry = self._checked(name, shape)
         inner = int(np.prod(shape[1:], dtype=np.int64))
-        return self._load(entry, name, index * inner, inner).reshape(shape[1:])
+        stop = min(stop, shape[0])
+        return self._load(entry, name, start * inner, (stop - start) * inner).reshape((stop - start, *shape[1:]))
+
+    def row_blocks(self, name: str, shape: tuple[int, ...]):
+        """tensor[a:b] for consecutive blocks of about ROW_BLOCK_BYTES (as float32)."""
+        step = max(1, ROW_BLOCK_BYTES // (4 * int(np.prod(shape[1:], dtype=np.int64))))
+        for start in range(0, shape[0], step):
+            yield self.read_rows(name, shape, start, start + step)
 
     def _load(self, entry: _Entry, name: str, first: int, count: int) -> np.ndarray:
         raw_dtype = np.dtype(_DTYPES[entry.dtype]).newbyteorder("<")
