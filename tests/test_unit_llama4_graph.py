@@ -43,6 +43,8 @@ def _parity(tmp_path: Path, demo_model: Path, lengths: tuple[int, ...] = (SEQ,),
     pytest.param({"use_qk_norm": False}, id="no-qk-norm"),
     pytest.param({"num_experts_per_tok": 2}, id="top-2"),
     pytest.param({"attention_chunk_size": None}, id="no-chunking"),
+    pytest.param({"attn_temperature_tuning": False}, id="no-temperature-tuning"),
+    pytest.param({"num_key_value_heads": 4, "num_attention_heads": 4}, id="mha"),
     pytest.param({"rope_parameters": {"rope_type": "default", "rope_theta": 10000.0}}, id="default-rope"),
 ])
 def test_parity(tmp_path, demo_model, overrides):
@@ -50,8 +52,10 @@ def test_parity(tmp_path, demo_model, overrides):
     assert max(diffs) < TOLERANCE, diffs
 
 
-def test_batch_of_different_lengths_decodes_together(tmp_path, demo_model):
-    diffs = _parity(tmp_path, demo_model, lengths=(SEQ, 13, 27, 8), interleave_moe_layer_step=2)
+@pytest.mark.parametrize("top_k", [1, 2])
+def test_batch_of_different_lengths_decodes_together(tmp_path, demo_model, top_k):
+    diffs = _parity(tmp_path, demo_model, lengths=(SEQ, 13, 27, 8), interleave_moe_layer_step=2,
+                    num_experts_per_tok=top_k)
     assert max(diffs) < TOLERANCE, diffs
 
 
