@@ -88,3 +88,29 @@ def onnx_steps(build: Path, prompts: list[list[int]], tokens: list[list[int]], l
 
 def max_diff(a: list[np.ndarray], b: list[np.ndarray]) -> float:
     return max(float(np.abs(x - y).max()) for x, y in zip(a, b, strict=True))
+
+
+def fake_quantize_model(model, bits: dict[str, int | None]) -> None:
+    """Replace each weight the build quantizes by its dequantized value, in place."""
+    import torch
+
+    from compiler_service.llama4.quant import fake_quantize
+
+    def fq(t: torch.Tensor, b: int | None) -> None:  # t: [N, K] as the build quantizes it
+        if b:
+            t.copy_(torch.from_numpy(fake_quantize(t.detach().numpy().copy(), b)))
+
+    with torch.no_grad():
+        for layer in model.model.layers:
+            attn = layer.self_attn
+            for proj in (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj):
+                fq(proj.weight, bits["attn"])
+            ff = layer.feed_forward
+            mlp, group = (ff.shared_expert, "shared_expert") if layer.is_moe_layer else (ff, "mlp")
+            for proj in (mlp.gate_proj, mlp.up_proj, mlp.down_proj):
+                fq(proj.weight, bits[group])
+            if layer.is_moe_layer and bits["experts"]:
+                for e in range(ff.experts.gate_up_proj.shape[0]):
+                    fq(ff.experts.gate_up_proj[e].T, bits["experts"])
+                    fq(ff.experts.down_proj[e].T, bits["experts"])
+        fq(model.lm_head.weight, bits["lm_head"])

@@ -6,9 +6,11 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 
 from compiler_service.llama4.build import build_llama4
-from tests.llama4_parity import make_checkpoint
+from compiler_service.llama4.linear import PRECISIONS
+from tests.llama4_parity import fake_quantize_model, make_checkpoint
 
 NEW_TOKENS = 12
 
@@ -22,12 +24,14 @@ def _greedy_reference(model, prompt: list[int]) -> list[int]:
     return [int(t) for t in out[0, len(prompt):]]
 
 
-def test_genai_greedy_matches_transformers(tmp_path, demo_model):
+@pytest.mark.parametrize("precision", ["fp32", "int4"])
+def test_genai_greedy_matches_transformers(tmp_path, demo_model, precision):
     import onnxruntime_genai as og
 
     ckpt, build = tmp_path / "ckpt", tmp_path / "build"
     model = make_checkpoint(ckpt, demo_model, seed=3, interleave_moe_layer_step=2)
-    build_llama4(ckpt, build, precision="fp32", pool="cpu", context_length=96)
+    build_llama4(ckpt, build, precision=precision, pool="cpu", context_length=96)
+    fake_quantize_model(model, PRECISIONS[precision].bits)  # the reference runs the build's rounded weights
     config = json.loads((build / "genai_config.json").read_text())
     assert config["model"]["type"] == "llama" and config["model"]["eos_token_id"] == [2, 3]
     rng = np.random.default_rng(3)

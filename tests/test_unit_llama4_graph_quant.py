@@ -8,32 +8,7 @@ import pytest
 
 from compiler_service.llama4.build import build_llama4
 from compiler_service.llama4.linear import PRECISIONS
-from compiler_service.llama4.quant import fake_quantize
-from tests.llama4_parity import make_checkpoint, max_diff, onnx_steps, reference_steps
-
-
-def _fake_quantize_model(model, bits: dict[str, int | None]) -> None:
-    """Replace each weight the build quantizes by its dequantized value, in place."""
-    import torch
-
-    def fq(t: torch.Tensor, b: int | None) -> None:  # t: [N, K] as the build quantizes it
-        if b:
-            t.copy_(torch.from_numpy(fake_quantize(t.detach().numpy().copy(), b)))
-
-    with torch.no_grad():
-        for layer in model.model.layers:
-            attn = layer.self_attn
-            for proj in (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj):
-                fq(proj.weight, bits["attn"])
-            ff = layer.feed_forward
-            mlp, group = (ff.shared_expert, "shared_expert") if layer.is_moe_layer else (ff, "mlp")
-            for proj in (mlp.gate_proj, mlp.up_proj, mlp.down_proj):
-                fq(proj.weight, bits[group])
-            if layer.is_moe_layer and bits["experts"]:
-                for e in range(ff.experts.gate_up_proj.shape[0]):
-                    fq(ff.experts.gate_up_proj[e].T, bits["experts"])
-                    fq(ff.experts.down_proj[e].T, bits["experts"])
-        fq(model.lm_head.weight, bits["lm_head"])
+from tests.llama4_parity import fake_quantize_model, make_checkpoint, max_diff, onnx_steps, reference_steps
 
 
 @pytest.mark.parametrize("precision,tolerance,ops", [
@@ -49,7 +24,7 @@ def test_quantized_build_matches_its_dequantized_weights(tmp_path, demo_model, p
     summary = build_llama4(ckpt, build, precision=precision, pool="cpu", context_length=64)
     assert ops <= set(summary["ops"])
     assert "com.microsoft.MoE" not in summary["ops"]
-    _fake_quantize_model(model, PRECISIONS[precision].bits)
+    fake_quantize_model(model, PRECISIONS[precision].bits)
     rng = np.random.default_rng(5)
     prompts = [[1] + [int(t) for t in rng.integers(4, 2048, n - 1)] for n in (40, 17)]
     refs = [reference_steps(model, p, 3) for p in prompts]
