@@ -182,24 +182,8 @@ class CompilePipeline:
             if recipe.name == "auto":
                 recipe, auto_details = await self._choose_auto(req, source, job_dir, progress, should_cancel)
             t0 = time.perf_counter()
-            if source.is_llama4:
-                await progress("build", 0.0, f"running the Llama 4 graph builder ({recipe.name})")
-                llama4_report = await llama4_runner.run_llama4_build(
-                    source.path, staging, precision=recipe.name, pool=req.target_pool,
-                    context_length=context_length, on_progress=lambda f, msg: progress("build", f, msg),
-                    should_cancel=should_cancel, stop=stop)
-                builder_details: dict = {"builder": builder, "builder_precision": recipe.name,
-                                         "llama4": llama4_report}
-            else:
-                await progress("build", 0.0, f"running the GenAI model builder ({recipe.name})")
-                await run_builder(
-                    source.path, staging, job_dir / "cache",
-                    recipes.builder_args(recipe, req.target_pool, source.num_layers),
-                    source.num_layers, job_dir / "builder.log",
-                    lambda f, msg: progress("build", f, msg), should_cancel,
-                )
-                builder_details = {"builder_precision": recipe.precision,
-                                   "builder_args": recipes.builder_args(recipe, req.target_pool, source.num_layers)}
+            builder_details, llama4_report = await self._build(source, recipe, req, staging, job_dir, context_length,
+                                                               builder, progress, should_cancel, stop)
             build_seconds = time.perf_counter() - t0
 
             await progress("configure", 0.0, f"context length {context_length}, max batch {req.max_batch}")
@@ -237,7 +221,7 @@ class CompilePipeline:
                 source_sha256=source_sha,
                 recipe=recipe.name,
                 recipe_details={
-                    "description": recipe.description,
+                    "description": llama4_report.get("precision_description", recipe.description),
                     **builder_details,
                     "build_seconds": round(build_seconds, 3),
                     "graph": graph,
@@ -261,6 +245,23 @@ class CompilePipeline:
             return Outcome(build_id, False, manifest)
         finally:
             await asyncio.shield(asyncio.to_thread(self.store.discard_staging, staging))
+
+    async def _build(self, source: ckpt.Checkpoint, recipe: recipes.Recipe, req: JobRequest, staging: Path,
+                     job_dir: Path, context_length: int, builder: str, progress: Progress,
+                     should_cancel: Callable[[], Awaitable[bool]], stop: threading.Event) -> tuple[dict, dict]:
+        """Llama 4: its own graph builder, in a thread; Llama: the GenAI model builder, in a child.
+        Returns the manifest's builder details and the Llama 4 builder's report ({} for Llama)."""
+        if source.is_llama4:
+            await progress("build", 0.0, f"running the Llama 4 graph builder ({recipe.name})")
+            report = await llama4_runner.run_llama4_build(
+                source.path, staging, precision=recipe.name, pool=req.target_pool, context_length=context_length,
+                on_progress=lambda f, msg: progress("build", f, msg), should_cancel=should_cancel, stop=stop)
+            return {"builder": builder, "builder_precision": recipe.name, "llama4": report}, report
+        await progress("build", 0.0, f"running the GenAI model builder ({recipe.name})")
+        args = recipes.builder_args(recipe, req.target_pool, source.num_layers)
+        await run_builder(source.path, staging, job_dir / "cache", args, source.num_layers, job_dir / "builder.log",
+                          lambda f, msg: progress("build", f, msg), should_cancel)
+        return {"builder_precision": recipe.precision, "builder_args": args}, {}
 
     async def _check_sampled_prompts_owner(self, req: JobRequest, caller: Caller) -> None:
         """Prompts sampled from a model's traffic are its owner's: only they (or an admin) use them."""

@@ -129,10 +129,15 @@ def builder_args(recipe: Recipe, pool: str, num_layers: int) -> list[str]:
     return args
 
 
+# Llama 4 builds compute in float32, which CUDA's GroupQueryAttention does not take: cpu only.
+LLAMA4_POOLS = ("cpu",)
+
+
 def llama4_offered(precisions: tuple[str, ...]) -> dict[str, tuple[str, ...]]:
     """Per pool, the recipes Llama 4 checkpoints may use: those the Llama 4 graph builder makes
     (its precisions are recipe names) and the pool offers."""
-    return {pool: tuple(r for r in p.recipes if r in precisions) for pool, p in POOLS.items()}
+    return {pool: tuple(r for r in p.recipes if r in precisions and pool in LLAMA4_POOLS)
+            for pool, p in POOLS.items()}
 
 
 def check_llama4(recipe: Recipe, pool: str, precisions: tuple[str, ...]) -> None:

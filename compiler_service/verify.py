@@ -40,6 +40,31 @@ def inspect_graph(build_dir: Path, recipe: recipes.Recipe, layers: int = 0, moe_
     bits = {n.name: next((a.i for a in n.attribute if a.name == "bits"), 0)
             for n in model.graph.node if n.op_type == "MatMulNBits"}
     float_matmuls = sorted(n.name for n in model.graph.node if n.op_type == "MatMul")
+    if layers:
+        _check_quantized(recipe, ops)
+    else:
+        _check_groups(recipe, bits, float_matmuls)
+    quantized = sorted(bits)
+    return {
+        "ops": dict(sorted(ops.items())),
+        "inputs": dims.get("input_ids"),
+        "quantized_matmuls": {name: bits[name] for name in quantized},
+        "float_matmuls": float_matmuls,
+    }
+
+
+def _check_quantized(recipe: recipes.Recipe, ops: Counter) -> None:
+    """Llama 4 builds: its builder assigns precisions per its own groups (experts, shared expert,
+    attention, dense MLP, lm_head); a float recipe has no quantized kernel, another has some."""
+    quantized = ops.get("MatMulNBits", 0) + ops.get("QMoE", 0)
+    if recipe.name in ("fp32", "fp16") and quantized:
+        raise CompileError(f"recipe {recipe.name} wants float weights, but the graph has {quantized} quantized kernels")
+    if recipe.name not in ("fp32", "fp16") and not quantized:
+        raise CompileError(f"recipe {recipe.name} wants quantized weights, but the graph has no MatMulNBits or QMoE")
+
+
+def _check_groups(recipe: recipes.Recipe, bits: dict[str, int], float_matmuls: list[str]) -> None:
+    """GenAI builds: every projection group at the precision the recipe assigns it."""
     want = recipe.group_precision()
     expected_bits = {"int4": 4, "int8": 8}
     for name, b in bits.items():
@@ -51,13 +76,6 @@ def inspect_graph(build_dir: Path, recipe: recipes.Recipe, layers: int = 0, moe_
         group = recipes.node_group(name)
         if group in want and want[group] != "float":
             raise CompileError(f"recipe {recipe.name} wants {group} projections {want[group]}, but {name} stayed float")
-    quantized = sorted(bits)
-    return {
-        "ops": dict(sorted(ops.items())),
-        "inputs": dims.get("input_ids"),
-        "quantized_matmuls": {name: bits[name] for name in quantized},
-        "float_matmuls": float_matmuls,
-    }
 
 
 def _check_layers(nodes, layers: int, moe_layers: tuple[int, ...]) -> None:

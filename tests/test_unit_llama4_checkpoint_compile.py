@@ -23,7 +23,9 @@ def test_llama4_recipes_are_what_its_builder_makes():
         recipes.check_llama4(recipes.get("int8", "cpu"), "cpu", ("fp32",))
     with pytest.raises(recipes.RecipeError, match="recipe fp16 on pool cuda .* supported: fp32 on cpu$"):
         recipes.check_llama4(recipes.get("fp16", "cuda"), "cuda", ("fp32",))
-    assert recipes.llama4_offered(("fp32", "fp16"))["cuda"] == ("fp16",)
+    assert recipes.llama4_offered(("fp32", "int8", "fp16")) == {"cpu": ("fp32", "int8"), "cuda": ()}
+    with pytest.raises(recipes.RecipeError, match="recipe int8 on pool cuda .* supported: fp32, int8 on cpu$"):
+        recipes.check_llama4(recipes.get("int8", "cuda"), "cuda", ("fp32", "int8", "fp16"))
 
 
 def test_routed_gate_defaults_keep_float_strict_and_relax_quantized():
@@ -59,6 +61,12 @@ def test_graph_check_wants_attention_in_every_layer_and_experts_in_moe_layers(tm
         verify.inspect_graph(built, fp32, 3, (0, 1))
     with pytest.raises(CompileError, match="layer 3 has no GroupQueryAttention kernel"):
         verify.inspect_graph(built, fp32, 4, ())
+    with pytest.raises(CompileError, match="recipe int8 wants quantized weights, but the graph has no MatMulNBits or QMoE"):
+        verify.inspect_graph(built, recipes.get("int8", "cpu"), 3, (0,))
+    quantized = _graph(tmp_path, [*gqa, _node("QMoE", "/model/layers.0/moe/QMoE")])
+    assert verify.inspect_graph(quantized, recipes.get("int4", "cpu"), 3, (0,))["ops"]["QMoE"] == 1
+    with pytest.raises(CompileError, match="recipe fp32 wants float weights, but the graph has 1 quantized kernels"):
+        verify.inspect_graph(quantized, fp32, 3, (0,))
 
 
 def _run(checkpoint: Path, out: Path, *, precision="fp32", cancel_after: float | None = None,
@@ -100,8 +108,8 @@ def test_builder_runs_off_the_loop_and_reports_progress(tiny, tmp_path):
 
 
 def test_builder_refusals_are_compile_errors(tiny, tmp_path):
-    err, _ = _run(tiny, tmp_path / "out", precision="int8")
-    assert isinstance(err, CompileError) and "int8" in str(err)
+    err, _ = _run(tiny, tmp_path / "out", precision="hybrid-int8-unknown")
+    assert isinstance(err, CompileError) and "hybrid-int8-unknown" in str(err)
     stop = threading.Event()
     stop.set()  # the run ended (the job was stopped) before the builder's first layer
     err, _ = _run(tiny, tmp_path / "out2", stop=stop)

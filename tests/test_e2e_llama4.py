@@ -1,0 +1,176 @@
+"""Llama 4 end to end through real processes: a tiny random Llama 4 checkpoint compiles (fp32,
+its own graph builder), is published and served, and streams exactly transformers' greedy tokens,
+alone and batched; a Llama4ForConditionalGeneration checkpoint compiles its text tower; a
+malformed one fails with a clear message, publishes nothing and leaves the services up."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from shared.proto_gen.llamaship.compiler.v1 import compiler_pb2
+
+pytestmark = pytest.mark.integration
+
+# MoE on layers 0, 1 and 3 (2 is dense); layer 3 NoPE; QK norm; a chunk and a temperature floor
+# far below the test sequences, so every feature acts on them; published-config quirks.
+CONFIG = dict(num_hidden_layers=4, moe_layers=(0, 1, 3), num_experts=4, top_k=1, use_qk_norm=True,
+              attention_chunk_size=16, floor_scale=8, attn_scale=0.5, attn_temperature_tuning=4)
+PROMPTS = ["def main(argv):\n    ",
+           "class LRUCache:\n    def __init__(self, capacity):\n        self.capacity = capacity\n",
+           "import os\nimport sys\n\n\ndef main():\n    for name in sorted(os.listdir(sys.argv[1])):\n"
+           "        if name.endswith('.py'):\n            print(name)\n"]
+NEW_TOKENS = 40
+CONTEXT = 512
+
+
+@pytest.fixture(scope="module")
+def llama4_checkpoints(tmp_path_factory) -> dict[str, Path]:
+    from llamaship.llama4_model import make_llama4
+
+    base = tmp_path_factory.mktemp("llama4-e2e")
+    return {"causal": make_llama4(base / "causal", **CONFIG),
+            "conditional": make_llama4(base / "conditional", conditional=True, seed=3, **CONFIG)}
+
+
+def _reference(checkpoint: Path):
+    """transformers' greedy generate on the checkpoint's text model."""
+    import torch
+
+    from compiler_service.torch_reference import load_llama4_text, load_tokenizer
+
+    tok, model = load_tokenizer(checkpoint), load_llama4_text(checkpoint)
+
+    def run(prompt: str, max_new_tokens: int) -> tuple[list[int], list[int]]:
+        ids = tok(prompt)["input_ids"]
+        with torch.inference_mode():
+            out = model.generate(torch.tensor([ids]), max_new_tokens=max_new_tokens, do_sample=False)[0].tolist()
+        return ids, out[len(ids):]
+
+    return run
+
+
+@pytest.fixture(scope="module")
+def llama4_build(client, llama4_checkpoints) -> str:
+    stages: list[tuple[str, str]] = []
+    job = client.compile(str(llama4_checkpoints["causal"]), "tiny-llama4", "fp32", max_sequence_length=CONTEXT,
+                         on_update=lambda j: stages.append((j.stage, j.message)))
+    assert job.state == compiler_pb2.JOB_STATE_SUCCEEDED, job.message
+    assert any(stage == "build" and "Llama 4 graph builder" in message for stage, message in stages)
+    return job.build_id
+
+
+def test_llama4_build_is_verified_gated_and_keeps_the_requested_context(client, llama4_build):
+    info = client.build(llama4_build)
+    manifest = json.loads(info.manifest_json)
+    assert manifest["architecture"] == "Llama4ForCausalLM"
+    assert info.context_length == CONTEXT  # not the config's 10,485,760 positions
+    assert info.quality.passed and info.quality.top1_agreement == 1.0 and info.quality.mean_kl < 1e-6
+    details = manifest["recipe_details"]
+    assert details["builder"].startswith("llama4-") and details["llama4"]["moe_layers"] == [0, 1, 3]
+    ops = details["graph"]["ops"]
+    assert ops["GroupQueryAttention"] == 4 and ops["MoE"] == 3
+
+
+def test_llama4_greedy_stream_equals_transformers(client, llama4_build, llama4_checkpoints):
+    reference = _reference(llama4_checkpoints["causal"])
+    for prompt in PROMPTS:
+        prompt_ids, ref_ids = reference(prompt, NEW_TOKENS)
+        out = client.generate("tiny-llama4", prompt, NEW_TOKENS)
+        assert out.build_id == llama4_build
+        assert out.prompt_tokens == len(prompt_ids)  # BOS as the tokenizer adds it
+        assert out.token_ids == ref_ids[: len(out.token_ids)] and out.finish_reason in ("length", "eos")
+        assert len(out.token_ids) == len(ref_ids) or out.finish_reason == "eos"
+
+
+def test_llama4_concurrent_streams_through_the_gateway_are_exact(client, llama4_build, llama4_checkpoints):
+    reference = _reference(llama4_checkpoints["causal"])
+    prompts = [p for p in PROMPTS for _ in range(2)]
+    expected = [reference(p, NEW_TOKENS)[1] for p in prompts]
+    with ThreadPoolExecutor(len(prompts)) as pool:
+        outs = list(pool.map(lambda p: client.generate("tiny-llama4", p, NEW_TOKENS), prompts))
+    for out, ref in zip(outs, expected):
+        assert out.token_ids == ref[: len(out.token_ids)]
+        assert len(out.token_ids) == len(ref) or out.finish_reason == "eos"
+
+
+def test_llama4_prompts_of_different_lengths_decode_in_one_cohort_exactly(stack, llama4_build, llama4_checkpoints):
+    """Right-padded rows of different lengths in one static batch: every row's positions, chunk
+    mask and temperature are its own."""
+    from serving_service.engine import Engine
+    from shared.generation import GenRequest
+    from shared.store import BuildStore
+
+    reference = _reference(llama4_checkpoints["causal"])
+    expected = [reference(p, NEW_TOKENS)[1] for p in PROMPTS]
+
+    async def collect(engine, rid, prompt):
+        return [t async for c in engine.stream(GenRequest(rid, "m", prompt, NEW_TOKENS)) for t in c.token_ids]
+
+    async def run():
+        engine = Engine(BuildStore(stack.cfg.store), "cpu", slots=8)
+        try:
+            await engine.load("m", llama4_build)
+            together = await asyncio.gather(*(collect(engine, f"r{i}", p) for i, p in enumerate(PROMPTS)))
+            return together, max(engine.builds["m"].worker.step_rows)
+        finally:
+            engine.close()
+
+    together, widest = asyncio.run(run())
+    assert widest == len(PROMPTS), f"the prompts did not share a cohort (widest step: {widest} rows)"
+    for got, ref in zip(together, expected):
+        assert got == ref[: len(got)] and len(got) >= 8
+
+
+def test_conditional_checkpoint_compiles_its_text_tower(client, llama4_checkpoints):
+    job = client.compile(str(llama4_checkpoints["conditional"]), "tiny-llama4-mm", "fp32", max_sequence_length=256)
+    assert job.state == compiler_pb2.JOB_STATE_SUCCEEDED, job.message
+    manifest = json.loads(client.build(job.build_id).manifest_json)
+    assert manifest["architecture"] == "Llama4ForConditionalGeneration"
+    prompt_ids, ref_ids = _reference(llama4_checkpoints["conditional"])(PROMPTS[1], NEW_TOKENS)
+    out = client.generate("tiny-llama4-mm", PROMPTS[1], NEW_TOKENS)
+    assert out.token_ids == ref_ids[: len(out.token_ids)] and len(out.token_ids) >= 8
+
+
+@pytest.mark.parametrize("recipe", ["int8", "hybrid-int4"])
+def test_quantized_llama4_builds_pass_the_routed_gate_and_serve(client, llama4_checkpoints, recipe):
+    name = f"tiny-llama4-{recipe}"
+    job = client.compile(str(llama4_checkpoints["causal"]), name, recipe, max_sequence_length=CONTEXT)
+    assert job.state == compiler_pb2.JOB_STATE_SUCCEEDED, job.message
+    info = client.build(job.build_id)
+    assert info.quality.passed and info.quality.top1_agreement >= 0.93, info.quality
+    ops = json.loads(info.manifest_json)["recipe_details"]["graph"]["ops"]
+    assert ops.get("QMoE") == 3  # the experts of every MoE layer at 4 or 8 bits
+    assert client.generate(name, PROMPTS[0], 16).completion_tokens == 16
+
+
+def test_llama4_recipes_its_builder_does_not_make_are_refused(client, llama4_checkpoints):
+    job = client.compile(str(llama4_checkpoints["causal"]), "tiny-llama4-auto", "auto")
+    assert job.state == compiler_pb2.JOB_STATE_FAILED
+    assert "recipe auto on pool cpu is not supported for Llama 4 checkpoints yet; supported: fp32" in job.message
+
+
+def test_malformed_llama4_checkpoint_fails_clearly_and_publishes_nothing(client, stack, llama4_build,
+                                                                         llama4_checkpoints, tmp_path):
+    from safetensors.numpy import load_file, save_file
+
+    broken = Path(shutil.copytree(llama4_checkpoints["causal"], tmp_path / "broken"))
+    tensors = load_file(str(broken / "model.safetensors"))
+    tensors["model.layers.1.feed_forward.experts.gate_up_proj"] = tensors[
+        "model.layers.1.feed_forward.experts.gate_up_proj"][:, :, :64]
+    del tensors["model.layers.3.feed_forward.experts.down_proj"]
+    save_file(tensors, str(broken / "model.safetensors"), metadata={"format": "pt"})
+    builds_before = sorted(p.name for p in (stack.cfg.store / "builds").iterdir())
+
+    job = client.compile(str(broken), "broken-llama4", "fp32")
+    assert job.state == compiler_pb2.JOB_STATE_FAILED
+    assert ("model.layers.1.feed_forward.experts.gate_up_proj is [4, 64, 64], the config implies [4, 64, 128]"
+            in job.message), job.message
+    assert "broken-llama4" not in {m.name for m in client.models()}
+    assert sorted(p.name for p in (stack.cfg.store / "builds").iterdir()) == builds_before
+    assert client.generate("tiny-llama4", PROMPTS[0], 4).completion_tokens == 4  # the services are up
