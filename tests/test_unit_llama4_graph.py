@@ -70,3 +70,29 @@ def test_tests_see_each_feature(tmp_path, demo_model, edit):
     really exercise that feature (chunks and the temperature floor are shorter than SEQ)."""
     diffs = _parity(tmp_path, demo_model, edit_config=edit)
     assert max(diffs) > 1e-2, diffs
+
+
+def test_prompt_appended_in_two_parts(tmp_path, demo_model):
+    """A second multi-token call on a cache (S > 1, past > 0: positions from the mask, as GQA
+    takes them) gives transformers' logits for the whole prompt."""
+    import onnxruntime as ort
+    import torch
+
+    ckpt, out = tmp_path / "ckpt", tmp_path / "build"
+    model = make_checkpoint(ckpt, demo_model, seed=4)
+    build_llama4(ckpt, out, precision="fp32", pool="cpu", context_length=128)
+    prompt = [1] + [int(t) for t in np.random.default_rng(4).integers(4, 2048, SEQ - 1)]
+    with torch.no_grad():
+        want = model(input_ids=torch.tensor([prompt])).logits[0].numpy()
+    session = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
+    cfg = model.config
+    past = {f"past_key_values.{i}.{kind}": np.zeros((1, cfg.num_key_value_heads, 0, cfg.head_dim), np.float32)
+            for i in range(cfg.num_hidden_layers) for kind in ("key", "value")}
+    names = [o.name for o in session.get_outputs()]
+    got = []
+    for lo, hi in ((0, 19), (19, SEQ)):  # the split crosses chunk (8) and temperature floor (4) boundaries
+        feeds = {"input_ids": np.array([prompt[lo:hi]]), "attention_mask": np.ones((1, hi), np.int64), **past}
+        outs = dict(zip(names, session.run(None, feeds)))
+        got.append(outs["logits"][0])
+        past = {n.replace("present", "past_key_values"): v for n, v in outs.items() if n.startswith("present")}
+    assert float(np.abs(np.concatenate(got) - want).max()) < TOLERANCE
