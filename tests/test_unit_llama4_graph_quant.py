@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from compiler_service.llama4.build import build_llama4
-from compiler_service.llama4.linear import PRECISIONS
+from compiler_service.llama4.linear import PRECISIONS, precision_named
 from tests.llama4_parity import fake_quantize_model, make_checkpoint, max_diff, onnx_steps, reference_steps
 
 
@@ -42,3 +42,25 @@ def test_unquantizable_widths_stay_float(tmp_path, demo_model):
     make_checkpoint(ckpt, demo_model, intermediate_size_mlp=72, interleave_moe_layer_step=2)
     summary = build_llama4(ckpt, tmp_path / "build", precision="int4", pool="cpu", context_length=64)
     assert "MatMul" in summary["ops"] and "com.microsoft.MatMulNBits" in summary["ops"]
+
+
+def test_per_group_precision(tmp_path, demo_model):
+    ckpt, build = tmp_path / "ckpt", tmp_path / "build"
+    model = make_checkpoint(ckpt, demo_model, seed=6, interleave_moe_layer_step=2)
+    precision = "groups:attn=int8,experts=int4,lm_head=int4"
+    summary = build_llama4(ckpt, build, precision=precision, pool="cpu", context_length=64)
+    assert summary["features"]["weights.attn"] == "MatMulNBits 8-bit block 32"
+    assert summary["features"]["weights.experts"] == "QMoE 4-bit block 32"
+    assert summary["features"]["weights.mlp"] == "MatMul float32"
+    fake_quantize_model(model, precision_named(precision).bits)
+    prompt = [1] + [int(t) for t in np.random.default_rng(6).integers(4, 2048, 29)]
+    ref, tokens = reference_steps(model, prompt, 2)
+    cfg = model.config
+    got = onnx_steps(build, [prompt], [tokens], cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim)[0]
+    assert max_diff(ref, got) < 1e-3
+
+
+@pytest.mark.parametrize("precision", ["fp16", "groups:attn=int3", "groups:vision=int4"])
+def test_unknown_precision(tmp_path, precision):
+    with pytest.raises(ValueError, match="precision"):
+        build_llama4(tmp_path, tmp_path / "build", precision=precision, pool="cpu", context_length=64)

@@ -14,7 +14,7 @@ from compiler_service.llama4 import config as l4config
 from compiler_service.llama4.genai_config import genai_config
 from compiler_service.llama4.graph import emit, save
 from compiler_service.llama4.layout import expected_tensors
-from compiler_service.llama4.linear import PRECISIONS, Linears
+from compiler_service.llama4.linear import Linears, precision_named
 from compiler_service.llama4.onnx_writer import GraphWriter
 from compiler_service.llama4.weights import Weights
 
@@ -24,9 +24,7 @@ COPIED_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.j
 def build_llama4(checkpoint: Path, out_dir: Path, *, precision: str, pool: str, context_length: int,
                  progress: Callable[[float, str], None] | None = None,
                  should_stop: Callable[[], bool] | None = None) -> dict:
-    if precision not in PRECISIONS:
-        raise ValueError(f"Llama 4 precision {precision[:20]} is not supported (only {', '.join(PRECISIONS)})")
-    recipe = PRECISIONS[precision]
+    recipe = precision_named(precision)
     if context_length <= 0:
         raise ValueError(f"context_length must be positive, got {context_length}")
     checkpoint, out_dir = Path(checkpoint), Path(out_dir)
@@ -59,7 +57,8 @@ def build_llama4(checkpoint: Path, out_dir: Path, *, precision: str, pool: str, 
             shutil.copyfile(checkpoint / name, out_dir / name)
     report(1.0, "Llama 4 build written")
     return {
-        "architecture": "llama4_text", "precision": precision, "precision_description": recipe.description, "pool": pool, "context_length": context_length,
+        "architecture": "llama4_text", "precision": precision, "precision_description": recipe.description,
+        "pool": pool, "context_length": context_length,
         "layers": spec.num_layers, "moe_layers": list(spec.moe_layers), "experts": spec.num_experts,
         "top_k": spec.top_k, "rope_layers": [i for i, r in enumerate(spec.rope_layers) if r],
         "chunked_layers": [i for i, c in enumerate(spec.chunked_layers) if c],

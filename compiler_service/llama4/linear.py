@@ -35,6 +35,28 @@ PRECISIONS = {p.name: p for p in (
 )}
 
 
+_BITS = {"float": None, "fp32": None, "int8": 8, "int4": 4}
+
+
+def precision_named(name: str) -> Precision:
+    """A preset (fp32, int8, int4, hybrid-int4), or per-group choices written
+    'groups:attn=int8,mlp=float,shared_expert=int8,experts=int4,lm_head=int8' (unnamed groups float)."""
+    if name in PRECISIONS:
+        return PRECISIONS[name]
+    if not name.startswith("groups:"):
+        raise ValueError(f"Llama 4 precision {name[:40]} is not supported (one of {', '.join(PRECISIONS)}, "
+                         f"or groups:<group>=<float|int8|int4>,...)")
+    bits = _all(None)
+    for item in filter(None, name[len("groups:"):].split(",")):
+        group, _, value = item.partition("=")
+        if group not in GROUPS or value not in _BITS:
+            raise ValueError(f"Llama 4 precision item {item[:40]} is not <group>=<float|int8|int4> "
+                             f"with a group among {', '.join(GROUPS)}")
+        bits[group] = _BITS[value]
+    return Precision(name, bits, "per group: " + ", ".join(f"{g} {f'int{b}' if b else 'float32'}"
+                                                          for g, b in bits.items()))
+
+
 class Linears:
     def __init__(self, g: GraphWriter, precision: Precision):
         self.g, self.precision = g, precision
