@@ -14,10 +14,11 @@ from compiler_service.llama4 import config as l4config
 from compiler_service.llama4.genai_config import genai_config
 from compiler_service.llama4.graph import emit, save
 from compiler_service.llama4.layout import expected_tensors
-from compiler_service.llama4.linear import Linears, precision_named
+from compiler_service.llama4.linear import PRECISIONS, Linears, precision_named
 from compiler_service.llama4.onnx_writer import GraphWriter
 from compiler_service.llama4.weights import Weights
 
+__all__ = ["PRECISIONS", "build_llama4"]
 COPIED_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
 
 
