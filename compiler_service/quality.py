@@ -207,18 +207,10 @@ def tokenize(checkpoint: Path, prompts: list[str]) -> list[list[int]]:
 
 def reference_logits(checkpoint: Path, token_ids: list[list[int]]) -> list[np.ndarray]:
     """The PyTorch (transformers, float32) logits at every position of every prompt (a Llama 4
-    checkpoint: its text model, as compiler_service.torch_reference loads it)."""
-    import torch
+    checkpoint: its text model, one layer at a time; see compiler_service.torch_reference)."""
+    from compiler_service.torch_reference import reference_logits as logits
 
-    from compiler_service.torch_reference import load_reference
-
-    model = load_reference(checkpoint)
-    out = []
-    with torch.inference_mode():
-        for ids in token_ids:
-            out.append(model(torch.tensor([ids])).logits[0].float().numpy())
-    del model
-    return out
+    return logits(checkpoint, token_ids)
 
 
 def rejudge(old: QualityReport, t: Thresholds) -> QualityReport:

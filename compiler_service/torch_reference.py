@@ -71,15 +71,82 @@ def load_llama4_text(checkpoint: Path, dtype: str = "float32"):
     return model.eval()
 
 
-def load_reference(checkpoint: Path):
-    """The float32 PyTorch model the gate compares a build with."""
+def _tensor_files(checkpoint: Path) -> dict[str, Path]:
+    from safetensors import safe_open
+
+    files: dict[str, Path] = {}
+    for path in sorted(checkpoint.glob("*.safetensors")):
+        with safe_open(str(path), framework="pt") as f:
+            files.update((name, path) for name in f.keys())
+    return files
+
+
+def llama4_logits_layerwise(checkpoint: Path, token_ids: list[list[int]]) -> list:
+    """transformers' Llama4ForCausalLM logits (float32) for every prompt, computed one decoder
+    layer at a time: only one layer's weights (and every prompt's hidden states) are in memory.
+    The same modules and mask functions as the whole model's forward, so the same numbers."""
+    import torch
+    from safetensors import safe_open
+    from transformers import Llama4ForCausalLM
+    from transformers.models.llama4 import modeling_llama4 as ml
+
+    config = read_config(checkpoint / "config.json")
+    text = llama4_text_config(config)
+    prefix = "language_model." if _nested(config) else ""
+    files = _tensor_files(checkpoint)
+
+    def materialize(module, name: str) -> None:
+        """Load `module`'s weights (`name` is its path in Llama4ForCausalLM) from the checkpoint."""
+        state = {}
+        for key in module.state_dict():
+            full = f"{prefix}{name}.{key}"
+            if full not in files:
+                raise CheckpointError(f"the weights have no {full}")
+            with safe_open(str(files[full]), framework="pt") as f:
+                state[key] = f.get_tensor(full).to(torch.float32)
+        module.load_state_dict(state, strict=True, assign=True)
+
+    with torch.device("meta"):
+        model = Llama4ForCausalLM(text)
+    m = model.model
+    m.rotary_emb = ml.Llama4TextRotaryEmbedding(config=text)
+    masks_for = {"full_attention": ml.create_causal_mask, "chunked_attention": ml.create_chunked_causal_mask}
+    with torch.inference_mode():
+        materialize(m.embed_tokens, "model.embed_tokens")
+        hidden = [m.embed_tokens(torch.tensor([ids])) for ids in token_ids]
+        m.embed_tokens.to("meta")
+        positions = [torch.arange(len(ids)).unsqueeze(0) for ids in token_ids]
+        masks, rotary = [], []
+        for h, pos in zip(hidden, positions):
+            kwargs = {"config": text, "inputs_embeds": h, "attention_mask": None, "cache": None, "position_ids": pos}
+            masks.append({t: masks_for[t](**kwargs) for t in set(text.layer_types)})
+            rotary.append(m.rotary_emb(h, pos))
+        for i, layer in enumerate(m.layers):
+            materialize(layer, f"model.layers.{i}")
+            kind = text.layer_types[i]
+            hidden = [layer(h, attention_mask=mask[kind], position_ids=pos, cache=None, use_cache=False,
+                            position_embeddings=freq) for h, mask, pos, freq in zip(hidden, masks, positions, rotary)]
+            layer.to("meta")
+        materialize(m.norm, "model.norm")
+        materialize(model.lm_head, "lm_head")
+        return [model.lm_head(m.norm(h))[0].float().numpy() for h in hidden]
+
+
+def reference_logits(checkpoint: Path, token_ids: list[list[int]]) -> list:
+    """The float32 PyTorch logits the gate compares a build with, at every position of every
+    prompt: Llama 4 one layer at a time (its checkpoints are far larger than one layer),
+    Llama as one model."""
     import torch
     from transformers import AutoModelForCausalLM
 
     if is_llama4(read_config(checkpoint / "config.json")):
-        return load_llama4_text(checkpoint)
+        return llama4_logits_layerwise(checkpoint, token_ids)
     model = AutoModelForCausalLM.from_pretrained(str(checkpoint), dtype=torch.float32, trust_remote_code=False)
-    return model.eval()
+    model.eval()
+    with torch.inference_mode():
+        out = [model(torch.tensor([ids])).logits[0].float().numpy() for ids in token_ids]
+    del model
+    return out
 
 
 def load_tokenizer(checkpoint: Path):

@@ -5,7 +5,7 @@ tower) with random weights as safetensors, with the demo model's tokenizer, an u
 several EOS ids. The config can carry the quirks of published Llama 4 configs
 (`attn_temperature_tuning: 4`, `max_position_embeddings: 10485760`, an empty `no_rope_layers`),
 which transformers' strict config validation rejects: load such a checkpoint with
-`load_llama4_text` below, never with a bare `from_pretrained`. Deterministic: the same arguments
+compiler_service.torch_reference (load_llama4_text, load_tokenizer), not a bare `from_pretrained`. Deterministic: the same arguments
 give the same bytes.
 
 Imports torch and transformers: only the compiler side, tests and bench use this module.
@@ -169,10 +169,3 @@ def make_llama4(out_dir: str | Path, spec: Llama4Spec | None = None, *, force: b
     tmp.rename(out)
     return out
 
-
-def load_llama4_text(checkpoint: str | Path, dtype: str = "float32"):
-    """transformers' Llama4ForCausalLM for the text tower of a Llama 4 checkpoint (either
-    architecture; published-config quirks coerced); the vision tower is never read."""
-    from compiler_service.torch_reference import load_llama4_text as load
-
-    return load(Path(checkpoint), dtype)

@@ -12,7 +12,8 @@ import pytest
 
 from compiler_service import checkpoint as ckpt
 
-SPEC = dict(hidden_size=64, intermediate_size=48, intermediate_size_mlp=96, num_hidden_layers=4, num_experts=4)
+SPEC = dict(hidden_size=64, intermediate_size=48, intermediate_size_mlp=96, num_hidden_layers=4, num_experts=4,
+            attention_chunk_size=8, floor_scale=4)
 
 
 @pytest.fixture(scope="module")
@@ -159,22 +160,26 @@ def test_a_relabelled_llama_checkpoint_is_refused_naming_llama4(scratch_checkpoi
         ckpt.inspect(scratch_checkpoint)
 
 
-def test_reference_loads_the_text_tower_of_either_architecture(llama4_dirs, tmp_path):
+def test_reference_is_transformers_text_model_of_either_architecture(llama4_dirs, tmp_path):
     import torch
     from transformers import Llama4ForCausalLM, Llama4ForConditionalGeneration
 
-    from compiler_service.torch_reference import load_reference, load_tokenizer
+    from compiler_service.quality import reference_logits
+    from compiler_service.torch_reference import load_llama4_text, load_tokenizer
 
-    ids = load_tokenizer(llama4_dirs["causal"])("def main(argv):\n    return 0", return_tensors="pt")["input_ids"]
-    assert ids[0, 0].item() == 1  # BOS, as the tokenizer adds it
+    prompt = "def main(argv):\n    for name in sorted(os.listdir(argv[1])):\n        print(name)"
+    ids = load_tokenizer(llama4_dirs["causal"])(prompt, return_tensors="pt")["input_ids"]
+    assert ids[0, 0].item() == 1 and ids.shape[1] > 3 * 8  # BOS as the tokenizer adds it; several chunks
     for kind, cls in (("causal", Llama4ForCausalLM), ("conditional", Llama4ForConditionalGeneration)):
         fixed = Path(shutil.copytree(llama4_dirs[kind], tmp_path / kind))
         _edit_config(fixed, lambda c: (c.get("text_config", c)).update(attn_temperature_tuning=True))
         plain = cls.from_pretrained(fixed).eval()
         plain = plain.language_model if kind == "conditional" else plain
         with torch.inference_mode():
-            got = load_reference(llama4_dirs[kind])(ids).logits
-            assert torch.equal(got, plain(ids).logits)
+            want = plain(ids).logits
+            assert torch.equal(load_llama4_text(llama4_dirs[kind])(ids).logits, want)
+        layerwise = reference_logits(llama4_dirs[kind], [ids[0].tolist()])  # one layer's weights at a time
+        assert np.array_equal(layerwise[0], want[0].numpy())
 
 
 def test_make_llama4_is_deterministic_and_reused(llama4_dirs, tmp_path):
