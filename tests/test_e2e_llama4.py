@@ -77,6 +77,12 @@ def test_llama4_build_is_verified_gated_and_keeps_the_requested_context(client, 
     assert ops["GroupQueryAttention"] == 4 and ops["MoE"] == 3
 
 
+def test_llama4_recompile_reuses_the_build(client, llama4_build, llama4_checkpoints):
+    job = client.compile(str(llama4_checkpoints["causal"]), "tiny-llama4", "fp32", max_sequence_length=CONTEXT)
+    assert job.state == compiler_pb2.JOB_STATE_SUCCEEDED, job.message
+    assert job.reused and job.build_id == llama4_build
+
+
 def test_llama4_greedy_stream_equals_transformers(client, llama4_build, llama4_checkpoints):
     reference = _reference(llama4_checkpoints["causal"])
     for prompt in PROMPTS:
