@@ -19,9 +19,10 @@ BUILDER_DIR = Path(__file__).resolve().parent / "llama4"
 
 
 def supported_precisions() -> tuple[str, ...]:
+    """The recipes the builder makes: its presets, and auto (it takes per-group precisions)."""
     from compiler_service.llama4.build import PRECISIONS
 
-    return tuple(PRECISIONS)
+    return (*PRECISIONS, "auto")
 
 
 def builder_version() -> str:

@@ -26,7 +26,8 @@ from shared.service import package_versions
 from shared.store import BuildStore, Manifest
 from shared.tenancy import Caller
 from compiler_service import checkpoint as ckpt
-from compiler_service import auto_precision, llama4_runner, profiling, quality, recipes, request_checks, sources
+from compiler_service import (auto_precision, llama4_auto, llama4_checkpoint, llama4_runner, profiling, quality, recipes,
+                              request_checks, sources)
 from compiler_service.uploads import UploadStore
 from compiler_service.builder_runner import BuildCancelled, run_builder
 from compiler_service.jobs import JobRequest
@@ -180,7 +181,8 @@ class CompilePipeline:
         auto_details: dict = {}
         try:
             if recipe.name == "auto":
-                recipe, auto_details = await self._choose_auto(req, source, job_dir, progress, should_cancel)
+                recipe, auto_details = await self._choose_auto(req, source, job_dir, context_length, progress,
+                                                               should_cancel, stop)
             t0 = time.perf_counter()
             builder_details, llama4_report = await self._build(source, recipe, req, staging, job_dir, context_length,
                                                                builder, progress, should_cancel, stop)
@@ -253,10 +255,12 @@ class CompilePipeline:
         Returns the manifest's builder details and the Llama 4 builder's report ({} for Llama)."""
         if source.is_llama4:
             await progress("build", 0.0, f"running the Llama 4 graph builder ({recipe.name})")
+            # auto's choice is over the Llama 4 builder's groups; the named recipes are its presets
+            precision = llama4_auto.precision(dict(recipe.assignment)) if recipe.name == "auto" else recipe.name
             report = await llama4_runner.run_llama4_build(
-                source.path, staging, precision=recipe.name, pool=req.target_pool, context_length=context_length,
+                source.path, staging, precision=precision, pool=req.target_pool, context_length=context_length,
                 on_progress=lambda f, msg: progress("build", f, msg), should_cancel=should_cancel, stop=stop)
-            return {"builder": builder, "builder_precision": recipe.name, "llama4": report}, report
+            return {"builder": builder, "builder_precision": precision, "llama4": report}, report
         await progress("build", 0.0, f"running the GenAI model builder ({recipe.name})")
         args = recipes.builder_args(recipe, req.target_pool, source.num_layers)
         await run_builder(source.path, staging, job_dir / "cache", args, source.num_layers, job_dir / "builder.log",
@@ -301,11 +305,13 @@ class CompilePipeline:
         req.quality = {**req.quality, "eval_prompts": prompts, "prompt_source": f"sampled:{model}",
                        "prompts_snapshot": str(snapshot.relative_to(self.store.root))}
 
-    async def _choose_auto(self, req: JobRequest, source, job_dir: Path, progress: Progress,
-                           should_cancel: Callable[[], Awaitable[bool]]) -> tuple[recipes.Recipe, dict]:
-        """Measure each group's drift, choose the assignment, return the concrete recipe."""
+    async def _choose_auto(self, req: JobRequest, source: ckpt.Checkpoint, job_dir: Path, context_length: int,
+                           progress: Progress, should_cancel: Callable[[], Awaitable[bool]],
+                           stop: threading.Event) -> tuple[recipes.Recipe, dict]:
+        """Measure each group's drift, choose the assignment, return the concrete recipe (Llama 4:
+        over its builder's groups, see compiler_service.llama4_auto)."""
         gate = req.quality
-        limits = quality.thresholds_for("auto", gate)
+        limits = quality.thresholds_for("auto", gate, routed=source.is_llama4)
         budget = auto_precision.Budget(limits.max_mean_kl, 1.0 - limits.min_top1_agreement,
                                        limits.max_perplexity_increase_pct)
         prompts, prompt_source = quality.eval_prompts(gate.get("eval_prompts", []))
@@ -318,11 +324,17 @@ class CompilePipeline:
         async def trial(assignment: dict[str, str], label: str) -> auto_precision.Drift:
             out = job_dir / "auto" / label.replace("=", "-")
             await asyncio.to_thread(shutil.rmtree, out, True)
-            trial_recipe = dataclasses.replace(base, assignment=tuple(assignment.items()))
-            await run_builder(source.path, out, job_dir / "cache",
-                              recipes.builder_args(trial_recipe, req.target_pool, source.num_layers),
-                              source.num_layers, job_dir / f"builder-auto-{out.name}.log",
-                              lambda f, msg: asyncio.sleep(0), should_cancel)
+            if source.is_llama4:
+                await llama4_runner.run_llama4_build(
+                    source.path, out, precision=llama4_auto.precision(assignment), pool=req.target_pool,
+                    context_length=context_length, on_progress=lambda f, msg: asyncio.sleep(0),
+                    should_cancel=should_cancel, stop=stop)
+            else:
+                trial_recipe = dataclasses.replace(base, assignment=tuple(assignment.items()))
+                await run_builder(source.path, out, job_dir / "cache",
+                                  recipes.builder_args(trial_recipe, req.target_pool, source.num_layers),
+                                  source.num_layers, job_dir / f"builder-auto-{out.name}.log",
+                                  lambda f, msg: asyncio.sleep(0), should_cancel)
             logits = await asyncio.to_thread(quality.build_logits, out, ids)
             await asyncio.to_thread(shutil.rmtree, out, True)
             got = quality.compare(list(zip(reference, logits, ids)))
@@ -331,8 +343,13 @@ class CompilePipeline:
         async def on_trial(i: int, n: int, label: str) -> None:
             await progress("auto", i / n, f"sensitivity {i + 1}/{n}: only {label}")
 
-        sensitivity = await auto_precision.measure_sensitivity(trial, on_trial)
-        choice = auto_precision.choose(sensitivity, auto_precision.group_params(source.config), budget)
+        if source.is_llama4:
+            params = llama4_auto.group_params(llama4_checkpoint.parse(source.config)[0])
+            sensitivity = await llama4_auto.measure_sensitivity(list(params), trial, on_trial)
+            choice = llama4_auto.choose(sensitivity, params, budget)
+        else:
+            sensitivity = await auto_precision.measure_sensitivity(trial, on_trial)
+            choice = auto_precision.choose(sensitivity, auto_precision.group_params(source.config), budget)
         chosen = ", ".join(f"{g} {w}" for g, w in choice.assignment.items())
         log.info("auto: %s (predicted %s within %s)", chosen, choice.predicted, budget)
         await progress("auto", 1.0, f"chose {chosen}")

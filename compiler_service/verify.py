@@ -57,9 +57,13 @@ def _check_quantized(recipe: recipes.Recipe, ops: Counter) -> None:
     """Llama 4 builds: its builder assigns precisions per its own groups (experts, shared expert,
     attention, dense MLP, lm_head); a float recipe has no quantized kernel, another has some."""
     quantized = ops.get("MatMulNBits", 0) + ops.get("QMoE", 0)
-    if recipe.name in ("fp32", "fp16") and quantized:
+    if recipe.name == "auto":  # the chosen assignment, over the builder's groups
+        wants = any(width != "float" for _, width in recipe.assignment)
+    else:
+        wants = recipe.name not in ("fp32", "fp16")
+    if not wants and quantized:
         raise CompileError(f"recipe {recipe.name} wants float weights, but the graph has {quantized} quantized kernels")
-    if recipe.name not in ("fp32", "fp16") and not quantized:
+    if wants and not quantized:
         raise CompileError(f"recipe {recipe.name} wants quantized weights, but the graph has no MatMulNBits or QMoE")
 
 

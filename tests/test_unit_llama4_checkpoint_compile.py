@@ -67,6 +67,13 @@ def test_graph_check_wants_attention_in_every_layer_and_experts_in_moe_layers(tm
     assert verify.inspect_graph(quantized, recipes.get("int4", "cpu"), 3, (0,))["ops"]["QMoE"] == 1
     with pytest.raises(CompileError, match="recipe fp32 wants float weights, but the graph has 1 quantized kernels"):
         verify.inspect_graph(quantized, fp32, 3, (0,))
+    import dataclasses
+
+    auto = recipes.get("auto", "cpu")
+    all_float = dataclasses.replace(auto, assignment=(("attn", "float"), ("experts", "float")))
+    assert verify.inspect_graph(quantized, dataclasses.replace(auto, assignment=(("experts", "int4"),)), 3, (0,))
+    with pytest.raises(CompileError, match="recipe auto wants float weights"):
+        verify.inspect_graph(quantized, all_float, 3, (0,))
 
 
 def _run(checkpoint: Path, out: Path, *, precision="fp32", cancel_after: float | None = None,
@@ -180,3 +187,38 @@ def test_builder_version_changes_with_its_sources(tmp_path, monkeypatch):
     before = llama4_runner.builder_version()
     (tmp_path / "a.py").write_text("x = 2\n")
     assert llama4_runner.builder_version() != before and before.startswith("llama4-")
+
+
+def test_llama4_auto_groups_sizes_and_choice():
+    from compiler_service import llama4_auto
+    from compiler_service.auto_precision import Budget, Drift
+    from compiler_service.llama4 import config as l4config
+
+    cfg = {"architectures": ["Llama4ForCausalLM"], "vocab_size": 256, "hidden_size": 64, "num_hidden_layers": 4,
+           "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16, "intermediate_size": 32,
+           "intermediate_size_mlp": 128, "num_local_experts": 8, "moe_layers": [1, 3],
+           "attention_chunk_size": 8192}
+    params = llama4_auto.group_params(l4config.parse(cfg))
+    assert params == {"attn": 4 * 64 * 16 * (2 * 4 + 2 * 2), "mlp": 2 * 3 * 64 * 128, "shared_expert": 2 * 3 * 64 * 32,
+                      "experts": 2 * 8 * 3 * 64 * 32, "lm_head": 256 * 64}
+    cheap, costly = Drift(0.0001, 0.001, 0.01), Drift(0.5, 0.5, 50.0)
+    sensitivity = {(g, w): (costly if (g, w) == ("attn", "int4") else cheap) for g in params for w in ("int8", "int4")}
+    choice = llama4_auto.choose(sensitivity, params, Budget(0.03, 0.07, 4.0))
+    assert choice.assignment == {"attn": "int8", "mlp": "int4", "shared_expert": "int4", "experts": "int4",
+                                 "lm_head": "int4"}
+    assert llama4_auto.precision(choice.assignment).startswith("groups:attn=int8,mlp=int4,")
+    nothing = llama4_auto.choose({k: costly for k in sensitivity}, params, Budget(0.03, 0.07, 4.0))
+    assert set(nothing.assignment.values()) == {"float"}
+
+    seen: list[dict] = []
+
+    async def build(assignment, label):
+        seen.append(assignment)
+        return cheap
+
+    async def on_trial(i, n, label):
+        assert n == 4
+
+    got = asyncio.run(llama4_auto.measure_sensitivity(["attn", "experts"], build, on_trial))
+    assert set(got) == {("attn", "int8"), ("attn", "int4"), ("experts", "int8"), ("experts", "int4")}
+    assert seen[0] == {"attn": "int8", "experts": "float"} and seen[-1] == {"attn": "float", "experts": "int4"}
