@@ -167,7 +167,8 @@ class CompilePipeline:
 
         if await asyncio.to_thread(self.store.exists, build_id):
             manifest = await asyncio.to_thread(self.store.manifest, build_id)
-            report = await self._gate(req, source, self.store.path(build_id), manifest.quality, progress)
+            report = await self._gate(req, source, self.store.path(build_id), manifest.quality, progress,
+                                      manifest.recipe_details.get("builder_precision", ""))
             if report.to_dict() != manifest.quality:
                 manifest.quality = report.to_dict()
                 await asyncio.to_thread(self.store.update_manifest, manifest)
@@ -211,7 +212,7 @@ class CompilePipeline:
                     log.warning("build %s: %s", build_id, warning)
             else:
                 profile["skipped"] = f"{req.target_pool} builds are profiled where they run, not on the compiler"
-            report = await self._gate(req, source, staging, {}, progress)
+            report = await self._gate(req, source, staging, {}, progress, builder_details["builder_precision"])
 
             if await should_cancel():
                 raise BuildCancelled("cancelled before publishing")
@@ -362,11 +363,12 @@ class CompilePipeline:
         return dataclasses.replace(base, assignment=tuple(choice.assignment.items())), details
 
     async def _gate(self, req: JobRequest, source: ckpt.Checkpoint, build_dir: Path, previous: dict,
-                    progress: Progress) -> quality.QualityReport:
-        """Run the quality gate, or re-judge an earlier report made on the same prompts."""
-        checkpoint = source.path
+                    progress: Progress, precision: str = "") -> quality.QualityReport:
+        """Run the quality gate, or re-judge an earlier report made on the same prompts
+        (`precision`: the builder's, which a Llama 4 gate needs to measure router flips)."""
+        checkpoint, is_llama4 = source.path, source.is_llama4
         options = req.quality
-        thresholds = quality.thresholds_for(req.recipe, options, routed=source.is_llama4)
+        thresholds = quality.thresholds_for(req.recipe, options, routed=is_llama4)
         prompts, source = quality.eval_prompts(options.get("eval_prompts", []))
         source = options.get("prompt_source", source)
         old = quality.QualityReport.from_dict(previous) if previous.get("metrics") else None
@@ -375,7 +377,7 @@ class CompilePipeline:
         note = "the built-in default prompts (no eval_prompts given)" if source == "default" else f"{len(prompts)} given prompts"
         await progress("quality", 0.0, f"comparing with the PyTorch reference on {note}")
         report = await asyncio.to_thread(quality.run_gate, checkpoint, build_dir, req.recipe, req.target_pool,
-                                         prompts, source, thresholds)
+                                         prompts, source, thresholds, precision if is_llama4 else "")
         if old is not None:  # measured again on other prompts: the record of forced publishes stays
             report.forced, report.forced_publishes = old.forced, old.forced_publishes
         if options.get("prompts_snapshot"):

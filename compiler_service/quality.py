@@ -205,12 +205,13 @@ def tokenize(checkpoint: Path, prompts: list[str]) -> list[list[int]]:
     return out
 
 
-def reference_logits(checkpoint: Path, token_ids: list[list[int]]) -> list[np.ndarray]:
+def reference_logits(checkpoint: Path, token_ids: list[list[int]], routes: dict | None = None) -> list[np.ndarray]:
     """The PyTorch (transformers, float32) logits at every position of every prompt (a Llama 4
-    checkpoint: its text model, one layer at a time; see compiler_service.torch_reference)."""
+    checkpoint: its text model, one layer at a time, its router choices into `routes`; see
+    compiler_service.torch_reference)."""
     from compiler_service.torch_reference import reference_logits as logits
 
-    return logits(checkpoint, token_ids)
+    return logits(checkpoint, token_ids, routes)
 
 
 def rejudge(old: QualityReport, t: Thresholds) -> QualityReport:
@@ -224,7 +225,9 @@ def rejudge(old: QualityReport, t: Thresholds) -> QualityReport:
 
 
 def run_gate(checkpoint: Path, build_dir: Path, recipe: str, pool: str, prompts: list[str], source: str,
-             t: Thresholds) -> QualityReport:
+             t: Thresholds, llama4_precision: str = "") -> QualityReport:
+    """`llama4_precision`: a Llama 4 build's builder precision; a quantized one's report also
+    says how often its router's choice of experts flips (extra.router_flips)."""
     import time
 
     t0 = time.perf_counter()
@@ -239,14 +242,20 @@ def run_gate(checkpoint: Path, build_dir: Path, recipe: str, pool: str, prompts:
                                                 "only its smoke test ran")
         provider = "cuda"
     ids = tokenize(checkpoint, prompts)
-    ref = reference_logits(checkpoint, ids)
+    routes: dict = {}
+    ref = reference_logits(checkpoint, ids, routes)
     got = build_logits(build_dir, ids, provider)
     metrics = compare(list(zip(ref, got, ids)))
     failures = judge(metrics, t)
     m = asdict(metrics)
     m["perplexity_increase_pct"] = metrics.perplexity_increase_pct
+    extra = {}
+    if llama4_precision and routes:
+        from compiler_service.llama4_router_flips import router_flips
+
+        extra["router_flips"] = router_flips(checkpoint, ids, llama4_precision, routes)
     return QualityReport(not failures, failures, m, asdict(t), source, len(prompts), digest,
-                         seconds=round(time.perf_counter() - t0, 2))
+                         seconds=round(time.perf_counter() - t0, 2), extra=extra)
 
 
 def build_logits(build_dir: Path, token_ids: list[list[int]], provider: str | None = None) -> list[np.ndarray]:

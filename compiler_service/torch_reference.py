@@ -9,6 +9,7 @@ transformers' strict config validation rejects are coerced first, as the build d
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any, Callable
 
 from compiler_service.checkpoint import LLAMA4_ARCHITECTURES, CheckpointError, read_config
 
@@ -81,10 +82,14 @@ def _tensor_files(checkpoint: Path) -> dict[str, Path]:
     return files
 
 
-def llama4_logits_layerwise(checkpoint: Path, token_ids: list[list[int]]) -> list:
+def llama4_logits_layerwise(checkpoint: Path, token_ids: list[list[int]],
+                            transform: Callable[[str, Any], Any] | None = None,
+                            routes: dict[int, list] | None = None) -> list:
     """transformers' Llama4ForCausalLM logits (float32) for every prompt, computed one decoder
     layer at a time: only one layer's weights (and every prompt's hidden states) are in memory.
-    The same modules and mask functions as the whole model's forward, so the same numbers."""
+    The same modules and mask functions as the whole model's forward, so the same numbers.
+    `transform(name, tensor)` may change each weight as it is loaded; `routes`, if given, gets
+    every MoE layer's chosen experts per prompt ({layer: [[tokens, k] indices per prompt]})."""
     import torch
     from safetensors import safe_open
     from transformers import Llama4ForCausalLM
@@ -104,6 +109,8 @@ def llama4_logits_layerwise(checkpoint: Path, token_ids: list[list[int]]) -> lis
                 raise CheckpointError(f"the weights have no {full}")
             with safe_open(str(files[full]), framework="pt") as f:
                 state[key] = f.get_tensor(full).to(torch.float32)
+            if transform is not None:
+                state[key] = transform(f"{name}.{key}", state[key])
         module.load_state_dict(state, strict=True, assign=True)
 
     with torch.device("meta"):
@@ -124,6 +131,10 @@ def llama4_logits_layerwise(checkpoint: Path, token_ids: list[list[int]]) -> lis
         for i, layer in enumerate(m.layers):
             materialize(layer, f"model.layers.{i}")
             kind = text.layer_types[i]
+            if routes is not None and hasattr(layer.feed_forward, "router"):
+                top_k = text.num_experts_per_tok
+                layer.feed_forward.router.register_forward_hook(
+                    lambda mod, args, out, i=i: routes.setdefault(i, []).append(out[1].topk(top_k, dim=-1).indices))
             hidden = [layer(h, attention_mask=mask[kind], position_ids=pos, cache=None, use_cache=False,
                             position_embeddings=freq) for h, mask, pos, freq in zip(hidden, masks, positions, rotary)]
             layer.to("meta")
@@ -132,15 +143,15 @@ def llama4_logits_layerwise(checkpoint: Path, token_ids: list[list[int]]) -> lis
         return [model.lm_head(m.norm(h))[0].float().numpy() for h in hidden]
 
 
-def reference_logits(checkpoint: Path, token_ids: list[list[int]]) -> list:
+def reference_logits(checkpoint: Path, token_ids: list[list[int]], routes: dict[int, list] | None = None) -> list:
     """The float32 PyTorch logits the gate compares a build with, at every position of every
-    prompt: Llama 4 one layer at a time (its checkpoints are far larger than one layer),
-    Llama as one model."""
+    prompt: Llama 4 one layer at a time (its checkpoints are far larger than one layer; `routes`
+    gets its router choices), Llama as one model."""
     import torch
     from transformers import AutoModelForCausalLM
 
     if is_llama4(read_config(checkpoint / "config.json")):
-        return llama4_logits_layerwise(checkpoint, token_ids)
+        return llama4_logits_layerwise(checkpoint, token_ids, routes=routes)
     model = AutoModelForCausalLM.from_pretrained(str(checkpoint), dtype=torch.float32, trust_remote_code=False)
     model.eval()
     with torch.inference_mode():

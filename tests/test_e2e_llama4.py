@@ -151,8 +151,10 @@ def test_quantized_llama4_builds_pass_the_routed_gate_and_serve(client, llama4_c
     info = client.build(job.build_id)
     q = info.quality
     assert q.passed and q.min_top1_agreement < 0.95 and q.top1_agreement >= q.min_top1_agreement, q  # routed defaults
-    ops = json.loads(info.manifest_json)["recipe_details"]["graph"]["ops"]
-    assert ops.get("QMoE") == 3, (ops, json.loads(info.manifest_json)["recipe_details"])  # experts at 4 or 8 bits
+    manifest = json.loads(info.manifest_json)
+    assert manifest["recipe_details"]["graph"]["ops"].get("QMoE") == 3  # the experts at 4 or 8 bits
+    flips = manifest["quality"]["extra"]["router_flips"]  # how often a token's expert changed
+    assert set(flips["per_layer"]) == {"0", "1", "3"} and 0 <= flips["rate"] < 0.1, flips
     assert client.generate(name, PROMPTS[0], 16).completion_tokens == 16
 
 

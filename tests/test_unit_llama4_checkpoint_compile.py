@@ -222,3 +222,24 @@ def test_llama4_auto_groups_sizes_and_choice():
     got = asyncio.run(llama4_auto.measure_sensitivity(["attn", "experts"], build, on_trial))
     assert set(got) == {("attn", "int8"), ("attn", "int4"), ("experts", "int8"), ("experts", "int4")}
     assert seen[0] == {"attn": "int8", "experts": "float"} and seen[-1] == {"attn": "float", "experts": "int4"}
+
+
+def test_router_flips_are_measured_with_the_weights_the_build_holds(tiny, tmp_path):
+    import numpy as np
+
+    from compiler_service.llama4_router_flips import dequantized_weights, router_flips
+    from compiler_service.torch_reference import llama4_logits_layerwise
+
+    report, _ = _run(tiny, tmp_path / "h4", precision="hybrid-int4")
+    assert isinstance(report, dict), report
+    ids = quality.tokenize(tiny, list(quality.DEFAULT_PROMPTS[:3]))
+    as_built = llama4_logits_layerwise(tiny, ids, transform=dequantized_weights("hybrid-int4"))
+    for ref, got in zip(as_built, quality.build_logits(tmp_path / "h4", ids)):
+        assert np.abs(ref - got).max() < 1e-4  # the dequantized reference computes what the build does
+    routes: dict = {}
+    quality.reference_logits(tiny, ids, routes)
+    assert list(routes) == [1] and [r.shape for r in routes[1]] == [(len(x), 1) for x in ids]
+    flips = router_flips(tiny, ids, "hybrid-int4", routes)
+    assert set(flips) == {"rate", "per_layer", "token_choices"} and 0 <= flips["rate"] <= 1
+    assert flips["token_choices"] == sum(map(len, ids)) and list(flips["per_layer"]) == ["1"]
+    assert router_flips(tiny, ids, "fp32", routes) == {} and dequantized_weights("fp32") is None
