@@ -133,6 +133,32 @@ def test_llama4_prompts_of_different_lengths_decode_in_one_cohort_exactly(stack,
         assert got == ref[: len(got)] and len(got) >= 8
 
 
+MORE_CONFIGS = {
+    # MoE on every layer, NoPE every 2nd layer, no QK norm, top-2 routing
+    "every-layer-top2": dict(num_hidden_layers=4, no_rope_layers=(1, 0, 1, 0), use_qk_norm=False, top_k=2,
+                             attention_chunk_size=12, floor_scale=5, attn_temperature_tuning=True),
+    # MoE on alternate layers (interleave step 2), Scout's NoPE pattern, QK norm
+    "alternate": dict(num_hidden_layers=4, interleave_moe_layer_step=2, attention_chunk_size=20, floor_scale=16),
+    # no chunked attention (every layer full), no temperature tuning
+    "unchunked": dict(num_hidden_layers=3, moe_layers=(1,), attention_chunk_size=None, attn_temperature_tuning=False),
+}
+
+
+@pytest.mark.parametrize("name", list(MORE_CONFIGS))
+def test_llama4_configs_stream_transformers_greedy_tokens(client, tmp_path, name):
+    from llamaship.llama4_model import make_llama4
+
+    checkpoint = make_llama4(tmp_path / name, seed=7, **MORE_CONFIGS[name])
+    job = client.compile(str(checkpoint), f"llama4-{name}", "fp32", max_sequence_length=256)
+    assert job.state == compiler_pb2.JOB_STATE_SUCCEEDED, job.message
+    assert client.build(job.build_id).quality.top1_agreement == 1.0
+    reference = _reference(checkpoint)
+    for prompt in PROMPTS[:2]:
+        ref_ids = reference(prompt, NEW_TOKENS)[1]
+        out = client.generate(f"llama4-{name}", prompt, NEW_TOKENS)
+        assert out.token_ids == ref_ids[: len(out.token_ids)] and len(out.token_ids) >= 8, name
+
+
 def test_conditional_checkpoint_compiles_its_text_tower(client, llama4_checkpoints):
     job = client.compile(str(llama4_checkpoints["conditional"]), "tiny-llama4-mm", "fp32", max_sequence_length=256)
     assert job.state == compiler_pb2.JOB_STATE_SUCCEEDED, job.message
