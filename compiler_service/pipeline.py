@@ -369,15 +369,16 @@ class CompilePipeline:
         checkpoint, is_llama4 = source.path, source.is_llama4
         options = req.quality
         thresholds = quality.thresholds_for(req.recipe, options, routed=is_llama4)
-        prompts, source = quality.eval_prompts(options.get("eval_prompts", []))
-        source = options.get("prompt_source", source)
+        prompts, prompt_source = quality.eval_prompts(options.get("eval_prompts", []))
+        prompt_source = options.get("prompt_source", prompt_source)
         old = quality.QualityReport.from_dict(previous) if previous.get("metrics") else None
         if old is not None and old.prompts_digest == quality.prompts_digest(prompts):
             return quality.rejudge(old, thresholds)
-        note = "the built-in default prompts (no eval_prompts given)" if source == "default" else f"{len(prompts)} given prompts"
+        note = ("the built-in default prompts (no eval_prompts given)" if prompt_source == "default"
+                else f"{len(prompts)} given prompts")
         await progress("quality", 0.0, f"comparing with the PyTorch reference on {note}")
         report = await asyncio.to_thread(quality.run_gate, checkpoint, build_dir, req.recipe, req.target_pool,
-                                         prompts, source, thresholds, precision if is_llama4 else "")
+                                         prompts, prompt_source, thresholds, precision if is_llama4 else "")
         if old is not None:  # measured again on other prompts: the record of forced publishes stays
             report.forced, report.forced_publishes = old.forced, old.forced_publishes
         if options.get("prompts_snapshot"):
