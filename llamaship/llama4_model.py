@@ -56,6 +56,9 @@ class Llama4Spec:
     conditional: bool = False
     dtype: str = "float32"  # or "bfloat16"
     max_shard_size: str = "5GB"
+    # True: weights drawn straight into the shards one slice at a time, never a whole model in
+    # memory (bench checkpoints of many GB); False: transformers' own random init and save
+    streamed: bool = False
     seed: int = 0
     version: int = 1
     extra: tuple[tuple[str, str], ...] = field(default=())  # config.json keys added as they are (quirks)
@@ -139,21 +142,35 @@ def make_llama4(out_dir: str | Path, spec: Llama4Spec | None = None, *, force: b
     eos_ids = [eos, pad]  # several EOS ids, as Llama 4's (<|end_of_text|>, <|eot|>, ...)
     text = Llama4TextConfig(**text_config_dict(spec, vocab, bos, eos_ids, pad))
     torch.manual_seed(spec.seed)
-    if spec.conditional:
-        config = Llama4Config(text_config=text, vision_config=_vision_config(spec.hidden_size),
-                              boi_token_index=vocab - 3, eoi_token_index=vocab - 2, image_token_index=vocab - 1,
-                              tie_word_embeddings=False)
-        model = Llama4ForConditionalGeneration(config)
-    else:
-        model = Llama4ForCausalLM(text)
-    for param in model.parameters():  # not model.to(): the vision tower's rotary buffer is complex
-        param.data = param.data.to(getattr(torch, spec.dtype))
-    model.eval()
+
+    def build():
+        if spec.conditional:
+            config = Llama4Config(text_config=text, vision_config=_vision_config(spec.hidden_size),
+                                  boi_token_index=vocab - 3, eoi_token_index=vocab - 2, image_token_index=vocab - 1,
+                                  tie_word_embeddings=False)
+            return Llama4ForConditionalGeneration(config)
+        return Llama4ForCausalLM(text)
 
     tmp = out.with_name(out.name + f".tmp-{int(time.time() * 1000)}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    model.save_pretrained(tmp, safe_serialization=True, max_shard_size=spec.max_shard_size)
+    if spec.streamed:
+        from llamaship.safetensors_stream import write_random
+
+        with torch.device("meta"):
+            model = build()
+        model.config.architectures = [type(model).__name__]  # as the model's save_pretrained records
+        model.config.dtype = spec.dtype
+        model.config.save_pretrained(tmp)
+        model.generation_config.save_pretrained(tmp)
+        shapes = {n: tuple(t.shape) for n, t in model.state_dict().items() if t.is_floating_point()}
+        write_random(tmp, shapes, dtype=spec.dtype, std=spec.init_std, seed=spec.seed,
+                     max_shard_size=spec.max_shard_size)
+    else:
+        model = build()
+        for param in model.parameters():  # not model.to(): the vision tower's rotary buffer is complex
+            param.data = param.data.to(getattr(torch, spec.dtype))
+        model.eval().save_pretrained(tmp, safe_serialization=True, max_shard_size=spec.max_shard_size)
     cfg_path = tmp / "config.json"
     cfg = json.loads(cfg_path.read_text())
     if spec.conditional:

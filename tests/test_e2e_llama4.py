@@ -141,6 +141,9 @@ MORE_CONFIGS = {
     "alternate": dict(num_hidden_layers=4, interleave_moe_layer_step=2, attention_chunk_size=20, floor_scale=16),
     # no chunked attention (every layer full), no temperature tuning
     "unchunked": dict(num_hidden_layers=3, moe_layers=(1,), attention_chunk_size=None, attn_temperature_tuning=False),
+    # bfloat16 weights in several shards, as published checkpoints come
+    "bf16-sharded": dict(num_hidden_layers=2, dtype="bfloat16", streamed=True, max_shard_size="300KB",
+                         attention_chunk_size=16, floor_scale=8),
 }
 
 

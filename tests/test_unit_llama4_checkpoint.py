@@ -191,3 +191,35 @@ def test_make_llama4_is_deterministic_and_reused(llama4_dirs, tmp_path):
     assert make_llama4(again, **SPEC) == again and (again / "model.safetensors").stat().st_mtime_ns == stamp
     other = make_llama4(tmp_path / "other", seed=1, **SPEC)
     assert (other / "model.safetensors").read_bytes() != (again / "model.safetensors").read_bytes()
+
+
+def test_streamed_checkpoints_match_transformers_layout_in_bounded_slices(tmp_path, monkeypatch):
+    from safetensors import safe_open
+
+    from llamaship import safetensors_stream
+    from llamaship.llama4_model import make_llama4
+
+    def layout(directory: Path) -> dict:
+        out = {}
+        for f in sorted(directory.glob("*.safetensors")):
+            with safe_open(str(f), "pt") as h:
+                out.update((k, (h.get_slice(k).get_shape(), h.get_slice(k).get_dtype())) for k in h.keys())
+        return out
+
+    written: list[int] = []
+    slices = safetensors_stream._slices
+    monkeypatch.setattr(safetensors_stream, "SLICE_BYTES", 4096)
+    monkeypatch.setattr(safetensors_stream, "_slices", lambda *a: (written.append(len(c)) or c for c in slices(*a)))
+    for conditional in (False, True):
+        saved = make_llama4(tmp_path / f"saved{conditional}", conditional=conditional, dtype="bfloat16", **SPEC)
+        streamed = make_llama4(tmp_path / f"streamed{conditional}", conditional=conditional, dtype="bfloat16",
+                               streamed=True, max_shard_size="100KB", **SPEC)
+        assert layout(streamed) == layout(saved) and len(list(streamed.glob("model-*-of-*.safetensors"))) > 3
+        assert json.loads((streamed / "config.json").read_text()) == json.loads((saved / "config.json").read_text())
+        index = json.loads((streamed / "model.safetensors.index.json").read_text())
+        assert set(index["weight_map"]) == set(layout(saved))
+        assert ckpt.inspect(streamed).parameters == ckpt.inspect(saved).parameters
+    assert max(written) <= 2 * 4096  # one slice (bfloat16 of at most 4 KiB of float32) at a time
+    again = make_llama4(tmp_path / "again", conditional=True, dtype="bfloat16", streamed=True, max_shard_size="100KB",
+                        **SPEC)
+    assert all((again / f.name).read_bytes() == f.read_bytes() for f in (tmp_path / "streamedTrue").glob("*.safetensors"))
