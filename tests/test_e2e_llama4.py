@@ -228,3 +228,19 @@ def test_malformed_llama4_checkpoint_fails_clearly_and_publishes_nothing(client,
     assert "broken-llama4" not in {m.name for m in client.models()}
     assert sorted(p.name for p in (stack.cfg.store / "builds").iterdir()) == builds_before
     assert client.generate("tiny-llama4", PROMPTS[0], 4).completion_tokens == 4  # the services are up
+
+
+def test_cancelling_a_llama4_compile_stops_it_and_publishes_nothing(client, stack, llama4_checkpoints):
+    builds_before = sorted(p.name for p in (stack.cfg.store / "builds").iterdir())
+    job = client.submit_compile(str(llama4_checkpoints["conditional"]), "tiny-llama4-cancelled", "auto")
+    for current in client.watch_compile(job.job_id):
+        if current.stage == "auto" and "sensitivity" in current.message:  # trial builds of the Llama 4 builder
+            break
+    client.cancel_compile(job.job_id)
+    final = None
+    for final in client.watch_compile(job.job_id):
+        pass
+    assert final.state == compiler_pb2.JOB_STATE_CANCELLED, final.message
+    assert "tiny-llama4-cancelled" not in {m.name for m in client.models()}
+    assert sorted(p.name for p in (stack.cfg.store / "builds").iterdir()) == builds_before
+    assert not list((stack.cfg.store / ".staging").iterdir())
