@@ -10,22 +10,22 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from compiler_service.checkpoint import CheckpointError
+from compiler_service.llama4 import config as l4config
+from compiler_service.llama4.layout import expected_tensors
 from shared.errors import shown
 
-ARCHITECTURES = ("Llama4ForCausalLM", "Llama4ForConditionalGeneration")
 FLOAT_DTYPES = ("F32", "F16", "BF16")
 
 
 @dataclass(frozen=True)
 class Llama4Source:
-    spec: object  # compiler_service.llama4.config.Llama4TextSpec
+    spec: l4config.Llama4TextSpec
     text_config: dict  # the text model's config as config.json states it
     parameters: int  # in the text tower (the vision tower is never compiled)
 
 
-def parse(config: dict):
-    from compiler_service.llama4 import config as l4config
-
+def parse(config: dict) -> tuple[l4config.Llama4TextSpec, dict]:
+    """The builder's parsed text config, and the text config as config.json states it."""
     return l4config.parse(config), l4config.text_config(config)[0]
 
 
@@ -47,11 +47,9 @@ LAYOUTS = {  # what each kind of tensor holds, for messages
 }
 
 
-def expected_shapes(spec) -> dict[str, tuple[list[int], str]]:
+def expected_shapes(spec: l4config.Llama4TextSpec) -> dict[str, tuple[list[int], str]]:
     """Every tensor of the text tower (the graph builder's own list): name with the checkpoint's
     prefix -> (shape, what it holds)."""
-    from compiler_service.llama4.layout import expected_tensors
-
     return {spec.weight_prefix + name: (list(shape), next((v for k, v in LAYOUTS.items() if name.endswith(k)), ""))
             for name, shape in expected_tensors(spec).items()}
 
@@ -64,7 +62,7 @@ def _layer_of(name: str, prefix: str) -> int | None:
     return int(index) if index.isdigit() else None
 
 
-def check_weights(spec, shapes: dict[str, list[int]], dtypes: dict[str, str]) -> int:
+def check_weights(spec: l4config.Llama4TextSpec, shapes: dict[str, list[int]], dtypes: dict[str, str]) -> int:
     """Raise CheckpointError naming the first tensor that is missing, misshapen, of a dtype the
     build cannot take, or that the config does not explain. Returns the text tower's parameters."""
     prefix = spec.weight_prefix
