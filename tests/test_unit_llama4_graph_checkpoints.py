@@ -79,6 +79,14 @@ def test_published_config_quirks():
     assert spec.eos_token_ids == (2, 3)
 
 
+def test_a_config_without_a_chunk_size_takes_transformers_default():
+    text = dict(tiny_config())
+    text.pop("attention_chunk_size", None)
+    text.pop("layer_types", None)
+    spec = l4config.parse({"architectures": ["Llama4ForCausalLM"], "model_type": "llama4_text", **text})
+    assert spec.attention_chunk_size == 8192 and any(spec.chunked_layers)
+
+
 def test_context_length_is_the_request_not_max_position_embeddings(tmp_path, demo_model):
     ckpt = tmp_path / "ckpt"
     make_checkpoint(ckpt, demo_model, max_position_embeddings=10_485_760)

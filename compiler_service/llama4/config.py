@@ -133,7 +133,7 @@ def parse(config: dict) -> Llama4TextSpec:
     rope_layers = tuple(bool(v) for v in no_rope)
     chunk = cfg.get("attention_chunk_size", 8192)
     if chunk is not None:
-        chunk = _int(cfg, "attention_chunk_size")
+        chunk = _int(cfg, "attention_chunk_size", 8192)
     layer_types = _layer_list(cfg, "layer_types", n) or [
         "chunked_attention" if r and chunk is not None else "full_attention" for r in rope_layers]
     unknown = sorted({t for t in layer_types if t not in ("chunked_attention", "full_attention")})
