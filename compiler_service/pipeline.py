@@ -30,6 +30,7 @@ from compiler_service import (auto_precision, llama4_auto, llama4_checkpoint, ll
                               request_checks, sources)
 from compiler_service.uploads import UploadStore
 from compiler_service.builder_runner import BuildCancelled, run_builder
+from compiler_service.memory import PeakRss
 from compiler_service.jobs import JobRequest
 from compiler_service.failures import CompileError, QualityGateFailed
 from compiler_service.verify import configure, inspect_graph, smoke_test
@@ -116,13 +117,14 @@ class CompilePipeline:
         job_dir = self.work_dir / job_id
         stop = threading.Event()  # set when the run ends: thread stages that outlive it stop early
         try:
-            return await self._run(job_dir, req, caller, progress, should_cancel, stop)
+            with PeakRss() as peak:
+                return await self._run(job_dir, req, caller, progress, should_cancel, stop, peak)
         finally:
             stop.set()
             await asyncio.shield(asyncio.to_thread(shutil.rmtree, job_dir, True))
 
     async def _run(self, job_dir: Path, req: JobRequest, caller: Caller, progress: Progress,
-                   should_cancel: Callable[[], Awaitable[bool]], stop: threading.Event) -> Outcome:
+                   should_cancel: Callable[[], Awaitable[bool]], stop: threading.Event, peak: PeakRss) -> Outcome:
         recipe = recipes.get(req.recipe, req.target_pool)
         where = sources.label(req)
         await progress("validate", 0.0, f"checking checkpoint {where}")
@@ -227,6 +229,8 @@ class CompilePipeline:
                     "description": llama4_report.get("precision_description", recipe.description),
                     **builder_details,
                     "build_seconds": round(build_seconds, 3),
+                    # the compiler and its builder child together, from validation to the gate
+                    "compile_peak_rss_bytes": peak.bytes,
                     "graph": graph,
                     **({"auto": auto_details} if auto_details else {}),
                 },

@@ -75,6 +75,7 @@ def test_llama4_build_is_verified_gated_and_keeps_the_requested_context(client, 
     assert details["builder"].startswith("llama4-") and details["llama4"]["moe_layers"] == [0, 1, 3]
     ops = details["graph"]["ops"]
     assert ops["GroupQueryAttention"] == 4 and ops["MoE"] == 3
+    assert 50 << 20 < details["compile_peak_rss_bytes"] < 16 << 30  # the compile's processes, sampled
 
 
 def test_llama4_recompile_reuses_the_build(client, llama4_build, llama4_checkpoints):
