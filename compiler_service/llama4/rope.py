@@ -20,8 +20,11 @@ def inverse_frequencies(rope: dict, head_dim: int) -> np.ndarray:
     low_wavelen, high_wavelen = old_context / low, old_context / high
     wavelen = (np.float32(2 * math.pi) / inv_freq).astype(np.float32)
     scaled = np.where(wavelen > low_wavelen, inv_freq / factor, inv_freq).astype(np.float32)
-    smooth = ((np.float32(old_context) / wavelen - np.float32(low)) / np.float32(high - low)).astype(np.float32)
-    smoothed = ((1 - smooth) * scaled / factor + smooth * scaled).astype(np.float32)
+    # Scout's high_freq_factor equals its low_freq_factor: no band is smoothed (as in transformers,
+    # the division's inf/nan only reach entries the `medium` mask leaves out)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        smooth = ((np.float32(old_context) / wavelen - np.float32(low)) / np.float32(high - low)).astype(np.float32)
+        smoothed = ((1 - smooth) * scaled / factor + smooth * scaled).astype(np.float32)
     medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
     return np.where(medium, smoothed, scaled).astype(np.float32)
 
