@@ -321,8 +321,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     from llamaship.bench import main as bench_main
 
-    if args.update_readme is None:
-        args.update_readme = not args.quick
+    if args.update_readme is None:  # the README's section is the default set's: --models runs leave it alone
+        args.update_readme = not args.quick and not args.models
     return bench_main(args)
 
 
@@ -460,6 +460,9 @@ def build_parser() -> argparse.ArgumentParser:
                                    "bandwidth limit; write JSON (every sample), Markdown and PNG charts.")
     p.add_argument("--quick", action="store_true", help="demo model only, few samples: under two minutes")
     p.add_argument("--large", action="store_true", help="also a Llama-3.2-1B-shaped checkpoint (random weights)")
+    p.add_argument("--models", nargs="+", default=None, metavar="MODEL",
+                   help="measure only these models (demo, llama-125m, llama-3.2-1b, llama4-tiny, llama4-16e); "
+                        "default: demo and llama-125m (demo only with --quick, llama-3.2-1b too with --large)")
     p.add_argument("--recipes", nargs="+", choices=RECIPES, default=None)
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="cuda benchmarks the cuda pool")
     p.add_argument("--threads", type=int, default=0, help="threads for every contender (default: min(cores, 2))")

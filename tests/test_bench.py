@@ -175,3 +175,151 @@ def test_chart_latencies_use_the_chunk_basis():
 
     run = as_dict(_chunked_stack_run(0.05, 0.010, 3, 2))
     assert _itl(run) == pytest.approx([0.005, 0.005])
+
+
+# -- unit: Llama 4 models, the --models option and the active-bytes roofline --------------------
+def _llama4_config(**over) -> dict:
+    cfg = {"architectures": ["Llama4ForCausalLM"], "vocab_size": 1000, "hidden_size": 64, "num_hidden_layers": 4,
+           "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16, "intermediate_size": 64,
+           "intermediate_size_mlp": 128, "num_local_experts": 8, "num_experts_per_tok": 1,
+           "interleave_moe_layer_step": 1}
+    cfg.update(over)
+    return cfg
+
+
+def _expected_active(cfg: dict, bytes_of, experts_read: int) -> float:
+    """Straight from the definition: per layer attention + 2 norms, MoE layers router + chosen
+    experts + shared expert, dense layers the dense MLP; one embedding row, final norm, lm_head."""
+    h, d, v, m = cfg["hidden_size"], cfg["head_dim"], cfg["vocab_size"], cfg["intermediate_size"]
+    moe = cfg.get("moe_layers", range(cfg["num_hidden_layers"]))
+    total = 0.0
+    for i in range(cfg["num_hidden_layers"]):
+        total += bytes_of("attn", 2 * cfg["num_attention_heads"] * d * h + 2 * cfg["num_key_value_heads"] * d * h)
+        total += 2 * h * 4
+        if i in moe:
+            total += cfg["num_local_experts"] * h * 4 + bytes_of("experts", experts_read * 3 * h * m)
+            total += bytes_of("shared_expert", 3 * h * m)
+        else:
+            total += bytes_of("mlp", 3 * h * cfg["intermediate_size_mlp"])
+    return total + h * 4 + h * 4 + bytes_of("lm_head", v * h)
+
+
+@pytest.mark.parametrize("precision, per_weight", [
+    ("fp32", {g: 4.0 for g in ("attn", "mlp", "shared_expert", "experts", "lm_head")}),
+    ("int8", {g: 1 + 4 / 32 for g in ("attn", "mlp", "shared_expert", "experts", "lm_head")}),
+    ("int4", {g: 0.5 + 4 / 32 for g in ("attn", "mlp", "shared_expert", "experts", "lm_head")}),
+    ("hybrid-int4", {"attn": 4.0, "mlp": 4.0, "shared_expert": 4.0, "experts": 0.5 + 4 / 32, "lm_head": 4.0}),
+    ("groups:attn=int8,experts=int4,lm_head=int8",
+     {"attn": 1.125, "mlp": 4.0, "shared_expert": 4.0, "experts": 0.625, "lm_head": 1.125}),
+])
+@pytest.mark.parametrize("top_k", [1, 2])
+def test_llama4_active_bytes_reads_only_the_chosen_experts(precision, per_weight, top_k):
+    from llamaship.bench.models import llama4_active_bytes, llama4_bits
+
+    cfg = _llama4_config(num_experts_per_tok=top_k)
+    got = llama4_active_bytes(cfg, llama4_bits(precision))
+    want = _expected_active(cfg, lambda g, n: n * per_weight[g], top_k)
+    assert got["active_bytes"] == pytest.approx(want, abs=2)
+    assert sum(got["parts"].values()) == pytest.approx(got["active_bytes"], abs=2)
+    # every expert read: the other (experts - k) experts' bytes on top
+    dense = _expected_active(cfg, lambda g, n: n * per_weight[g], cfg["num_local_experts"])
+    assert got["dense_bytes"] == pytest.approx(dense, abs=2)
+    assert got["active_bytes"] < got["dense_bytes"]
+
+
+def test_llama4_active_bytes_dense_layers_and_pytorch_dtype():
+    from llamaship.bench.models import llama4_active_bytes
+
+    cfg = _llama4_config(moe_layers=[1, 3])
+    got = llama4_active_bytes(cfg, {}, dtype_bytes=4)  # PyTorch float32: every group 4 bytes a weight
+    assert got["active_bytes"] == pytest.approx(_expected_active(cfg, lambda g, n: 4.0 * n, 1), abs=2)
+    assert got["parts"]["dense_mlp"] == 2 * 3 * 64 * 128 * 4
+    h, m, d = 64, 64, 16
+    layer = (2 * 4 + 2 * 2) * d * h + 2 * h  # attention + norms
+    moe_active = 8 * h + 2 * 3 * h * m  # router + one expert + the shared expert
+    want = 4 * layer + 2 * moe_active + 2 * 3 * h * 128 + 2 * h + 1000 * h
+    assert got["active_params"] == want
+    assert got["total_params"] == want + 2 * 7 * 3 * h * m
+
+
+def test_llama4_quantized_weights_whose_k_is_not_a_block_multiple_stay_float():
+    from llamaship.bench.models import _weight_bytes
+
+    assert _weight_bytes(48 * 100, 4, 48) == 48 * 100 * 4.0
+    assert _weight_bytes(64 * 100, 4, 64) == 64 * 100 * 0.625
+
+
+def test_llama4_16e_is_mid_size_with_about_100m_active_parameters():
+    from llamaship.bench.models import LLAMA4_SHAPES, llama4_active_bytes, llama4_spec
+    from llamaship.llama4_model import text_config_dict
+
+    spec = llama4_spec("llama4-16e")
+    assert spec.num_experts == 16 and spec.top_k == 1 and spec.dtype == "bfloat16"
+    cfg = {"architectures": ["Llama4ForCausalLM"], **text_config_dict(spec, 2048, 1, [2, 0], 0)}
+    got = llama4_active_bytes(cfg, {}, dtype_bytes=4)
+    assert 90e6 <= got["active_params"] <= 115e6 and got["total_params"] > 4 * got["active_params"]
+    assert LLAMA4_SHAPES["llama4-tiny"] == {}  # make_llama4's defaults
+
+
+@pytest.mark.parametrize("argv, quick, large, want", [
+    ([], False, False, ["demo", "llama-125m"]),
+    ([], True, False, ["demo"]),
+    ([], False, True, ["demo", "llama-125m", "llama-3.2-1b"]),
+    (["--models", "llama4-tiny", "llama4-16e"], False, False, ["llama4-tiny", "llama4-16e"]),
+    (["--models", "llama4-16e", "demo", "llama4-16e"], True, False, ["llama4-16e", "demo"]),
+])
+def test_models_option(argv, quick, large, want):
+    from llamaship.bench.runner import Plan
+    from llamaship.cli import build_parser
+
+    args = build_parser().parse_args(["bench", *argv, *(["--quick"] if quick else []), *(["--large"] if large else [])])
+    assert Plan(args.quick, args.large, args.recipes, args.device, args.models).models == want
+
+
+def test_unknown_model_is_refused_and_models_runs_leave_the_readme_alone(monkeypatch):
+    from llamaship.bench import runner
+    from llamaship.cli import build_parser, cmd_bench
+
+    with pytest.raises(ValueError, match="unknown bench model 'llama5'"):
+        runner.Plan(False, False, None, "cpu", ["llama5"])
+    seen = {}
+    monkeypatch.setattr("llamaship.bench.main", lambda a: seen.setdefault("args", a) and 0)
+    for argv, readme in ((["bench", "--models", "llama4-tiny"], False), (["bench"], True), (["bench", "--quick"], False),
+                         (["bench", "--models", "demo", "--update-readme"], True)):
+        seen.clear()
+        cmd_bench(build_parser().parse_args(argv))
+        assert seen["args"].update_readme is readme, argv
+
+
+def test_llama4_models_get_only_llama4_recipes():
+    from llamaship.bench.runner import Plan
+
+    plan = Plan(False, False, None, "cpu", ["demo", "llama4-tiny"])
+    assert plan.recipes_for("demo") == ["fp32", "int8", "hybrid-int8", "hybrid-int4", "int4", "auto"]
+    assert plan.recipes_for("llama4-tiny") == ["fp32", "int8", "hybrid-int4", "int4", "auto"]
+    assert Plan(False, False, ["hybrid-int8", "int4"], "cpu", ["llama4-tiny"]).recipes_for("llama4-tiny") == ["int4"]
+
+
+def test_llama4_roofline_uses_active_bytes():
+    from llamaship.bench import report as rep
+
+    data = _synthetic_report(0.002, 0.008, 4)
+    model = data["models"].pop("demo")
+    r = model["recipes"]["fp32"]
+    r["active_bytes_per_token"] = 250_000  # a quarter of the build's per-token initializers
+    r["compile_rss_mb"] = {"peak": 500.0, "start": 60.0}
+    model.update(checkpoint_bytes=3 * 10**6, llama4={"active_params": 1e5, "total_params": 4e5})
+    data["models"]["llama4-tiny"] = model
+    rep.evaluate(data)
+    assert r["roofline_tps"] == pytest.approx(10e9 / 250_000)
+    md = rep.markdown(data)
+    assert "| llama4-tiny | fp32 |" in md and "500 (60)" in md and "0.25 |" in md
+
+
+def test_llama4_experts_stay_float_unless_hidden_and_width_are_block_multiples():
+    from llamaship.bench.models import llama4_active_bytes, llama4_bits
+
+    cfg = _llama4_config(intermediate_size=48)  # QMoE needs both K's (64 and 48) in blocks of 32
+    got = llama4_active_bytes(cfg, llama4_bits("int4"))
+    assert got["parts"]["experts"] == 4 * 3 * 64 * 48 * 4.0  # one expert a layer, float32
+    assert got["parts"]["shared_expert"] == 4 * (2 * 48 * 64 * 0.625 + 64 * 48 * 4.0)  # gate/up K=64 int4, down K=48 float

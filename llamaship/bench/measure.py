@@ -143,6 +143,58 @@ def peak_rss_mb(pid: int, with_children: bool = False) -> float:
     return total
 
 
+class TreeRssSampler:
+    """Peak resident memory of a process and all its descendants together, sampled from outside
+    every `interval_s` while the `with` block runs (a compile: the service and the build children
+    it starts). `result()`: peak and the value at the start (the idle service), in MB."""
+
+    def __init__(self, pid: int, interval_s: float = 0.05):
+        self.pid, self.interval_s = pid, interval_s
+        self.samples = 0
+        self.peak = self.start = float("nan")
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def sample(self) -> float:
+        import psutil
+
+        try:
+            root = psutil.Process(self.pid)
+            procs = [root, *root.children(recursive=True)]
+        except psutil.Error:
+            return float("nan")
+        total = 0
+        for p in procs:
+            try:
+                total += p.memory_info().rss
+            except psutil.Error:
+                pass
+        return total / 1e6
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            v = self.sample()
+            self.samples += 1
+            if not v != v and not (self.peak >= v):
+                self.peak = v
+            self._stop.wait(self.interval_s)
+
+    def __enter__(self) -> "TreeRssSampler":
+        self.start = self.sample()
+        self.peak = self.start
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        if self._thread:
+            self._thread.join()
+
+    def result(self) -> dict:
+        return {"peak": self.peak, "start": self.start, "samples": self.samples, "interval_s": self.interval_s}
+
+
 def cpu_seconds(pids: dict[str, int]) -> dict[str, float]:
     """User + system CPU seconds each process, with its live children (a replica's decode
     workers), has used so far."""
@@ -196,14 +248,22 @@ class DirectOG:
 
 # -- PyTorch eager (transformers generate) ----------------------------------------------------
 class TorchEager:
-    def __init__(self, checkpoint: Path, dtype: str, threads: int, device: str = "cpu"):
+    """transformers `generate`; Llama 4 checkpoints (`llama4=True`) load as Llama4ForCausalLM
+    through the quality gate's loader, which accepts published configs' quirks."""
+
+    def __init__(self, checkpoint: Path, dtype: str, threads: int, device: str = "cpu", llama4: bool = False):
         import torch
         from transformers import AutoModelForCausalLM
 
         torch.set_num_threads(threads)
         self.torch = torch
         self.device = device
-        self.model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=getattr(torch, dtype)).to(device).eval()
+        if llama4:
+            from compiler_service.torch_reference import load_llama4_text
+
+            self.model = load_llama4_text(Path(checkpoint), dtype).to(device).eval()
+        else:
+            self.model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=getattr(torch, dtype)).to(device).eval()
 
     def run(self, prompt_ids: list[int], max_new: int) -> Run:
         from transformers.generation.streamers import BaseStreamer

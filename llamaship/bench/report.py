@@ -42,7 +42,8 @@ def evaluate(report: dict) -> None:
         for r in model["recipes"].values():
             if "error" in r:
                 continue
-            r["roofline_tps"] = _safe_div(bw, r["per_token_bytes"])
+            # Llama 4: only the chosen experts are read per token (active bytes), not every initializer
+            r["roofline_tps"] = _safe_div(bw, r.get("active_bytes_per_token", r["per_token_bytes"]))
             r["roofline_fraction"] = _safe_div(r["direct"]["short"]["decode_tps"], r["roofline_tps"])
             r["overhead"] = {
                 "ttft_ms_added_p50": r["stack"]["short"]["ttft_ms_p50"] - r["direct"]["short"]["ttft_ms_p50"],
@@ -73,6 +74,38 @@ def _concurrency_table(model: dict) -> list[str]:
         cells = [f"{_f(c['aggregate_tps'], 0)}, {_f(c['ttft_ms_p50'])}/{_f(c['ttft_ms_p99'])}" for c in r["concurrency"]]
         out.append(f"| {rc} | " + " | ".join(cells) + f" | {sum(len(c['errors']) for c in r['concurrency'])} |")
     return out
+
+
+def _llama4_table(mname: str, model: dict) -> list[str]:
+    """Llama 4: decode tokens/s of the three contenders per recipe, compile time and the compiler's
+    peak RSS against checkpoint and build size, and the roofline by active bytes per token."""
+    if "llama4" not in model:
+        return []
+    info, pt = model["llama4"], model["pytorch"].get("float32", {})
+    ck = model["checkpoint_bytes"] / 1e6
+    out = ["", f"Llama 4 ({info['active_params'] / 1e6:.1f}M of {info['total_params'] / 1e6:.1f}M parameters read per "
+               f"token; checkpoint {ck:.1f} MB). Roofline: bandwidth ÷ the bytes one token reads (attention, norms, "
+               "router, the chosen experts, the shared expert, one embedding row, lm_head), at the build's bits; "
+               "PyTorch's at float32 (transformers' eager MoE computes every expert, so it actually reads "
+               f"{pt.get('dense_bytes_per_token', math.nan) / 1e6:.0f} MB per token). Compiler peak RSS: the compiler "
+               "service and its build children together, sampled every 50 ms during the compile (idle service first).",
+           "", "| model | recipe | PyTorch fp32 tok/s | direct tok/s | stack tok/s | compile s | compiler peak RSS MB "
+               "(idle) | checkpoint MB | build MB | active MB/token | roofline |",
+           "|---|---|---|---|---|---|---|---|---|---|---|",
+           f"| {mname} | PyTorch float32 | {_f(pt.get('short', {}).get('decode_tps', math.nan))} | — | — | — | — | "
+           f"{ck:.1f} | — | {_f(pt.get('bytes_per_token', math.nan) / 1e6, 2)} | "
+           f"{_f(pt.get('roofline_fraction', math.nan) * 100, 0)}% |"]
+    for rc, r in model["recipes"].items():
+        if "error" in r:
+            out.append(f"| {mname} | {rc} | compile failed: {r['error'][:200]} |")
+            continue
+        rss = r.get("compile_rss_mb") or {}
+        out.append(f"| {mname} | {rc} | {_f(pt.get('short', {}).get('decode_tps', math.nan))} | "
+                   f"{_f(r['direct']['short']['decode_tps'])} | {_f(r['stack']['short']['decode_tps'])} | "
+                   f"{_f(r['compile_s'])} | {_f(rss.get('peak', math.nan), 0)} ({_f(rss.get('start', math.nan), 0)}) | "
+                   f"{ck:.1f} | {r['build_bytes'] / 1e6:.1f} | {_f(r.get('active_bytes_per_token', math.nan) / 1e6, 2)} | "
+                   f"{_f(r['roofline_fraction'] * 100, 0)}% of {_f(r['roofline_tps'], 0)} |")
+    return out + [""]
 
 
 def _quality_table(model: dict) -> list[str]:
@@ -210,6 +243,7 @@ def markdown(report: dict, chart_prefix: str = "") -> str:
             f"{rc}: chunk gap p50 {_f(r['stack']['short'].get('chunk_gap_ms_p50', math.nan), 2)} ms, "
             f"{_f(r['stack']['short'].get('tokens_per_chunk_mean', math.nan), 2)} tokens per chunk"
             for rc, r in model["recipes"].items() if "error" not in r)]
+        lines += _llama4_table(mname, model)
         lines += _concurrency_table(model)
         lines += _quality_table(model)
         procs = sorted({k for r in model["recipes"].values() if "error" not in r

@@ -19,6 +19,7 @@ from tqdm import tqdm
 
 from llamaship.bench import measure as m
 from shared.proto_gen.llamaship.compiler.v1 import compiler_pb2
+from llamaship.bench import models as bm
 from llamaship.bench.models import bench_checkpoint
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -27,10 +28,11 @@ CUDA_RECIPES = ("fp16", "int4")
 
 
 class Plan:
-    def __init__(self, quick: bool, large: bool, recipes: list[str] | None, device: str):
+    def __init__(self, quick: bool, large: bool, recipes: list[str] | None, device: str,
+                 models: list[str] | None = None):
         self.quick = quick
         self.device = device
-        self.models = ["demo"] if quick else ["demo", "llama-125m"] + (["llama-3.2-1b"] if large else [])
+        self.models = bm.resolve_models(models, quick, large)
         self.recipes = list(recipes or (CUDA_RECIPES if device == "cuda" else CPU_RECIPES))
         self.short_tokens = 16
         self.long_tokens = 256 if quick else 512
@@ -40,6 +42,13 @@ class Plan:
         self.concurrency = (1, 4, 16)
         self.conc_tokens = 16 if quick else 64
         self.torch_reps = 2 if quick else 3
+
+    def recipes_for(self, model: str) -> list[str]:
+        """Llama 4 builds have no hybrid-int8 (and on cpu no fp16): the plan's recipes that Llama 4 has."""
+        if not bm.is_llama4(model):
+            return self.recipes
+        known = bm.LLAMA4_CPU_RECIPES if self.device == "cpu" else CUDA_RECIPES
+        return [r for r in self.recipes if r in known]
 
 
 def prompt_text(tokenizer, n_tokens: int) -> str:
@@ -67,7 +76,7 @@ def run_bench(plan: Plan, out_dir: Path, cache: Path, threads: int) -> dict:
         },
         "models": {},
     }
-    steps = len(plan.models) * (len(plan.recipes) + 2) + 1
+    steps = sum(len(plan.recipes_for(n)) + 2 for n in plan.models) + 1
     bar = tqdm(total=steps, desc="bench", unit="step")
     bar.set_postfix_str("memory bandwidth")
     bandwidth = [m.memory_bandwidth_gbs(threads, device=plan.device)]
@@ -87,17 +96,25 @@ def run_bench(plan: Plan, out_dir: Path, cache: Path, threads: int) -> dict:
             tok = PromptTokenizer(ckpt)
             prompts = {"short": prompt_text(tok, plan.short_tokens), "long": prompt_text(tok, plan.long_tokens)}
             entry: dict = {"checkpoint": str(ckpt), "prompt_tokens": {k: len(tok.encode(v)) for k, v in prompts.items()},
-                           "pytorch": {}, "recipes": {}}
+                           "pytorch": {}, "recipes": {}, "checkpoint_bytes": bm.checkpoint_bytes(ckpt)}
+            llama4 = bm.is_llama4(model_name)
+            if llama4:
+                config = json.loads((ckpt / "config.json").read_text())
+                fp32 = bm.llama4_active_bytes(config, {}, dtype_bytes=4)
+                entry["llama4"] = {"spec": {k: v for k, v in vars(bm.llama4_spec(model_name)).items()},
+                                   "active_params": fp32["active_params"], "total_params": fp32["total_params"]}
             report["models"][model_name] = entry
             bar.update(1)
 
             bar.set_postfix_str(f"{model_name}: PyTorch eager")
-            if plan.device == "cuda":
+            if llama4:  # transformers' Llama4ForCausalLM, float32 (the quality gate's reference model)
+                dtypes = ["float32"]
+            elif plan.device == "cuda":
                 dtypes = ["float32", "float16"]
             else:
                 dtypes = ["float32"] + (["bfloat16"] if m.bf16_supported() else [])
             for dtype in dtypes:
-                eager = m.TorchEager(ckpt, dtype, threads, device=plan.device)
+                eager = m.TorchEager(ckpt, dtype, threads, device=plan.device, llama4=llama4)
                 ids = {k: tok.encode(v) for k, v in prompts.items()}
                 eager.run(ids["short"], 4)
                 runs = {k: [eager.run(ids[k], plan.new_tokens) for _ in range(plan.torch_reps)] for k in ids}
@@ -105,19 +122,23 @@ def run_bench(plan: Plan, out_dir: Path, cache: Path, threads: int) -> dict:
                     "short": m.summarize(runs["short"]), "long": m.summarize(runs["long"]),
                     "bytes_per_token": m.torch_weight_bytes(ckpt, 4 if dtype == "float32" else 2),
                     "device": plan.device,
+                    **({"bytes_per_token": fp32["active_bytes"], "dense_bytes_per_token": fp32["dense_bytes"]}
+                       if llama4 else {}),
                     "raw": {k: [m.as_dict(r) for r in v] for k, v in runs.items()},
                 }
                 del eager
                 gc.collect()
             bar.update(1)
 
-            for recipe in plan.recipes:
+            for recipe in plan.recipes_for(model_name):
                 bar.set_postfix_str(f"{model_name}: {recipe}")
                 name = f"bench-{model_name}-{recipe}".replace(".", "-")
                 t0 = time.perf_counter()
-                # forced: a build that misses its quality gate is still measured (the report says it failed)
-                job = client.compile(str(ckpt), name, recipe, plan.device,
-                                     quality=compiler_pb2.QualityGate(force_publish=True))
+                # the compiler's processes (service + build children), sampled from outside during the compile
+                with m.TreeRssSampler(stack.procs["compiler"].popen.pid) as compiler_rss:
+                    # forced: a build that misses its quality gate is still measured (the report says it failed)
+                    job = client.compile(str(ckpt), name, recipe, plan.device,
+                                         quality=compiler_pb2.QualityGate(force_publish=True))
                 compile_s = time.perf_counter() - t0
                 if not job.build_id:
                     entry["recipes"][recipe] = {"error": job.message}
@@ -131,7 +152,14 @@ def run_bench(plan: Plan, out_dir: Path, cache: Path, threads: int) -> dict:
                     "build_bytes": manifest.total_bytes, **m.onnx_weight_bytes(build_dir),
                     "quality": manifest.quality, "auto": manifest.recipe_details.get("auto"),
                     "profile": (manifest.profile or {}).get("summary"),
+                    "compile_rss_mb": compiler_rss.result(),
                 })
+                if llama4:
+                    precision = manifest.recipe_details.get("builder_precision") or recipe
+                    active = bm.llama4_active_bytes(config, bm.llama4_bits(precision))
+                    entry["recipes"][recipe].update({
+                        "builder_precision": precision, "active_bytes_per_token": active["active_bytes"],
+                        "dense_bytes_per_token": active["dense_bytes"], "active_bytes_parts": active["parts"]})
                 bar.update(1)
         report["peak_rss_mb"] = {n: m.peak_rss_mb(p.popen.pid, with_children=True) for n, p in stack.procs.items()}
         # measured at the start and the end (a shared machine's bandwidth varies); the best is the limit
@@ -201,7 +229,11 @@ def main(args) -> int:
             print("llamaship bench: --device cuda needs onnxruntime-genai-cuda and a GPU "
                   "(pip install -e '.[cuda]')", file=sys.stderr)
             return 1
-    plan = Plan(args.quick, args.large, args.recipes, args.device)
+    try:
+        plan = Plan(args.quick, args.large, args.recipes, args.device, getattr(args, "models", None))
+    except ValueError as exc:
+        print(f"llamaship bench: {exc}", file=sys.stderr)
+        return 2
     out_dir = Path(args.out).resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
     cache = Path(args.cache).resolve()
