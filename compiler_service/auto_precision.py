@@ -77,10 +77,12 @@ def trials() -> list[dict[str, str]]:
 
 
 def choose(sensitivity: dict[tuple[str, str], Drift], params: dict[str, int], budget: Budget) -> Choice:
-    """The smallest assignment whose predicted drift the budget admits (all float if none)."""
-    best = Choice({g: "float" for g in GROUPS}, NO_DRIFT, sum(params.values()) * BYTES_PER_PARAM["float"])
-    for widths in itertools.product(("float", *WIDTHS), repeat=len(GROUPS)):
-        assignment = dict(zip(GROUPS, widths))
+    """The smallest assignment of the groups in `params` whose predicted drift the budget admits
+    (all float if none)."""
+    groups = list(params)
+    best = Choice({g: "float" for g in groups}, NO_DRIFT, sum(params.values()) * BYTES_PER_PARAM["float"])
+    for widths in itertools.product(("float", *WIDTHS), repeat=len(groups)):
+        assignment = dict(zip(groups, widths))
         drift = sum((sensitivity[(g, w)] for g, w in assignment.items() if w != "float"), NO_DRIFT)
         size = sum(params[g] * BYTES_PER_PARAM[w] for g, w in assignment.items())
         if budget.admits(drift) and (size, drift.mean_kl) < (best.bytes, best.predicted.mean_kl):

@@ -5,10 +5,9 @@ expert, routed experts and lm_head. The builder takes the choice as `groups:<gro
 
 from __future__ import annotations
 
-import itertools
 from typing import Awaitable, Callable
 
-from compiler_service.auto_precision import BYTES_PER_PARAM, NO_DRIFT, WIDTHS, Budget, Choice, Drift
+from compiler_service.auto_precision import WIDTHS, Drift
 
 GROUPS = ("attn", "mlp", "shared_expert", "experts", "lm_head")
 
@@ -30,19 +29,6 @@ def group_params(spec) -> dict[str, int]:
 def precision(assignment: dict[str, str]) -> str:
     """The builder's precision name for an assignment."""
     return "groups:" + ",".join(f"{g}={w}" for g, w in assignment.items())
-
-
-def choose(sensitivity: dict[tuple[str, str], Drift], params: dict[str, int], budget: Budget) -> Choice:
-    """The smallest assignment whose predicted drift the budget admits (all float if none)."""
-    groups = list(params)
-    best = Choice({g: "float" for g in groups}, NO_DRIFT, sum(params.values()) * BYTES_PER_PARAM["float"])
-    for widths in itertools.product(("float", *WIDTHS), repeat=len(groups)):
-        assignment = dict(zip(groups, widths))
-        drift = sum((sensitivity[(g, w)] for g, w in assignment.items() if w != "float"), NO_DRIFT)
-        size = sum(params[g] * BYTES_PER_PARAM[w] for g, w in assignment.items())
-        if budget.admits(drift) and (size, drift.mean_kl) < (best.bytes, best.predicted.mean_kl):
-            best = Choice(assignment, drift, size)
-    return best
 
 
 async def measure_sensitivity(

@@ -351,7 +351,7 @@ class CompilePipeline:
         if source.is_llama4:
             params = llama4_auto.group_params(llama4_checkpoint.parse(source.config)[0])
             sensitivity = await llama4_auto.measure_sensitivity(list(params), trial, on_trial)
-            choice = llama4_auto.choose(sensitivity, params, budget)
+            choice = auto_precision.choose(sensitivity, params, budget)
         else:
             sensitivity = await auto_precision.measure_sensitivity(trial, on_trial)
             choice = auto_precision.choose(sensitivity, auto_precision.group_params(source.config), budget)

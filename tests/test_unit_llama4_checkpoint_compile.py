@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from onnx import helper
 
-from compiler_service import llama4_runner, quality, recipes, verify
+from compiler_service import auto_precision, llama4_runner, quality, recipes, verify
 from compiler_service.builder_runner import BuildCancelled
 from compiler_service.failures import CompileError
 
@@ -203,11 +203,11 @@ def test_llama4_auto_groups_sizes_and_choice():
                       "experts": 2 * 8 * 3 * 64 * 32, "lm_head": 256 * 64}
     cheap, costly = Drift(0.0001, 0.001, 0.01), Drift(0.5, 0.5, 50.0)
     sensitivity = {(g, w): (costly if (g, w) == ("attn", "int4") else cheap) for g in params for w in ("int8", "int4")}
-    choice = llama4_auto.choose(sensitivity, params, Budget(0.03, 0.07, 4.0))
+    choice = auto_precision.choose(sensitivity, params, Budget(0.03, 0.07, 4.0))
     assert choice.assignment == {"attn": "int8", "mlp": "int4", "shared_expert": "int4", "experts": "int4",
                                  "lm_head": "int4"}
     assert llama4_auto.precision(choice.assignment).startswith("groups:attn=int8,mlp=int4,")
-    nothing = llama4_auto.choose({k: costly for k in sensitivity}, params, Budget(0.03, 0.07, 4.0))
+    nothing = auto_precision.choose({k: costly for k in sensitivity}, params, Budget(0.03, 0.07, 4.0))
     assert set(nothing.assignment.values()) == {"float"}
 
     seen: list[dict] = []
