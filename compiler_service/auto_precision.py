@@ -78,10 +78,11 @@ def trials() -> list[dict[str, str]]:
 
 def choose(sensitivity: dict[tuple[str, str], Drift], params: dict[str, int], budget: Budget) -> Choice:
     """The smallest assignment of the groups in `params` whose predicted drift the budget admits
-    (all float if none)."""
+    (all float if none). A group is offered the widths measured for it in `sensitivity`."""
     groups = list(params)
     best = Choice({g: "float" for g in groups}, NO_DRIFT, sum(params.values()) * BYTES_PER_PARAM["float"])
-    for widths in itertools.product(("float", *WIDTHS), repeat=len(groups)):
+    offered = [("float", *(w for w in WIDTHS if (g, w) in sensitivity)) for g in groups]
+    for widths in itertools.product(*offered):
         assignment = dict(zip(groups, widths))
         drift = sum((sensitivity[(g, w)] for g, w in assignment.items() if w != "float"), NO_DRIFT)
         size = sum(params[g] * BYTES_PER_PARAM[w] for g, w in assignment.items())

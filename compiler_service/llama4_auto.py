@@ -10,6 +10,10 @@ from typing import Awaitable, Callable
 from compiler_service.auto_precision import WIDTHS, Drift
 
 GROUPS = ("attn", "mlp", "shared_expert", "experts", "lm_head")
+# Widths auto considers per group (default: every width). Experts at 8 bits run through QMoE's
+# 8-bit CPU path, which decoded slower than float experts (llama4-16e: 9 against 53 tok/s, bench
+# 2026-11-26), so auto keeps experts float or 4-bit.
+GROUP_WIDTHS = {"experts": ("int4",)}
 
 
 def group_params(spec) -> dict[str, int]:
@@ -37,7 +41,7 @@ async def measure_sensitivity(
     on_trial: Callable[[int, int, str], Awaitable[None]],
 ) -> dict[tuple[str, str], Drift]:
     """`build(assignment, label) -> Drift` with one group quantized at a time, at each width."""
-    runs = [(g, w) for g in groups for w in WIDTHS]
+    runs = [(g, w) for g in groups for w in GROUP_WIDTHS.get(g, WIDTHS)]
     out = {}
     for i, (group, width) in enumerate(runs):
         label = f"{group}={width}"

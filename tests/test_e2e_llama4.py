@@ -194,8 +194,9 @@ def test_llama4_auto_measures_its_groups_and_passes_the_gate(client, llama4_chec
     info = client.build(job.build_id)
     details = json.loads(info.manifest_json)["recipe_details"]
     auto = details["auto"]
-    assert set(auto["sensitivity"]) == {f"{g}={w}" for g in ("attn", "shared_expert", "experts", "lm_head", "mlp")
-                                        for w in ("int8", "int4")}
+    assert set(auto["sensitivity"]) == {f"{g}={w}" for g in ("attn", "shared_expert", "lm_head", "mlp")
+                                        for w in ("int8", "int4")} | {"experts=int4"}  # 8-bit experts: slow
+    assert auto["chosen"]["experts"] in ("float", "int4")
     built = dict(item.split("=") for item in details["builder_precision"].removeprefix("groups:").split(","))
     assert built == auto["chosen"] and set(built) == {"attn", "mlp", "shared_expert", "experts", "lm_head"}
     assert info.quality.passed, info.quality
