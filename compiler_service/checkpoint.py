@@ -94,7 +94,9 @@ def read_config(path: Path) -> dict:
     return config
 
 
-def _safetensors_header(path: Path) -> dict:
+def safetensors_header(path: Path) -> tuple[dict, int]:
+    """A safetensors file's JSON header, checked against the file's size, and the offset where its
+    tensor data starts. Bounded: a header over MAX_HEADER_BYTES is refused before it is read."""
     with open_regular(path) as f:
         size = os.fstat(f.fileno()).st_size
         head = f.read(8)
@@ -123,7 +125,7 @@ def _safetensors_header(path: Path) -> dict:
         raise CheckpointError(
             f"corrupt safetensors file {path.name}: tensors need {8 + n + end} bytes but the file has {size} (truncated?)"
         )
-    return header
+    return header, 8 + n
 
 
 def inspect(path: str | Path, allow_pickle: bool = False, label: str = "") -> Checkpoint:
@@ -165,7 +167,7 @@ def inspect(path: str | Path, allow_pickle: bool = False, label: str = "") -> Ch
     shapes: dict[str, list[int]] = {}
     dtypes: dict[str, str] = {}
     for w in weights:
-        for name, info in _safetensors_header(w).items():
+        for name, info in safetensors_header(w)[0].items():
             if name != "__metadata__":
                 try:
                     shapes[name] = [int(d) for d in info.get("shape", [])]

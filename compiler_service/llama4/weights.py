@@ -3,17 +3,13 @@ checks each tensor's shape against what the config implies."""
 
 from __future__ import annotations
 
-import json
-import os
-import struct
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from compiler_service.checkpoint import CheckpointError, open_regular
+from compiler_service.checkpoint import CheckpointError, open_regular, safetensors_header
 
-MAX_HEADER_BYTES = 16 << 20
 ROW_BLOCK_BYTES = 64 << 20  # how much of a large tensor (embeddings, lm_head) is read at once
 _DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16, "F64": np.float64}
 
@@ -27,24 +23,6 @@ class _Entry:
     end: int
 
 
-def _read_header(path: Path) -> tuple[dict, int]:
-    with open_regular(path) as f:
-        size = os.fstat(f.fileno()).st_size
-        head = f.read(8)
-        if len(head) < 8:
-            raise CheckpointError(f"corrupt safetensors file {path.name}: shorter than its 8-byte header length")
-        (n,) = struct.unpack("<Q", head)
-        if n <= 0 or n > MAX_HEADER_BYTES or 8 + n > size:
-            raise CheckpointError(f"corrupt safetensors file {path.name}: header length {n} does not fit")
-        try:
-            header = json.loads(f.read(n))
-        except ValueError:
-            raise CheckpointError(f"corrupt safetensors file {path.name}: header is not JSON") from None
-    if not isinstance(header, dict):
-        raise CheckpointError(f"corrupt safetensors file {path.name}: header is not a JSON object")
-    return header, 8 + n
-
-
 class Weights:
     """Index of every tensor in a checkpoint directory's *.safetensors files."""
 
@@ -55,7 +33,7 @@ class Weights:
         if not files:
             raise CheckpointError("no *.safetensors weight files in the checkpoint")
         for path in files:
-            header, base = _read_header(path)
+            header, base = safetensors_header(path)
             size = path.stat().st_size
             for name, info in header.items():
                 if name == "__metadata__":
