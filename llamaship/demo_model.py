@@ -104,6 +104,14 @@ def write_tokenizer_files(tok, out: Path) -> None:
     )
 
 
+def made_with(stamp: Path, digest: str) -> bool:
+    """The checkpoint beside `stamp` was made from a spec with this digest (so it can be reused)."""
+    try:
+        return json.loads(stamp.read_text()).get("digest") == digest
+    except (OSError, ValueError):
+        return False
+
+
 def make_model(
     out_dir: str | Path,
     spec: DemoModelSpec = DemoModelSpec(),
@@ -113,13 +121,8 @@ def make_model(
 ) -> Path:
     """Write (or reuse) the demo checkpoint in `out_dir`; returns the directory."""
     out = Path(out_dir)
-    stamp = out / STAMP
-    if not force and stamp.is_file():
-        try:
-            if json.loads(stamp.read_text()).get("digest") == spec.digest():
-                return out
-        except (OSError, ValueError):
-            pass
+    if not force and made_with(out / STAMP, spec.digest()):
+        return out
 
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM

@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from llamaship.demo_model import DEFAULT_DIR as DEMO_DIR
+from llamaship.demo_model import made_with
 
 STAMP = ".llamaship-make-llama4.json"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
@@ -126,13 +127,8 @@ def make_llama4(out_dir: str | Path, spec: Llama4Spec | None = None, *, force: b
     spec = dataclasses.replace(spec or Llama4Spec(), **{k: tuple(v) if isinstance(v, list) else v
                                                        for k, v in fields.items()})
     out = Path(out_dir)
-    stamp = out / STAMP
-    if not force and stamp.is_file():
-        try:
-            if json.loads(stamp.read_text()).get("digest") == spec.digest():
-                return out
-        except (OSError, ValueError):
-            pass
+    if not force and made_with(out / STAMP, spec.digest()):
+        return out
 
     import torch
     from transformers import Llama4Config, Llama4ForCausalLM, Llama4ForConditionalGeneration, Llama4TextConfig
