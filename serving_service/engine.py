@@ -112,13 +112,9 @@ class Engine:
     def kv_bytes_per_token(self) -> dict[str, int]:
         return {name: b.kv_bytes_per_token for name, b in self.builds.items()}
 
-    def kv_reservation(self, request_json: str) -> int:
+    def kv_reservation(self, req: GenRequest) -> int:
         """KV bytes a queued request may need at most: its decode buffer is sized to the prompt
         plus max_tokens, capped by the context length (the queue entry's worst case)."""
-        try:
-            req = GenRequest.from_json(request_json)
-        except (ValueError, TypeError):
-            return 0
         loaded = self.builds.get(req.model)
         if loaded is None:
             return 0

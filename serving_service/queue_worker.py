@@ -89,8 +89,12 @@ class QueueWorker:
         return dict(Counter(h.tenant for h in self.tasks.values()))
 
     def _spawn(self, picked: Picked, resume: bool) -> None:
-        need = self.engine.kv_reservation(picked.request_json)
-        task = asyncio.create_task(self._handle(picked, need, resume=resume))
+        try:  # decoded once: a request carries its whole prompt
+            req: GenRequest | str = GenRequest.from_json(picked.request_json)
+        except ValueError as exc:
+            req = str(exc)
+        need = self.engine.kv_reservation(req) if isinstance(req, GenRequest) else 0
+        task = asyncio.create_task(self._handle(picked, req, need, resume=resume))
         # a request over the whole budget is refused in _handle and holds nothing
         self.tasks[task] = _Holding(need if need <= self.engine.kv_budget_bytes else 0, picked.tenant)
         task.add_done_callback(self._done)
@@ -118,12 +122,11 @@ class QueueWorker:
         if self.tasks:
             await asyncio.wait(list(self.tasks), timeout=5)
 
-    async def _handle(self, picked: Picked, need: int, resume: bool = False) -> None:
+    async def _handle(self, picked: Picked, req: GenRequest | str, need: int, resume: bool = False) -> None:
+        """`req` is the decoded request, or why it could not be decoded."""
         entry = picked.entry
-        try:
-            req = GenRequest.from_json(picked.request_json)
-        except ValueError as exc:
-            log.error("dropping unreadable queue entry %s: %s", entry, exc)
+        if isinstance(req, str):
+            log.error("dropping unreadable queue entry %s: %s", entry, req)
             if picked.sid:  # tell the client why, instead of leaving it to find the entry gone
                 await self.requests.take_ownership(picked.sid, self.replica_id)
                 await self._write(picked.sid, Chunk(

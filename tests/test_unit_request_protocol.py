@@ -268,6 +268,12 @@ def test_headroom_keeps_the_last_slot_from_a_tenant_that_runs_everything(redis_u
     run(body())
 
 
+async def _run_taken(worker: QueueWorker, picked: Picked) -> None:
+    """Start a taken request the way the worker does, and wait for it to end."""
+    worker._spawn(picked, resume=False)
+    await asyncio.gather(*worker.tasks)
+
+
 def test_liveness_and_deadlines_ignore_host_clocks(redis_url, monkeypatch, tmp_path):
     async def body():
         r, q = await _setup(redis_url, max_depth=10)
@@ -288,7 +294,7 @@ def test_liveness_and_deadlines_ignore_host_clocks(redis_url, monkeypatch, tmp_p
             await q.enqueue(_req(rid, deadline_s=deadline_s), "cpu", 64)
             await asyncio.sleep(0.1)
             picked = await fq.pick("replica-a", BUDGET, BUDGET, PER_TOKEN)
-            await worker._handle(picked, 0)
+            await _run_taken(worker, picked)
             [(_, last)] = await requests.read(picked.sid, "0-0", block_ms=0)
             outcomes[rid] = last.error_code
         # in time it reaches the engine (which has no build loaded here); too late it never does
@@ -305,7 +311,7 @@ def test_an_unreadable_entry_is_answered_with_an_error_chunk(redis_url, tmp_path
         entry = await q.enqueue(_req("r1"), "cpu", 64)
         picked = await fq.pick("replica-a", BUDGET, BUDGET, PER_TOKEN)
         worker = QueueWorker(r, Engine(BuildStore(tmp_path).ensure(), "cpu", 2), "replica-a")
-        await worker._handle(Picked(entry, '{"prompt": "no model or id"}', picked.sid, picked.tenant), 0)
+        await _run_taken(worker, Picked(entry, '{"prompt": "no model or id"}', picked.sid, picked.tenant))
         [(_, chunk)] = await requests.read("default:r1", "0-0", block_ms=0)
         assert chunk.kind == "error" and chunk.error_code == "UNAVAILABLE" and "may be retried" in chunk.error_message
         assert not await requests.queued(entry)
