@@ -18,11 +18,12 @@ POLL_S = 0.25
 BUILDER_DIR = Path(__file__).resolve().parent / "llama4"
 
 
-def supported_precisions() -> tuple[str, ...]:
-    """The recipes the builder makes: its presets, and auto (it takes per-group precisions)."""
+def supported_precisions() -> dict[str, tuple[str, ...]]:
+    """Per pool, the recipes the builder makes: its presets for that pool, and auto (it takes
+    per-group precisions; offered where the pool offers it)."""
     from compiler_service.llama4.build import PRECISIONS
 
-    return (*PRECISIONS, "auto")
+    return {pool: (*(name for name, p in PRECISIONS.items() if pool in p.pools), "auto") for pool in ("cpu", "cuda")}
 
 
 def builder_version() -> str:

@@ -129,18 +129,13 @@ def builder_args(recipe: Recipe, pool: str, num_layers: int) -> list[str]:
     return args
 
 
-# Llama 4 builds compute in float32, which CUDA's GroupQueryAttention does not take: cpu only.
-LLAMA4_POOLS = ("cpu",)
+def llama4_offered(precisions: dict[str, tuple[str, ...]]) -> dict[str, tuple[str, ...]]:
+    """Per pool, the recipes Llama 4 checkpoints may use: those the Llama 4 graph builder makes for
+    that pool (`precisions`: pool → its precision names, which are recipe names) and the pool offers."""
+    return {pool: tuple(r for r in p.recipes if r in precisions.get(pool, ())) for pool, p in POOLS.items()}
 
 
-def llama4_offered(precisions: tuple[str, ...]) -> dict[str, tuple[str, ...]]:
-    """Per pool, the recipes Llama 4 checkpoints may use: those the Llama 4 graph builder makes
-    (its precisions are recipe names) and the pool offers."""
-    return {pool: tuple(r for r in p.recipes if r in precisions and pool in LLAMA4_POOLS)
-            for pool, p in POOLS.items()}
-
-
-def check_llama4(recipe: Recipe, pool: str, precisions: tuple[str, ...]) -> None:
+def check_llama4(recipe: Recipe, pool: str, precisions: dict[str, tuple[str, ...]]) -> None:
     offered = llama4_offered(precisions)
     if recipe.name not in offered.get(pool, ()):
         supported = "; ".join(f"{', '.join(names)} on {p}" for p, names in offered.items() if names) or "none"

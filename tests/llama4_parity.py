@@ -57,20 +57,22 @@ def reference_steps(model, prompt: list[int], decode_steps: int) -> tuple[list[n
 
 
 def onnx_steps(build: Path, prompts: list[list[int]], tokens: list[list[int]], layers: int,
-               kv_heads: int, head_dim: int) -> list[list[np.ndarray]]:
+               kv_heads: int, head_dim: int, providers: tuple[str, ...] = ("CPUExecutionProvider",)
+               ) -> list[list[np.ndarray]]:
     """The build's logits per prompt: the whole prefill (right-padded batch), then one row per
     decode step fed with `tokens` (present → past, mask grows by one)."""
     import onnxruntime as ort
 
     so = ort.SessionOptions()
     so.intra_op_num_threads = 1
-    session = ort.InferenceSession(str(build / "model.onnx"), so, providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(str(build / "model.onnx"), so, providers=list(providers))
+    kv_type = np.float16 if "float16" in session.get_inputs()[2].type else np.float32
     batch, width = len(prompts), max(len(p) for p in prompts)
     ids = np.zeros((batch, width), dtype=np.int64)
     mask = np.zeros((batch, width), dtype=np.int64)
     for b, p in enumerate(prompts):
         ids[b, : len(p)], mask[b, : len(p)] = p, 1
-    past = {f"past_key_values.{i}.{kind}": np.zeros((batch, kv_heads, 0, head_dim), np.float32)
+    past = {f"past_key_values.{i}.{kind}": np.zeros((batch, kv_heads, 0, head_dim), kv_type)
             for i in range(layers) for kind in ("key", "value")}
     results: list[list[np.ndarray]] = [[] for _ in prompts]
     names = [o.name for o in session.get_outputs()]

@@ -17,15 +17,18 @@ from compiler_service.failures import CompileError
 
 
 def test_llama4_recipes_are_what_its_builder_makes():
-    recipes.check_llama4(recipes.get("fp32", "cpu"), "cpu", ("fp32",))
+    only_fp32 = {"cpu": ("fp32",)}
+    recipes.check_llama4(recipes.get("fp32", "cpu"), "cpu", only_fp32)
     with pytest.raises(recipes.RecipeError,
                        match="recipe int8 on pool cpu is not supported for Llama 4 checkpoints yet; supported: fp32 on cpu"):
-        recipes.check_llama4(recipes.get("int8", "cpu"), "cpu", ("fp32",))
+        recipes.check_llama4(recipes.get("int8", "cpu"), "cpu", only_fp32)
     with pytest.raises(recipes.RecipeError, match="recipe fp16 on pool cuda .* supported: fp32 on cpu$"):
-        recipes.check_llama4(recipes.get("fp16", "cuda"), "cuda", ("fp32",))
-    assert recipes.llama4_offered(("fp32", "int8", "fp16")) == {"cpu": ("fp32", "int8"), "cuda": ()}
-    with pytest.raises(recipes.RecipeError, match="recipe int8 on pool cuda .* supported: fp32, int8 on cpu$"):
-        recipes.check_llama4(recipes.get("int8", "cuda"), "cuda", ("fp32", "int8", "fp16"))
+        recipes.check_llama4(recipes.get("fp16", "cuda"), "cuda", only_fp32)
+    # the builder's own table: fp32 on cpu, fp16 on cuda, quantized on both; auto where the pool offers it
+    assert recipes.llama4_offered(llama4_runner.supported_precisions()) == {
+        "cpu": ("fp32", "int8", "int4", "hybrid-int4", "auto"), "cuda": ("fp16", "int8", "int4", "hybrid-int4")}
+    with pytest.raises(recipes.RecipeError, match="recipe hybrid-int8 on pool cuda .* supported: fp32, int8"):
+        recipes.check_llama4(recipes.get("hybrid-int8", "cuda"), "cuda", llama4_runner.supported_precisions())
 
 
 def test_routed_gate_defaults_keep_float_strict_and_relax_quantized():

@@ -14,7 +14,7 @@ from compiler_service.llama4.weights import Weights
 
 def _qk_norm(g: GraphWriter, x: str, name: str, spec: Llama4TextSpec) -> str:
     heads = g.op("Reshape", [x, g.const([0, 0, -1, spec.head_dim])], f"{name}/heads")
-    normed = g.op("SimplifiedLayerNormalization", [heads, g.const(np.ones(spec.head_dim), np.float32)],
+    normed = g.op("SimplifiedLayerNormalization", [heads, g.fconst(np.ones(spec.head_dim))],
                   f"{name}/norm", epsilon=spec.rms_norm_eps, axis=-1, stash_type=1)
     return g.op("Reshape", [normed, g.const([0, 0, -1])], f"{name}/flat")
 

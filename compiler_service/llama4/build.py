@@ -14,7 +14,7 @@ from compiler_service.llama4 import config as l4config
 from compiler_service.llama4.genai_config import genai_config
 from compiler_service.llama4.graph import emit, save
 from compiler_service.llama4.layout import expected_tensors
-from compiler_service.llama4.linear import PRECISIONS, Linears, precision_named
+from compiler_service.llama4.linear import PRECISIONS, Linears, float_type, precision_named
 from compiler_service.llama4.onnx_writer import GraphWriter
 from compiler_service.llama4.weights import Weights
 
@@ -26,6 +26,7 @@ def build_llama4(checkpoint: Path, out_dir: Path, *, precision: str, pool: str, 
                  progress: Callable[[float, str], None] | None = None,
                  should_stop: Callable[[], bool] | None = None) -> dict:
     recipe = precision_named(precision)
+    compute_type = float_type(recipe, pool)
     if context_length <= 0:
         raise ValueError(f"context_length must be positive, got {context_length}")
     checkpoint, out_dir = Path(checkpoint), Path(out_dir)
@@ -45,7 +46,7 @@ def build_llama4(checkpoint: Path, out_dir: Path, *, precision: str, pool: str, 
             raise BuildCancelled("cancelled while converting Llama 4 layers")
 
     report(0.02, "reading Llama 4 config")
-    writer = GraphWriter(out_dir)
+    writer = GraphWriter(out_dir, float_type=compute_type)
     try:
         features = emit(Linears(writer, recipe), weights, spec, context_length, on_layer)
         report(0.92, "writing ONNX model")
@@ -59,7 +60,7 @@ def build_llama4(checkpoint: Path, out_dir: Path, *, precision: str, pool: str, 
     report(1.0, "Llama 4 build written")
     return {
         "architecture": "llama4_text", "precision": precision, "precision_description": recipe.description,
-        "pool": pool, "context_length": context_length,
+        "pool": pool, "context_length": context_length, "compute_type": compute_type.name,
         "layers": spec.num_layers, "moe_layers": list(spec.moe_layers), "experts": spec.num_experts,
         "top_k": spec.top_k, "rope_layers": [i for i, r in enumerate(spec.rope_layers) if r],
         "chunked_layers": [i for i, c in enumerate(spec.chunked_layers) if c],

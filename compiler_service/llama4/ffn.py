@@ -10,7 +10,6 @@ from compiler_service.llama4.linear import Linears
 from compiler_service.llama4.onnx_writer import MS
 from compiler_service.llama4.weights import Weights
 
-NEVER = -3.0e38  # a router logit that softmax turns into exactly 0
 
 
 def swiglu_mlp(lin: Linears, group: str, w: Weights, spec: Llama4TextSpec, src: str, p: str, x: str,
@@ -62,7 +61,8 @@ def moe(lin: Linears, w: Weights, spec: Llama4TextSpec, layer: int, x: str, feat
             col = g.const([j])
             idx = g.op("Gather", [indices, col], f"{p}/choice{j}/index", axis=1)  # [N, 1]
             chosen = g.op("Equal", [idx, experts], f"{p}/choice{j}/onehot")  # [N, E]
-            probs = g.op("Where", [chosen, logits, g.const(NEVER, np.float32)], f"{p}/choice{j}/logits")
+            never = g.fconst(np.finfo(g.float_type).min)  # a logit that softmax turns into exactly 0
+            probs = g.op("Where", [chosen, logits, never], f"{p}/choice{j}/logits")
             score = g.op("Sigmoid", [g.op("Gather", [values, col], f"{p}/choice{j}/logit", axis=1)],
                          f"{p}/choice{j}/score")
             scaled = g.op("Mul", [rows, score], f"{p}/choice{j}/scaled_input")

@@ -18,16 +18,16 @@ from compiler_service.llama4.rope import cos_sin_caches
 from compiler_service.llama4.weights import Weights
 
 
-def _io(spec: Llama4TextSpec) -> tuple[list, list]:
+def _io(spec: Llama4TextSpec, kv_type: int) -> tuple[list, list]:
     kv = ["batch_size", spec.num_kv_heads, None, spec.head_dim]
     inputs = [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch_size", "sequence_length"]),
               helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch_size", "total_sequence_length"])]
     outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch_size", "sequence_length", spec.vocab_size])]
     for kind in ("key", "value"):
         for i in range(spec.num_layers):
-            inputs.append(helper.make_tensor_value_info(f"past_key_values.{i}.{kind}", TensorProto.FLOAT,
+            inputs.append(helper.make_tensor_value_info(f"past_key_values.{i}.{kind}", kv_type,
                                                         [d if d is not None else "past_sequence_length" for d in kv]))
-            outputs.append(helper.make_tensor_value_info(f"present.{i}.{kind}", TensorProto.FLOAT,
+            outputs.append(helper.make_tensor_value_info(f"present.{i}.{kind}", kv_type,
                                                          [d if d is not None else "total_sequence_length" for d in kv]))
     return inputs, outputs
 
@@ -77,13 +77,16 @@ def emit(lin: Linears, w: Weights, spec: Llama4TextSpec, context_length: int,
 
     final_w = g.weight("model.norm.weight", w.read("model.norm.weight", (h,)))
     x = _skip_norm(g, residual, ffn_out, final_w, "/model/norm", eps)[0]
-    lin.matmul_rows("lm_head", "lm_head.weight", vocab, lambda: w.row_blocks("lm_head.weight", vocab), x, "/lm_head",
-                    ["logits"])
+    wide = g.float_type == np.float32  # logits leave the graph as float32 whatever it computes in
+    logits = lin.matmul_rows("lm_head", "lm_head.weight", vocab, lambda: w.row_blocks("lm_head.weight", vocab), x,
+                             "/lm_head", ["logits"] if wide else None)
+    if not wide:
+        g.node("Cast", [logits], "/lm_head/to_float32", ["logits"], to=TensorProto.FLOAT)
     features["residual_norms"] = "SkipSimplifiedLayerNormalization"
     features.update({f"weights.{group}": how for group, how in lin.used.items()})
     return features
 
 
 def save(g: GraphWriter, spec: Llama4TextSpec) -> None:
-    inputs, outputs = _io(spec)
+    inputs, outputs = _io(spec, g.onnx_float)
     g.save(inputs, outputs)

@@ -1,5 +1,6 @@
-"""Weight-carrying nodes at the precision each group asks for: MatMul (float32) or MatMulNBits
-for projections, MoE or QMoE for the routed experts."""
+"""Weight-carrying nodes at the precision each group asks for: MatMul (float) or MatMulNBits
+for projections, MoE or QMoE for the routed experts. Float means the graph's compute type:
+float32 on the cpu pool, float16 on cuda (whose GroupQueryAttention takes no float32)."""
 
 from __future__ import annotations
 
@@ -12,14 +13,16 @@ from compiler_service.llama4.onnx_writer import MS, GraphWriter
 from compiler_service.llama4.quant import BLOCK, quantize
 
 GROUPS = ("attn", "mlp", "shared_expert", "experts", "lm_head")
-ACCURACY_LEVEL = 0  # float32 activations: a 4-bit build computes exactly with its dequantized weights
+ACCURACY_LEVEL = 0  # float activations: a 4-bit build computes exactly with its dequantized weights
+FLOAT_TYPES = {"cpu": np.float32, "cuda": np.float16}
 
 
 @dataclass(frozen=True)
 class Precision:
     name: str
-    bits: dict[str, int | None]  # group → 4, 8 or None (float32)
+    bits: dict[str, int | None]  # group → 4, 8 or None (float)
     description: str
+    pools: tuple[str, ...] = ("cpu", "cuda")
 
 
 def _all(bits: int | None) -> dict[str, int | None]:
@@ -27,11 +30,12 @@ def _all(bits: int | None) -> dict[str, int | None]:
 
 
 PRECISIONS = {p.name: p for p in (
-    Precision("fp32", _all(None), "every weight float32"),
+    Precision("fp32", _all(None), "every weight float32", ("cpu",)),
+    Precision("fp16", _all(None), "every weight float16", ("cuda",)),
     Precision("int8", _all(8), "projections MatMulNBits 8-bit, experts QMoE 8-bit (block 32, symmetric RTN)"),
     Precision("int4", _all(4), "projections MatMulNBits 4-bit, experts QMoE 4-bit (block 32, symmetric RTN)"),
     Precision("hybrid-int4", {**_all(None), "experts": 4}, "experts QMoE 4-bit; attention, dense MLP, shared "
-              "expert and lm_head float32"),
+              "expert and lm_head float (float32 on cpu, float16 on cuda)"),
 )}
 
 
@@ -53,14 +57,24 @@ def precision_named(name: str) -> Precision:
             raise ValueError(f"Llama 4 precision item {item[:40]} is not <group>=<float|int8|int4> "
                              f"with a group among {', '.join(GROUPS)}")
         bits[group] = _BITS[value]
-    return Precision(name, bits, "per group: " + ", ".join(f"{g} {f'int{b}' if b else 'float32'}"
+    return Precision(name, bits, "per group: " + ", ".join(f"{g} {f'int{b}' if b else 'float'}"
                                                           for g, b in bits.items()))
+
+
+def float_type(precision: Precision, pool: str) -> np.dtype:
+    """The compute type of `precision`'s builds for `pool`; ValueError where the pool cannot run it."""
+    if pool not in FLOAT_TYPES:
+        raise ValueError(f"Llama 4 builds run on the pools {', '.join(FLOAT_TYPES)}, not {pool[:40]}")
+    if pool not in precision.pools:
+        raise ValueError(f"Llama 4 precision {precision.name} is for the {', '.join(precision.pools)} pool, not {pool}")
+    return np.dtype(FLOAT_TYPES[pool])
 
 
 class Linears:
     def __init__(self, g: GraphWriter, precision: Precision):
         self.g, self.precision = g, precision
         self.used: dict[str, str] = {}
+        self.float_name = g.float_type.name
 
     def _bits(self, group: str, *dims: int) -> int | None:
         bits = self.precision.bits[group]
@@ -73,7 +87,7 @@ class Linears:
         bits = self._bits(group, k)
         out = outputs or 1
         if bits is None:
-            self.used.setdefault(group, "MatMul float32")
+            self.used.setdefault(group, f"MatMul {self.float_name}")
             return self.g.node("MatMul", [x, self.g.weight(name, weight.T)], node, out)[0]
         packed, scales = quantize(weight, bits)
         self.used.setdefault(group, f"MatMulNBits {bits}-bit block {BLOCK}")
@@ -88,7 +102,7 @@ class Linears:
         bits = self._bits(group, k)
         out = outputs or 1
         if bits is None:
-            self.used.setdefault(group, "FusedMatMul float32 (transB)")
+            self.used.setdefault(group, f"FusedMatMul {self.float_name} (transB)")
             weight = self.g.weight_parts(name, np.float32, shape, blocks())
             return self.g.node("FusedMatMul", [x, weight], node, out, MS, transB=1)[0]
         self.used.setdefault(group, f"MatMulNBits {bits}-bit block {BLOCK}")
@@ -112,7 +126,7 @@ class Linears:
         e, h, i = shape
         bits = self._bits("experts", h, i)
         if bits is None:
-            self.used.setdefault("experts", "MoE float32")
+            self.used.setdefault("experts", f"MoE {self.float_name}")
             fc1 = self.g.weight_parts(f"{name}.fc1", np.float32, (e, 2 * i, h), (fc1_rows(x) for x in range(e)))
             fc2 = self.g.weight_parts(f"{name}.fc2", np.float32, (e, h, i), (fc2_rows(x) for x in range(e)))
             return "MoE", [fc1, "", fc2], {}

@@ -18,7 +18,12 @@ _ONNX_TYPES = {np.dtype(np.float32): TensorProto.FLOAT, np.dtype(np.int64): Tens
 
 
 class GraphWriter:
-    def __init__(self, out_dir: Path, model_name: str = "model.onnx"):
+    """`float_type`: the graph's compute type (float32, or float16 for the cuda pool). Float weights
+    and `fconst` constants are written in it, whatever the checkpoint's dtype."""
+
+    def __init__(self, out_dir: Path, model_name: str = "model.onnx", float_type=np.float32):
+        self.float_type = np.dtype(float_type)
+        self.onnx_float = _ONNX_TYPES[self.float_type]
         self.model_path = out_dir / model_name
         self.data_name = model_name + ".data"
         self._data = open(out_dir / self.data_name, "wb")
@@ -39,6 +44,8 @@ class GraphWriter:
     def weight_parts(self, name: str, dtype, shape: tuple[int, ...], parts: Iterator[np.ndarray]) -> str:
         """A weight written from consecutive slices along its first axis, one in memory at a time."""
         dtype = np.dtype(dtype)
+        if dtype == np.float32 and self.float_type != dtype:
+            dtype, parts = self.float_type, (self._narrowed(name, part) for part in parts)
         offset = self._data.tell()
         pad = (-offset) % ALIGN
         if pad:
@@ -55,6 +62,18 @@ class GraphWriter:
             t.external_data.add(key=key, value=value)
         self.initializers.append(t)
         return name
+
+    def _narrowed(self, name: str, part: np.ndarray) -> np.ndarray:
+        with np.errstate(over="ignore"):
+            out = np.asarray(part, dtype=np.float32).astype(self.float_type)
+        if not np.isfinite(out).all() and np.isfinite(part).all():
+            raise ValueError(f"weight {name} holds values beyond {self.float_type.name}'s range "
+                             f"(largest magnitude {float(np.abs(part).max()):.4g}); use a quantized recipe")
+        return out
+
+    def fconst(self, value) -> str:
+        """A small constant in the compute type."""
+        return self.const(value, self.float_type)
 
     def const(self, value, dtype=np.int64) -> str:
         """A small inline constant, shared by value."""

@@ -9,8 +9,6 @@ import numpy as np
 
 from compiler_service.llama4.onnx_writer import GraphWriter
 
-MASKED = float(np.finfo(np.float32).min)
-
 
 @dataclass
 class SharedInputs:
@@ -50,7 +48,8 @@ def shared_inputs(g: GraphWriter, *, chunk: int | None, floor_scale: float | Non
         keys = g.op("Range", [g.const(0), total64, g.const(1)], f"{p}/keys")
         k_chunk = g.op("Div", [keys, size], f"{p}/k_chunk")
         same = g.op("Equal", [q_chunk, k_chunk], f"{p}/same_chunk")  # [B, S, T]
-        bias = g.op("Where", [same, g.const(0.0, np.float32), g.const(MASKED, np.float32)], f"{p}/chunk_bias3")
+        masked = g.fconst(np.finfo(g.float_type).min)
+        bias = g.op("Where", [same, g.fconst(0.0), masked], f"{p}/chunk_bias3")
         out.chunk_bias = g.op("Unsqueeze", [bias, one], f"{p}/chunk_bias")
     if floor_scale is not None:
         posf = g.op("Cast", [out.positions], f"{p}/positions_f", to=1)
@@ -60,5 +59,7 @@ def shared_inputs(g: GraphWriter, *, chunk: int | None, floor_scale: float | Non
                                 f"{p}/floor_plus_1")], f"{p}/log1p")
         scale = g.op("Add", [g.op("Mul", [log, g.const(np.float32(attn_scale), np.float32)], f"{p}/log_scaled"),
                              g.const(1.0, np.float32)], f"{p}/temperature2")
+        if g.float_type != np.float32:  # computed in float32 (positions past 2048 are not exact in float16)
+            scale = g.op("Cast", [scale], f"{p}/temperature_narrow", to=g.onnx_float)
         out.temperature = g.op("Unsqueeze", [scale, g.const([2])], f"{p}/temperature")
     return out
