@@ -5,9 +5,11 @@ thread of the serving process stalls its event loop (token relaying, Redis, gRPC
 decode step at a time. In a child process the event loop never waits on the model, and a crash
 of the runtime takes down the child, not the replica.
 
-The child batches continuously (serving_service.cohorts): sequences that arrive together start
-a cohort, one static-batch generator; running cohorts decode one step each in turn, so new
-sequences join between steps.
+With the "genai" engine the child batches by cohort (serving_service.cohorts): sequences that
+arrive together start a cohort, one static-batch generator; running cohorts decode one step each
+in turn, so new sequences join between steps. With the "iteration" engine
+(serving_service.iteration) it drives the decoder model itself: one running batch that sequences
+join and leave between any two steps.
 
 Messages, parent -> child: ("start", rid, prompt_ids, search_options, reserved_tokens),
 ("cancel", rid), ("stop",). child -> parent: ("ready",) | ("failed", reason), then
@@ -185,16 +187,32 @@ class _Scheduler:
                 del self.rows[row.rid]
 
 
-def worker_main(build_dir: str, provider: str | None, threads: int, max_rows: int, conn: Connection) -> None:
+def _iteration_scheduler(build_dir: str, provider: str | None, threads: int, max_rows: int, conn: Connection,
+                         genai: dict):
+    from serving_service.iteration.model import DecoderModel
+    from serving_service.iteration.scheduler import IterationScheduler
+
+    model = DecoderModel(build_dir, provider, threads or usable_cores(), max_rows)
+    eos = genai.get("eos_token_id", [])
+    sched = IterationScheduler(model, conn, frozenset(eos if isinstance(eos, list) else [eos]))
+    sched.warm()  # the first request must not pay for lazy set-up
+    return sched
+
+
+def worker_main(build_dir: str, provider: str | None, threads: int, max_rows: int, conn: Connection,
+                engine: str = "genai") -> None:
     try:
-        og, model = _load_model(build_dir, provider, threads)
         with open(f"{build_dir}/genai_config.json") as f:
             genai = json.load(f)["model"]
+        if engine == "iteration":
+            sched = _iteration_scheduler(build_dir, provider, threads, max_rows, conn, genai)
+        else:
+            og, model = _load_model(build_dir, provider, threads)
+            sched = _Scheduler(og, model, conn, genai, max_rows)
     except Exception as exc:  # noqa: BLE001 - reported to the parent
         conn.send(("failed", f"{type(exc).__name__}: {exc}"))
         return
     conn.send(("ready",))
-    sched = _Scheduler(og, model, conn, genai, max_rows)
     try:
         while True:
             if not sched.busy() and not sched.handle(conn.recv()):
@@ -227,9 +245,9 @@ class DecodeWorker:
 
     @classmethod
     async def start(cls, build_id: str, build_dir: str, provider: str | None, threads: int, max_rows: int = 1,
-                    pool: str = "cpu", timeout_s: float = 300.0) -> "DecodeWorker":
+                    pool: str = "cpu", timeout_s: float = 300.0, engine: str = "genai") -> "DecodeWorker":
         parent, child = _CTX.Pipe()
-        proc = _CTX.Process(target=worker_main, args=(build_dir, provider, threads, max_rows, child), daemon=True,
+        proc = _CTX.Process(target=worker_main, args=(build_dir, provider, threads, max_rows, child, engine), daemon=True,
                             name=f"decode-{build_id}")
         proc.start()
         child.close()

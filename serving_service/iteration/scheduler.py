@@ -1,0 +1,163 @@
+"""The iteration loop: at every round, newcomers are prefilled (at most `prefill_chunk` prompt
+tokens per round, so a long prompt never stalls the running rows for its whole prefill), then
+every running row decodes one token in a single batched step. A row that finishes or is cancelled
+leaves at once and its slot is free for the next newcomer.
+
+The batched step runs slots [0, top), top being one past the highest running slot; newcomers take
+the lowest free slot, so holes fill first. A slot in that range that is not running takes part as
+a dummy row: a free slot with a one-token mask, a row still in prefill with a mask one past its
+prefilled tokens, so the dummy key lands where its next chunk writes anyway.
+
+Speaks the decode worker's protocol (serving_service.decode_worker): handle() takes the parent's
+messages, round() sends ("step", [(rid, token), ...], [finished rid, ...]) and ("error", rid, why).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from serving_service.iteration.model import DecoderModel
+from serving_service.iteration.sampler import Sampler
+
+PREFILL_CHUNK = 256
+
+
+@dataclass
+class _Row:
+    rid: str
+    prompt: list[int]
+    max_new: int
+    sampler: Sampler
+    slot: int = -1
+    prefilled: int = 0  # prompt tokens in the KV
+    produced: int = 0
+    last: int = 0  # the token the next decode step feeds
+
+    @property
+    def running(self) -> bool:
+        return self.produced > 0
+
+    @property
+    def length(self) -> int:
+        """Tokens in the row's KV once its last token is fed."""
+        return self.prefilled + self.produced
+
+
+class IterationScheduler:
+    def __init__(self, model: DecoderModel, conn: Any, eos: frozenset[int], prefill_chunk: int = PREFILL_CHUNK):
+        self.model, self.conn, self.eos = model, conn, eos
+        self.prefill_chunk = max(1, prefill_chunk)
+        self.max_len = model.shape.max_len
+        self.waiting: list[_Row] = []
+        self.rows: dict[str, _Row] = {}  # rows holding a slot, in arrival order
+        self.steps = 0  # batched decode steps run (tests order events by it)
+
+    def warm(self) -> None:
+        """A prefill and a decode step through slot 0, so the first request pays no lazy set-up."""
+        slot = self.model.kv.take()
+        self.model.forward(slot, np.asarray([[1, 2]]), np.ones((1, 2), np.int64))
+        self.model.forward(slot, np.asarray([[3]]), np.ones((1, 3), np.int64))
+        self.model.kv.give_back(slot)
+
+    def busy(self) -> bool:
+        return bool(self.waiting or self.rows)
+
+    def handle(self, msg: tuple) -> bool:
+        if msg[0] == "stop":
+            return False
+        if msg[0] == "cancel":
+            rid = msg[1]
+            waiting = [w for w in self.waiting if w.rid == rid]
+            if waiting:
+                self.waiting.remove(waiting[0])
+            elif rid in self.rows:
+                self._leave(self.rows[rid])
+            else:
+                return True
+            self.conn.send(("step", [], [rid]))
+        elif msg[0] == "start":
+            _, rid, prompt_ids, options, _reserved = msg
+            options = dict(options)
+            max_new = int(options.pop("max_length")) - len(prompt_ids)
+            self.waiting.append(_Row(rid, list(prompt_ids), max_new, Sampler(options)))
+        return True
+
+    def admit(self) -> None:
+        """Give waiting rows a slot, first come first served. A slot holds max_len tokens, and a
+        row writes KV only as it grows, so its memory stays within what admission reserved."""
+        while self.waiting and self.model.kv.free:
+            row = self.waiting.pop(0)
+            if len(row.prompt) + row.max_new > self.max_len or not row.prompt or row.max_new <= 0:
+                self.conn.send(("error", row.rid, f"a sequence of {len(row.prompt)} prompt tokens and "
+                                                  f"{row.max_new} new ones does not fit {self.max_len} tokens"))
+                continue
+            row.slot = self.model.kv.take()
+            self.rows[row.rid] = row
+
+    def round(self) -> None:
+        tokens: list[tuple[str, int]] = []
+        finished: list[str] = []
+        self._prefill(tokens, finished)
+        self._decode(tokens, finished)
+        if tokens or finished:
+            self.conn.send(("step", tokens, finished))
+
+    def _prefill(self, tokens: list, finished: list) -> None:
+        budget = self.prefill_chunk
+        for row in [r for r in self.rows.values() if not r.running]:
+            if budget <= 0:
+                return
+            n = min(budget, len(row.prompt) - row.prefilled)
+            end = row.prefilled + n
+            try:
+                logits = self.model.forward(row.slot, np.asarray([row.prompt[row.prefilled:end]]),
+                                            np.ones((1, end), np.int64))
+            except Exception as exc:  # noqa: BLE001 - reported to the request
+                self._fail([row], exc)
+                continue
+            row.prefilled, budget = end, budget - n
+            if end == len(row.prompt):
+                self._emit(row, row.sampler(logits[0, -1]), tokens, finished)
+
+    def _decode(self, tokens: list, finished: list) -> None:
+        running = [r for r in self.rows.values() if r.running]
+        if not running:
+            return
+        top = max(r.slot for r in running) + 1
+        by_slot = {r.slot: r for r in self.rows.values() if r.slot < top}
+        lengths = [1] * top  # mask length per slot; free slots are one-token dummies
+        ids = np.zeros((top, 1), np.int64)
+        for slot, row in by_slot.items():
+            if row.running:
+                ids[slot, 0], lengths[slot] = row.last, row.length
+            else:
+                lengths[slot] = row.prefilled + 1
+        mask = (np.arange(max(lengths))[None, :] < np.asarray(lengths)[:, None]).astype(np.int64)
+        try:
+            logits = self.model.forward(0, ids, mask)
+        except Exception as exc:  # noqa: BLE001 - reported to each request of the step
+            self._fail(running, exc)
+            return
+        self.steps += 1
+        for row in running:
+            self._emit(row, row.sampler(logits[row.slot, -1]), tokens, finished)
+
+    def _emit(self, row: _Row, token: int, tokens: list, finished: list) -> None:
+        row.produced += 1
+        row.last = token
+        tokens.append((row.rid, token))
+        if token in self.eos or row.produced >= row.max_new or row.length > self.max_len:
+            finished.append(row.rid)
+            self._leave(row)
+
+    def _leave(self, row: _Row) -> None:
+        if self.rows.pop(row.rid, None) is row:
+            self.model.kv.give_back(row.slot)
+
+    def _fail(self, rows: list[_Row], exc: Exception) -> None:
+        for row in rows:
+            self._leave(row)
+            self.conn.send(("error", row.rid, f"{type(exc).__name__}: {exc}"))
