@@ -125,8 +125,8 @@ def llama4_logits_layerwise(checkpoint: Path, token_ids: list[list[int]],
         positions = [torch.arange(len(ids)).unsqueeze(0) for ids in token_ids]
         masks, rotary = [], []
         for h, pos in zip(hidden, positions):
-            kwargs = {"config": text, "inputs_embeds": h, "attention_mask": None, "cache": None, "position_ids": pos}
-            masks.append({t: masks_for[t](**kwargs) for t in set(text.layer_types)})
+            kwargs = {"config": text, "inputs_embeds": h, "attention_mask": None, "position_ids": pos}
+            masks.append({t: masks_for[t](**kwargs, **{_cache_kw(masks_for[t]): None}) for t in set(text.layer_types)})
             rotary.append(m.rotary_emb(h, pos))
         for i, layer in enumerate(m.layers):
             materialize(layer, f"model.layers.{i}")
@@ -135,12 +135,20 @@ def llama4_logits_layerwise(checkpoint: Path, token_ids: list[list[int]],
                 top_k = text.num_experts_per_tok
                 layer.feed_forward.router.register_forward_hook(
                     lambda mod, args, out, i=i: routes.setdefault(i, []).append(out[1].topk(top_k, dim=-1).indices))
-            hidden = [layer(h, attention_mask=mask[kind], position_ids=pos, cache=None, use_cache=False,
-                            position_embeddings=freq) for h, mask, pos, freq in zip(hidden, masks, positions, rotary)]
+            no_cache = {_cache_kw(layer.forward): None}
+            hidden = [layer(h, attention_mask=mask[kind], position_ids=pos, use_cache=False, position_embeddings=freq,
+                            **no_cache) for h, mask, pos, freq in zip(hidden, masks, positions, rotary)]
             layer.to("meta")
         materialize(m.norm, "model.norm")
         materialize(model.lm_head, "lm_head")
         return [model.lm_head(m.norm(h))[0].float().numpy() for h in hidden]
+
+
+def _cache_kw(fn) -> str:
+    """transformers 5.2x names the KV cache argument `cache`; earlier 5.x, `past_key_values`."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(fn).parameters else "past_key_values"
 
 
 def reference_logits(checkpoint: Path, token_ids: list[list[int]], routes: dict[int, list] | None = None) -> list:

@@ -7,7 +7,7 @@
 #     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d DIR NAME==VER
 set -euo pipefail
 REPO=$(cd "$(dirname "$0")/../.." && pwd)
-mkdir -p "$REPO/.gpu/bin" && cp "$REPO"/scripts/device/{check.sh,recv.sh,compare.py,ort_cuda_test.py} "$REPO/.gpu/bin/"
+mkdir -p "$REPO/.gpu/bin" && cp "$REPO"/scripts/device/{check.sh,recv.sh,compare.py,ort_cuda_test.py,llama4_direct.py} "$REPO/.gpu/bin/"
 grep -qx '/.gpu/' "$REPO/.git/info/exclude" || echo '/.gpu/' >> "$REPO/.git/info/exclude"
 S=/tmp/gpuprep/stage
 rm -rf "$S" && mkdir -p "$S/site"

@@ -15,7 +15,12 @@
 #
 # Knobs (for a rehearsal on a machine without a GPU): LLSHIP_POOL=cpu (cpu pool, CPU references),
 # LLSHIP_SKIP_INSTALL=1 (use the interpreter's own packages), LLSHIP_PY=python, LLSHIP_PORT_BASE,
-# LLSHIP_BUDGET (seconds for the whole script, default 420).
+# LLSHIP_BUDGET (seconds for the whole script, default 420), LLSHIP_WHAT (the parts to check: "demo llama4",
+# the default, or either one).
+# The llama4 part: scripts/device/llama4_direct.py (the Llama 4 builder's cuda graphs through ONNX
+# Runtime's CUDA provider against transformers, several configs), then a tiny Llama 4 checkpoint
+# compiled fp16 and int4 for the cuda pool, served by the cuda replica and compared with PyTorch on
+# the GPU (compare.py --llama4), and the bench's llama4-tiny.
 set -u -o pipefail
 REPO=$(cd "$(dirname "$0")/../.." && pwd)
 cd "$REPO" || exit 2
@@ -26,7 +31,7 @@ export OUT
 main() {
   set -x
   local PY=${LLSHIP_PY:-python3} POOL=${LLSHIP_POOL:-cuda} BUDGET=${LLSHIP_BUDGET:-420}
-  local BASE=${LLSHIP_PORT_BASE:-50051}
+  local BASE=${LLSHIP_PORT_BASE:-50051} WHAT=${LLSHIP_WHAT:-demo llama4}
   local GW=127.0.0.1:$BASE W=/tmp/llship/run T0=$SECONDS
   local MODEL=.llamaship/demo/demo-model PROMPT=$'def main(argv):\n    '
   local SUM=$W/summary.txt
@@ -180,9 +185,19 @@ EOF
     step "genai is_cuda_available" 60 "$PY" -c 'import onnxruntime_genai as og; ok = og.is_cuda_available(); print("onnxruntime_genai", og.__version__, og.__file__, "is_cuda_available:", ok); raise SystemExit(0 if ok else 1)'
   fi
 
+  local L4=$W/llama4-ckpt l4recipes l4names=()
+  [[ $POOL == cuda ]] && l4recipes="fp16 int4" || l4recipes="fp32 int4"
+  if [[ $WHAT == *llama4* ]]; then
+    step "llama4 direct: ORT $POOL vs PyTorch" 200 "$PY" .gpu/bin/llama4_direct.py --out "$OUT/llama4_direct.json" \
+      --device "$POOL"
+    # features inside 48 tokens: chunks of 16, temperature floor 8, MoE on alternate layers
+    step "llama4 checkpoint" 60 "$PY" -c "from llamaship.llama4_model import make_llama4; print(make_llama4('$L4', \
+init_std=0.15, attention_chunk_size=16, floor_scale=8, interleave_moe_layer_step=2))"
+  fi
+
   # ---------------------------------------------------------------- 2. the stack, as a user runs it
-  local UP_PID="" REP_PID="" RURL="" r names=() recipes served=0
-  [[ $POOL == cuda ]] && recipes="fp16 fp32 int4" || recipes="fp32 int4"
+  local UP_PID="" REP_PID="" RURL="" r names=() recipes="" served=0
+  if [[ $WHAT == *demo* ]]; then [[ $POOL == cuda ]] && recipes="fp16 fp32 int4" || recipes="fp32 int4"; fi
   echo; echo "=== [llamaship up] + a $POOL replica"
   local s=$SECONDS
   "$PY" -m llamaship.cli up --gateway-port "$BASE" --compiler-port $((BASE + 1)) --serving-port $((BASE + 2)) \
@@ -214,6 +229,15 @@ EOF
       step "compile $r --pool $POOL" 180 "$PY" -m llamaship.cli compile "$MODEL" --name "demo-$r" --recipe "$r" \
         --pool "$POOL" --gateway "$GW" --serve-timeout 60 && names+=("demo-$r:$r")
     done
+    if [[ $WHAT == *llama4* && -f $L4/config.json ]]; then
+      for r in $l4recipes; do
+        # published even if the gate (vs the float model; its verdict is printed) fails on random
+        # weights: the comparison below holds each build to PyTorch with the build's own weights
+        step "compile llama4 $r --pool $POOL" 180 "$PY" -m llamaship.cli compile "$L4" --name "l4-$r" --recipe "$r" \
+          --pool "$POOL" --max-seq-len 256 --gateway "$GW" --serve-timeout 60 --force-publish \
+          && l4names+=("l4-$r:$r")
+      done
+    fi
     step "models" 20 "$PY" -m llamaship.cli models --gateway "$GW"
     "$PY" - "$W/store" <<'EOF' || true
 import json, sys
@@ -235,6 +259,14 @@ EOF
       nm=${names[0]}
       step "generate ${nm%%:*} (CLI, sampled)" 60 "$PY" -m llamaship.cli generate "${nm%%:*}" "$PROMPT" \
         --max-tokens 32 --temperature 0.7 --top-k 40 --seed 7 --stats --gateway "$GW"
+    fi
+    for nm in "${l4names[@]}"; do
+      step "generate ${nm%%:*} (CLI, greedy)" 60 "$PY" -m llamaship.cli generate "${nm%%:*}" "$PROMPT" --max-tokens 48 \
+        --stats --gateway "$GW" && served=$((served + 1))
+    done
+    if ((${#l4names[@]})); then
+      step "llama4 greedy tokens vs PyTorch" 240 "$PY" .gpu/bin/compare.py --llama4 --gateway "$GW" --checkpoint "$L4" \
+        --out "$OUT/compare_llama4.json" --summary "$SUM" $([[ $POOL == cuda ]] || echo --no-cuda-ref) "${l4names[@]}"
     fi
     nvidia-smi --query-compute-apps=pid,process_name,used_memory --format=csv 2>&1 | head -20 || true
     if ((${#names[@]})); then
@@ -260,8 +292,11 @@ EOF
   if ((served == 0)); then
     record SKIP "bench --device $POOL --quick" 0 "nothing was served through the stack above: it would fail the same way"
   else
+    local bmodels=()
+    [[ $WHAT == *demo* ]] && bmodels+=(demo)
+    [[ $WHAT == *llama4* ]] && bmodels+=(llama4-tiny)
     step "bench --device $POOL --quick" 300 "$PY" -m llamaship.cli bench --device "$POOL" --quick --out "$W/bench" \
-      --cache "$W/benchcache"
+      --cache "$W/benchcache" --models "${bmodels[@]}"
   fi
   local md
   md=$(ls -t "$W"/bench/*.md 2>/dev/null | head -1)

@@ -34,16 +34,35 @@ def prefix(a: list[int], b: list[int]) -> int:
     return n
 
 
-def references(ckpt: str, device_dtypes: list[tuple[str, str]]) -> dict:
+def load(ckpt: str, dtype: str, llama4_precision: str | None):
+    """The reference model; a Llama 4 one (text tower) with the weights a build of
+    `llama4_precision` holds (its quantized groups dequantized: the build computes with those)."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
-    tok = AutoTokenizer.from_pretrained(ckpt)
-    out: dict = {"prompt_ids": {p: tok(p)["input_ids"] for p in PROMPTS}}
+    if llama4_precision is None:
+        return AutoModelForCausalLM.from_pretrained(ckpt, dtype=getattr(torch, dtype))
+    from compiler_service.llama4.linear import precision_named
+    from compiler_service.torch_reference import load_llama4_text
+    from tests.llama4_parity import fake_quantize_model
+
+    model = load_llama4_text(Path(ckpt), "float32")
+    fake_quantize_model(model, precision_named(llama4_precision).bits)
+    return model.to(getattr(torch, dtype))
+
+
+def references(ckpt: str, device_dtypes: list[tuple[str, str]], llama4_precision: str | None = None) -> dict:
+    import torch
+    from tokenizers import Tokenizer
+
+    # tokenizer.json alone (BOS from its post-processor, as the replicas encode): AutoTokenizer
+    # would also parse config.json, which transformers refuses for published Llama 4 quirks
+    tok = Tokenizer.from_file(str(Path(ckpt) / "tokenizer.json"))
+    out: dict = {"prompt_ids": {p: tok.encode(p).ids for p in PROMPTS}}
     for device, dtype in device_dtypes:
         key = f"torch-{device}-{dtype}"
         try:
-            model = AutoModelForCausalLM.from_pretrained(ckpt, dtype=getattr(torch, dtype)).to(device).eval()
+            model = load(ckpt, dtype, llama4_precision).to(device).eval()
             res = {}
             for p in PROMPTS:
                 ids = out["prompt_ids"][p]
@@ -65,18 +84,24 @@ def main() -> int:
     ap.add_argument("--out", required=True)
     ap.add_argument("--summary", default=None, help="append one verdict line per model to this file")
     ap.add_argument("--no-cuda-ref", action="store_true", help="CPU reference only (dry runs without a GPU)")
+    ap.add_argument("--llama4", action="store_true",
+                    help="a Llama 4 checkpoint: references per recipe, with the build's dequantized weights")
     ap.add_argument("models", nargs="+", help="NAME:RECIPE of served models")
     args = ap.parse_args()
 
     from llamaship.client import GatewayClient
 
     refs = [("cpu", "float32")] + ([] if args.no_cuda_ref else [("cuda", "float32"), ("cuda", "float16")])
-    ref = references(args.checkpoint, refs)
-    report: dict = {"references": {k: v for k, v in ref.items()}, "models": {}, "verdicts": {}}
+    report: dict = {"references": {}, "models": {}, "verdicts": {}}
     ok_all = True
     with GatewayClient(args.gateway) as client:
         for spec in args.models:
             name, recipe = spec.split(":", 1)
+            if args.llama4 or not report["references"]:
+                key = recipe if args.llama4 else "all"
+                precision = None if not args.llama4 else ("fp16" if recipe in ("fp16", "fp32") else recipe)
+                report["references"][key] = references(args.checkpoint, refs, precision)
+                ref = report["references"][key]
             entry: dict = {"recipe": recipe, "prompts": {}}
             report["models"][name] = entry
             try:
@@ -124,7 +149,7 @@ def main() -> int:
                 n_ok = all(len(r["tokens"]) == N or r["finish"] == "eos" for r in rows)
                 det = all(r["deterministic"] for r in rows) and entry["concurrent8"]["all_equal_single"]
                 bos = all(r["prompt_tokens"] == r["prompt_tokens_ref"] for r in rows)
-                if recipe in ("fp32", "fp16"):
+                if recipe in ("fp32", "fp16") or args.llama4:  # Llama 4: references hold the build's weights
                     need = 16 if recipe == "fp32" else 8  # float reorderings may flip a near-tie later on
                     verdict = n_ok and det and bos and min(best) >= need
                     why = f"prefix with the closest PyTorch reference per prompt {best} (need >= {need})"
