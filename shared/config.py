@@ -46,6 +46,11 @@ def _pool(value: str) -> None:
         raise ValueError(f"must be one of {', '.join(POOLS)}")
 
 
+def _serving_engine(value: str) -> None:
+    if value not in ("iteration", "genai"):
+        raise ValueError("must be iteration or genai")
+
+
 def _log_level(value: str) -> None:
     if value.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
         raise ValueError("must be DEBUG, INFO, WARNING or ERROR")
@@ -106,6 +111,7 @@ _DECLARED = [
     Setting("slots", int, 4, "Requests a replica runs at once; it takes work from the queue only when a slot is free.", check=_positive),
     Setting("kv_budget_mb", int, 0, "KV-cache memory a replica may commit to running requests; it takes a request only when the request's worst-case KV need fits. 0 = a quarter of the machine's memory.", check=_non_negative),
     Setting("threads", int, 0, "Intra-op threads per ONNX Runtime session; 0 = one per CPU core this process may run on (ONNX Runtime's own default can be a single thread).", check=_non_negative),
+    Setting("serving_engine", str, "genai", "Decode engine: iteration (sequences join and leave one running batch between any two decode steps; ONNX Runtime driven directly) or genai (onnxruntime-genai static-batch cohorts).", check=_serving_engine),
     Setting("stream_interval_ms", float, 0.0, "Least time between two chunks of one stream; tokens decoded meanwhile share a chunk (the first token is never held). 0 sends each as soon as it exists.", check=_non_negative),
     Setting("replica_id", str, "", "Stable name of this replica (default: pool-host-pid)."),
     Setting("heartbeat_s", float, 2.0, "Seconds between a replica's heartbeats; replica_stale_s must be at least twice this.", check=_positive),
@@ -122,7 +128,7 @@ GATEWAY = (*COMMON, "gateway_port", "compiler_address", "queue_max_depth", "tena
 COMPILER = (*COMMON, "compiler_port", "work_dir", "job_lease_s", "max_attempts", "checkpoint_roots",
             "upload_quota_gib", "upload_max_active", "upload_expiry_s", "upload_min_free_gib", "job_poll_s",
             "upload_sweep_s")
-SERVING = (*COMMON, "serving_port", "pool", "slots", "kv_budget_mb", "threads", "stream_interval_ms", "replica_stale_s", "replica_id",
+SERVING = (*COMMON, "serving_port", "pool", "slots", "kv_budget_mb", "threads", "serving_engine", "stream_interval_ms", "replica_stale_s", "replica_id",
            "advertise_address", "heartbeat_s", "tenant_fair_slots", "tenant_headroom_s")
 
 
