@@ -37,7 +37,8 @@ async def serve(settings: config.Settings) -> None:
     store = BuildStore(settings.store).ensure()
     r = redis_conn.client(settings.redis_url)
     await redis_conn.wait_ready(r, settings.redis_url)
-    engine = Engine(store, settings.pool, settings.slots, settings.threads, kv_budget_bytes(settings.kv_budget_mb))
+    engine = Engine(store, settings.pool, settings.slots, settings.threads, kv_budget_bytes(settings.kv_budget_mb),
+                    serving_engine=settings.serving_engine)
 
     server = create_server()
     replica_id = settings.replica_id or f"{settings.pool}-{socket.gethostname()}-{os.getpid()}"

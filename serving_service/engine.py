@@ -55,7 +55,7 @@ class LoadedBuild:
 
 
 async def load_build(store: BuildStore, name: str, build_id: str, pool: str, threads: int = 0,
-                     max_rows: int = 1) -> LoadedBuild:
+                     max_rows: int = 1, serving_engine: str = "genai") -> LoadedBuild:
     """Verify a build from the store and start (load and warm) its decode worker."""
     t0 = time.perf_counter()
     manifest = await asyncio.to_thread(store.verify, build_id, full=True)
@@ -67,7 +67,8 @@ async def load_build(store: BuildStore, name: str, build_id: str, pool: str, thr
     tokenizer = await asyncio.to_thread(PromptTokenizer, path)
     # a cohort holds at most the build's max batch (the compile request's limit) and the slots
     worker = await DecodeWorker.start(build_id, str(path), POOLS[pool].genai_provider, threads,
-                                      max(1, min(max_rows, manifest.max_batch or 1)), pool)
+                                      max(1, min(max_rows, manifest.max_batch or 1)), pool,
+                                      engine=serving_engine)
     loaded = LoadedBuild(name, manifest, worker, tokenizer, frozenset(eos if isinstance(eos, list) else [eos]),
                          int(genai["vocab_size"]), kv_bytes_per_token(genai, POOLS[pool].genai_provider))
     loaded.load_seconds = time.perf_counter() - t0
@@ -102,6 +103,7 @@ class Engine:
     slots: int
     threads: int = 0
     kv_budget_bytes: int = 1 << 62
+    serving_engine: str = "genai"
     builds: dict[str, LoadedBuild] = field(default_factory=dict)
     active: int = 0
 
@@ -130,7 +132,8 @@ class Engine:
             current = self.builds.get(name)
             if current is not None and current.build_id == build_id and not current.worker.closed:
                 return None
-            loaded = await load_build(self.store, name, build_id, self.pool, self.threads, self.slots)
+            loaded = await load_build(self.store, name, build_id, self.pool, self.threads, self.slots,
+                                      self.serving_engine)
             self.builds[name] = loaded
             if current is not None:
                 current.retired = True
