@@ -18,7 +18,7 @@ from compiler_service.worker import CompileWorker
 from shared import config, redis_conn
 from shared.grpc_server import add_health_and_reflection, bind, create_server, set_serving
 from shared.proto_gen.llamaship.compiler.v1 import compiler_pb2, compiler_pb2_grpc
-from shared.store import BuildStore
+from shared.store import open_store
 from shared.resilience import forever
 from shared.service import run_service, shutdown_event
 from shared.telemetry import start_metrics_server
@@ -39,7 +39,7 @@ async def sweep_uploads(uploads: UploadStore, interval_s: float) -> None:
 
 
 async def serve(settings: config.Settings) -> None:
-    store = BuildStore(settings.store).ensure()
+    store = open_store(settings).ensure()
     work_dir = Path(settings.work_dir) if settings.work_dir else store.root / ".work"
     work_dir.mkdir(parents=True, exist_ok=True)
     r = redis_conn.client(settings.redis_url)
@@ -61,7 +61,7 @@ async def serve(settings: config.Settings) -> None:
     await server.start()
     await set_serving(health, [SERVICE], True)
     metrics_port = start_metrics_server(settings.host, settings.metrics_port)
-    log.info("compiler listening on %s:%d (store %s)%s", settings.host, port, store.root,
+    log.info("compiler listening on %s:%d (store %s)%s", settings.host, port, store.describe(),
              f", metrics on :{metrics_port}" if metrics_port else "")
     print(f"LLAMASHIP_READY compiler {settings.host}:{port}", flush=True)
 

@@ -12,7 +12,7 @@ import time
 from shared import catalog, config, redis_conn
 from shared.grpc_server import add_health_and_reflection, bind, create_server, set_serving
 from shared.proto_gen.llamaship.serving.v1 import serving_pb2, serving_pb2_grpc
-from shared.store import BuildStore
+from shared.store import open_store
 from shared.resilience import forever
 from shared.service import run_service, shutdown_event
 from shared.telemetry import start_metrics_server
@@ -34,7 +34,7 @@ def kv_budget_bytes(budget_mb: int) -> int:
 
 
 async def serve(settings: config.Settings) -> None:
-    store = BuildStore(settings.store).ensure()
+    store = open_store(settings).ensure()
     r = redis_conn.client(settings.redis_url)
     await redis_conn.wait_ready(r, settings.redis_url)
     engine = Engine(store, settings.pool, settings.slots, settings.threads, kv_budget_bytes(settings.kv_budget_mb),

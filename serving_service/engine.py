@@ -14,7 +14,7 @@ import logging
 import random
 import time
 from dataclasses import dataclass, field
-from typing import AsyncIterator
+from typing import AsyncIterator, Callable
 
 from shared.errors import InvalidArgument, NotFound, ResourceExhausted, Unavailable
 from shared.request_protocol import cost_tokens
@@ -40,6 +40,7 @@ class LoadedBuild:
     load_seconds: float = 0.0
     active: int = 0
     retired: bool = False  # replaced by a newer build: closes once its last stream ends
+    unpin: Callable[[], None] = lambda: None  # the store keeps a served build's files (cache, gc)
 
     @property
     def build_id(self) -> str:
@@ -52,12 +53,27 @@ class LoadedBuild:
     def close_if_idle(self) -> None:
         if self.retired and self.active == 0:
             self.worker.close()
+            self.release()
+
+    def release(self) -> None:
+        self.unpin()
+        self.unpin = lambda: None  # once
 
 
 async def load_build(store: BuildStore, name: str, build_id: str, pool: str, threads: int = 0,
                      max_rows: int = 1, serving_engine: str = "genai") -> LoadedBuild:
     """Verify a build from the store and start (load and warm) its decode worker."""
     t0 = time.perf_counter()
+    await asyncio.to_thread(store.pin, build_id)
+    try:
+        return await _load_pinned(store, name, build_id, pool, threads, max_rows, t0)
+    except BaseException:
+        store.unpin(build_id)
+        raise
+
+
+async def _load_pinned(store: BuildStore, name: str, build_id: str, pool: str, threads: int, max_rows: int,
+                       t0: float) -> LoadedBuild:
     manifest = await asyncio.to_thread(store.verify, build_id, full=True)
     if manifest.target_pool != pool:
         raise InvalidArgument(f"build {build_id} targets pool {manifest.target_pool}, not {pool}")
@@ -70,7 +86,8 @@ async def load_build(store: BuildStore, name: str, build_id: str, pool: str, thr
                                       max(1, min(max_rows, manifest.max_batch or 1)), pool,
                                       engine=serving_engine)
     loaded = LoadedBuild(name, manifest, worker, tokenizer, frozenset(eos if isinstance(eos, list) else [eos]),
-                         int(genai["vocab_size"]), kv_bytes_per_token(genai, POOLS[pool].genai_provider))
+                         int(genai["vocab_size"]), kv_bytes_per_token(genai, POOLS[pool].genai_provider),
+                         unpin=lambda: store.unpin(build_id))
     loaded.load_seconds = time.perf_counter() - t0
     return loaded
 
@@ -259,3 +276,4 @@ class Engine:
     def close(self) -> None:
         for loaded in self.builds.values():
             loaded.worker.close()
+            loaded.release()

@@ -39,6 +39,15 @@ def _redis_url(value: str) -> None:
         raise ValueError("must be a redis://, rediss:// or unix:// URL")
 
 
+def _store(value: str) -> None:
+    if value.startswith("s3://"):
+        from shared.store_s3 import S3Location
+
+        S3Location.parse(value)
+    elif "://" in value:
+        raise ValueError("must be a directory or an s3://bucket/prefix URL")
+
+
 def _pool(value: str) -> None:
     from shared.pools import POOLS
 
@@ -77,7 +86,11 @@ class Setting:
 _DECLARED = [
     # Shared by every service
     Setting("redis_url", str, "redis://127.0.0.1:6379/0", "Redis server holding queues, jobs and aliases.", check=_redis_url),
-    Setting("store", str, "./llamaship-store", "Shared build store directory (compiler writes, serving reads)."),
+    Setting("store", str, "./llamaship-store", "Shared build store (compiler writes, serving reads): a directory, or s3://bucket/prefix (S3-compatible object storage configured by the standard AWS_* environment).", check=_store),
+    Setting("store_cache_dir", str, "", "With an s3:// store: local directory for its cache of fetched builds and the compiler's scratch (default ~/.cache/llamaship/s3/<bucket>/<prefix>)."),
+    Setting("store_cache_gib", float, 50.0, "With an s3:// store: GiB of fetched builds kept locally; least recently used builds are evicted first, never one in use.", check=_positive),
+    Setting("store_multipart_mb", int, 64, "With an s3:// store: files from this size (MiB) on are uploaded in parts of this size.", check=_positive),
+    Setting("store_lease_s", float, 60.0, "With an s3:// store: a fetch's or publish's lease (which keeps gc off its build) expires unless renewed within this many seconds.", check=_positive),
     Setting("host", str, "127.0.0.1", "Address the gRPC server binds to."),
     Setting("log_level", str, "INFO", "Log level: DEBUG, INFO, WARNING, ERROR.", check=_log_level),
     Setting("metrics_port", int, 0, "Prometheus /metrics HTTP port; 0 disables it.", check=_port),
@@ -122,7 +135,8 @@ _DECLARED = [
 
 SETTINGS: dict[str, Setting] = {s.name: s for s in _DECLARED}
 
-COMMON = ("redis_url", "store", "host", "log_level", "metrics_port")
+STORE = ("store", "store_cache_dir", "store_cache_gib", "store_multipart_mb", "store_lease_s")
+COMMON = ("redis_url", *STORE, "host", "log_level", "metrics_port")
 GATEWAY = (*COMMON, "gateway_port", "compiler_address", "queue_max_depth", "tenant_max_requests", "queue_timeout_s",
            "failover_timeout_s", "relay_lease_s", "api_keys_file", "tls_cert_file", "tls_key_file")
 COMPILER = (*COMMON, "compiler_port", "work_dir", "job_lease_s", "max_attempts", "checkpoint_roots",

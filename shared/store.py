@@ -3,6 +3,11 @@
 Layout under the store root:
     builds/<build_id>/manifest.json   + the build's files (model.onnx, genai_config.json, ...)
     .staging/<build_id>-<nonce>/      builds being published (never read by serving)
+    .locks/<build_id>.lock            pins: a process serving a build holds a shared flock on it
+
+`open_store` picks the backend from the store setting: a directory (this module) or
+`s3://bucket/prefix` (shared.store_s3: content-addressed blobs in object storage, a bounded
+local cache under this same layout).
 
 Publishing is atomic: files are written aside in .staging, hashed into the manifest, verified,
 then renamed into builds/ in one step, so a reader sees a whole build or none.
@@ -10,6 +15,8 @@ then renamed into builds/ in one step, so a reader sees a whole build or none.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import os
@@ -95,11 +102,65 @@ class Manifest:
         return sum(f.size for f in self.files)
 
 
+class BuildPins:
+    """Which builds are in use: a process pins a build with a shared flock on its lock file
+    (counted per process); eviction and gc take an exclusive one or leave the build alone.
+    A flock dies with its process, so a crashed replica pins nothing."""
+
+    def __init__(self, directory: Path):
+        self.dir = directory
+        self._held: dict[str, tuple[int, int]] = {}  # build id -> (fd holding LOCK_SH, count)
+        self._mutex = threading.Lock()
+
+    def _open(self, build_id: str) -> int:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        return os.open(self.dir / f"{build_id}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+
+    def pin(self, build_id: str) -> None:
+        with self._mutex:
+            fd, count = self._held.get(build_id, (-1, 0))
+            if fd < 0:
+                fd = self._open(build_id)
+                fcntl.flock(fd, fcntl.LOCK_SH)
+            self._held[build_id] = (fd, count + 1)
+
+    def unpin(self, build_id: str) -> None:
+        with self._mutex:
+            fd, count = self._held.get(build_id, (-1, 0))
+            if count > 1:
+                self._held[build_id] = (fd, count - 1)
+            elif fd >= 0:
+                del self._held[build_id]
+                os.close(fd)
+
+    @contextlib.contextmanager
+    def exclusive(self, build_id: str) -> Iterator[bool]:
+        """Yields True while no process (this one included) pins the build, holding it unpinnable."""
+        fd = self._open(build_id)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                yield False
+                return
+            yield True
+        finally:
+            os.close(fd)
+
+    def pinned(self, build_id: str) -> bool:
+        with self.exclusive(build_id) as free:
+            return not free
+
+
 class BuildStore:
     def __init__(self, root: str | Path):
         self.root = Path(root).resolve()
         self.builds = self.root / "builds"
         self.staging_root = self.root / ".staging"
+        self.pins = BuildPins(self.root / ".locks")
+
+    def describe(self) -> str:
+        return str(self.root)
 
     def ensure(self) -> "BuildStore":
         self.builds.mkdir(parents=True, exist_ok=True)
@@ -141,6 +202,21 @@ class BuildStore:
         `stop` set before the move: StoreError, nothing published.
         """
         staging = Path(staging)
+        self.seal(staging, manifest, stop)
+        final = self.path(manifest.build_id)
+        if stop is not None and stop.is_set():
+            raise StoreError("publishing stopped")
+        try:
+            os.rename(staging, final)
+        except OSError:
+            if self.exists(manifest.build_id):
+                shutil.rmtree(staging, ignore_errors=True)
+                return self.manifest(manifest.build_id)
+            raise
+        return manifest
+
+    def seal(self, staging: Path, manifest: Manifest, stop: threading.Event | None = None) -> None:
+        """Hash the staged files into `manifest` and write it into the staging directory."""
         entries = []
         for f in sorted(p for p in staging.rglob("*") if p.is_file() and p.name != MANIFEST):
             digest = sha256_file(f, stop)
@@ -155,17 +231,6 @@ class BuildStore:
         tmp.write_text(manifest.to_json())
         os.replace(tmp, staging / MANIFEST)
         self.verify_dir(staging, manifest, full=False)
-        final = self.path(manifest.build_id)
-        if stop is not None and stop.is_set():
-            raise StoreError("publishing stopped")
-        try:
-            os.rename(staging, final)
-        except OSError:
-            if self.exists(manifest.build_id):
-                shutil.rmtree(staging, ignore_errors=True)
-                return self.manifest(manifest.build_id)
-            raise
-        return manifest
 
     def verify(self, build_id: str, *, full: bool = True) -> Manifest:
         manifest = self.manifest(build_id)
@@ -196,3 +261,42 @@ class BuildStore:
 
     def discard_staging(self, staging: Path) -> None:
         shutil.rmtree(staging, ignore_errors=True)
+
+    def pin(self, build_id: str) -> None:
+        """Mark a build in use by this process until `unpin` (a replica pins what it serves)."""
+        self.pins.pin(build_id)
+
+    def unpin(self, build_id: str) -> None:
+        self.pins.unpin(build_id)
+
+    def delete(self, build_id: str) -> bool:
+        """Remove a build (gc). False, and nothing removed, while a process pins it."""
+        with self.pins.exclusive(build_id) as free:
+            if not free:
+                return False
+            path = self.path(build_id)
+            if not path.is_dir():
+                return True
+            gone = self.new_staging(f"gc-{build_id}")
+            os.rename(path, gone / build_id)
+            shutil.rmtree(gone, ignore_errors=True)
+            return True
+
+    def sweep_blobs(self, known: list[Manifest], grace_s: float, dry_run: bool = False) -> tuple[int, int]:
+        """Delete stored data no remaining build uses: (objects, bytes). A directory store keeps
+        each build's files inside its directory, so there is nothing apart to sweep."""
+        return 0, 0
+
+
+def open_store(settings: Any) -> BuildStore:
+    """The build store the `store` setting names: a directory, or s3://bucket/prefix (its
+    settings: store_cache_dir, store_cache_gib, store_multipart_mb, store_lease_s)."""
+    spec = str(settings.store)
+    if spec.startswith("s3://"):
+        from shared.store_s3 import S3BuildStore
+
+        return S3BuildStore(spec, cache_dir=getattr(settings, "store_cache_dir", ""),
+                            cache_bytes=int(getattr(settings, "store_cache_gib", 50.0) * (1 << 30)),
+                            multipart_bytes=int(getattr(settings, "store_multipart_mb", 64)) << 20,
+                            lease_s=float(getattr(settings, "store_lease_s", 60.0)))
+    return BuildStore(spec)
