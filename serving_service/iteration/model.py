@@ -56,24 +56,37 @@ class DecoderModel:
                              int(max_len or self.context_length), max_rows)
         self.kv = KVBuffers(self.shape, kv_type, self.device)
         self._ort_kv_type = kv_type
+        self._bindings: dict[tuple[int, int], object] = {}
+        self._fed: tuple = ()
+        self._positions = None
 
     def forward(self, slot: int, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
         """Run rows [slot, slot + len(ids)): `ids` [n, s] are their new tokens and `mask` [n, total]
         marks each row's tokens (past and new, left-aligned). Returns logits [n, s, vocab] (float32)."""
         n = ids.shape[0]
-        io = self.session.io_binding()
-        io.bind_cpu_input(self.ids_name, np.ascontiguousarray(ids, self.ids_type))
-        io.bind_cpu_input(self.mask_name, np.ascontiguousarray(mask, self.mask_type))
+        io = self._binding(slot, n)
+        self._fed = (np.ascontiguousarray(ids, self.ids_type), np.ascontiguousarray(mask, self.mask_type))
+        io.bind_cpu_input(self.ids_name, self._fed[0])
+        io.bind_cpu_input(self.mask_name, self._fed[1])
         if self.position_name:
             past = mask.sum(axis=1, keepdims=True) - ids.shape[1]
-            io.bind_cpu_input(self.position_name, (past + np.arange(ids.shape[1])).astype(np.int64))
-        shape = self.shape.rows(n)
-        for layer, kinds in enumerate(self.kv_names):
-            for kind, (past_name, present_name) in enumerate(kinds):
-                ptr = self.kv.address(layer, kind, slot)
-                io.bind_input(past_name, self.device, 0, self._ort_kv_type, shape, ptr)
-                io.bind_output(present_name, self.device, 0, self._ort_kv_type, shape, ptr)
-        io.bind_output(self.logits_name, "cpu")
+            self._positions = (past + np.arange(ids.shape[1])).astype(np.int64)
+            io.bind_cpu_input(self.position_name, self._positions)
+        io.bind_output(self.logits_name, "cpu")  # a fresh one: its shape follows the new tokens
         self.session.run_with_iobinding(io)
         logits = io.get_outputs()[-1].numpy()
         return logits if logits.dtype == np.float32 else logits.astype(np.float32)
+
+    def _binding(self, slot: int, n: int):
+        """The binding of slots [slot, slot + n) onto the KV buffers, made once per range."""
+        io = self._bindings.get((slot, n))
+        if io is None:
+            io = self.session.io_binding()
+            shape = self.shape.rows(n)
+            for layer, kinds in enumerate(self.kv_names):
+                for kind, (past_name, present_name) in enumerate(kinds):
+                    ptr = self.kv.address(layer, kind, slot)
+                    io.bind_input(past_name, self.device, 0, self._ort_kv_type, shape, ptr)
+                    io.bind_output(present_name, self.device, 0, self._ort_kv_type, shape, ptr)
+            self._bindings[(slot, n)] = io
+        return io

@@ -56,11 +56,13 @@ class IterationScheduler:
         self.steps = 0  # batched decode steps run (tests order events by it)
 
     def warm(self) -> None:
-        """A prefill and a decode step through slot 0, so the first request pays no lazy set-up."""
-        slot = self.model.kv.take()
-        self.model.forward(slot, np.asarray([[1, 2]]), np.ones((1, 2), np.int64))
-        self.model.forward(slot, np.asarray([[3]]), np.ones((1, 3), np.int64))
-        self.model.kv.give_back(slot)
+        """A prefill into every slot, then a decode step over all of them, so that no request pays
+        for lazy set-up. GroupQueryAttention writes a slot's whole buffer on its first prefill, so
+        this is also where the KV memory is committed: max_rows x max_len tokens."""
+        rows = self.model.shape.max_rows
+        for slot in range(rows):
+            self.model.forward(slot, np.asarray([[1, 2]]), np.ones((1, 2), np.int64))
+        self.model.forward(0, np.full((rows, 1), 3), np.ones((rows, 3), np.int64))
 
     def busy(self) -> bool:
         return bool(self.waiting or self.rows)

@@ -1,0 +1,117 @@
+"""The iteration engine (serving_service.iteration) against onnxruntime-genai and against itself:
+greedy tokens equal genai's, whatever the batch shape; rows join, leave and prefill in chunks
+between steps; a seeded sampled row draws the same tokens alone and in a batch."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.iteration_helpers import (drive, genai_build, genai_greedy, prompts, rounds_of, scheduler, start,
+                                     tokens_by_row)
+
+NEW = 24
+
+
+@pytest.fixture(scope="module")
+def builds(tmp_path_factory, demo_model) -> dict:
+    root = tmp_path_factory.mktemp("iteration-builds")
+    return {r: genai_build(demo_model, root / r, r) for r in ("fp32", "int4")}
+
+
+@pytest.fixture(scope="module")
+def llama4_build(tmp_path_factory, demo_model):
+    from compiler_service.llama4.build import build_llama4
+    from tests.llama4_parity import make_checkpoint
+
+    root = tmp_path_factory.mktemp("iteration-llama4")
+    make_checkpoint(root / "ckpt", demo_model, seed=3, interleave_moe_layer_step=2)
+    build_llama4(root / "ckpt", root / "build", precision="fp32", pool="cpu", context_length=128)
+    return root / "build"
+
+
+def _staggered_matches_genai(build, eos) -> None:
+    ps = prompts(2048, (7, 40, 19, 3, 33, 12))
+    want = [genai_greedy(build, p, NEW) for p in ps]
+    sched, conn = scheduler(build, max_rows=4, prefill_chunk=16, eos=eos)
+    # six rows, four slots: later rows wait for a slot; every row arrives at a different round
+    drive(sched, conn, {2 * i: [start(f"r{i}", p, NEW)] for i, p in enumerate(ps)})
+    got = tokens_by_row(conn)
+    for i, w in enumerate(want):
+        assert got[f"r{i}"] == w[: len(got[f"r{i}"])] and (len(got[f"r{i}"]) == NEW or got[f"r{i}"][-1] in eos)
+    assert sorted(sched.model.kv.free) == [0, 1, 2, 3]
+
+
+@pytest.mark.parametrize("recipe", ["fp32", "int4"])
+def test_greedy_tokens_equal_genai_for_rows_joining_at_different_steps(builds, recipe):
+    _staggered_matches_genai(builds[recipe], eos=(2,))
+
+
+def test_llama4_build_greedy_tokens_equal_genai(llama4_build):
+    _staggered_matches_genai(llama4_build, eos=(2, 3))
+
+
+def test_rows_produce_the_tokens_they_produce_alone(builds):
+    build = builds["fp32"]
+    ps = prompts(2048, (9, 30, 5, 21), seed=5)
+    alone = []
+    for p in ps:
+        sched, conn = scheduler(build, eos=())
+        drive(sched, conn, {0: [start("x", p, NEW)]})
+        alone.append(tokens_by_row(conn)["x"])
+    sched, conn = scheduler(build, eos=())
+    drive(sched, conn, {0: [start("r0", ps[0], NEW)], 3: [start("r1", ps[1], NEW)],
+                        4: [start("r2", ps[2], NEW)], 11: [start("r3", ps[3], NEW)]})
+    got = tokens_by_row(conn)
+    assert [got[f"r{i}"] for i in range(4)] == alone
+    steps = [len(msg[1]) for _, msg in conn]
+    assert max(steps) >= 3  # they really shared decode steps
+
+
+def test_cancelled_row_frees_its_slot_mid_batch(builds):
+    build = builds["fp32"]
+    ps = prompts(2048, (6, 8, 10), seed=2)
+    sched, conn = scheduler(build, max_rows=2, eos=())
+    # two slots: r2 waits until r0 is cancelled at round 5, then takes its slot (slot 0)
+    drive(sched, conn, {0: [start("r0", ps[0], NEW), start("r1", ps[1], NEW), start("r2", ps[2], NEW)],
+                        5: [("cancel", "r0")]})
+    got = tokens_by_row(conn)
+    # round 0 gives r0 two tokens (its prefill's, then the batch step's), rounds 1-4 one each
+    assert len(got["r0"]) == 6 and max(rounds_of(conn, "r0")) == 4
+    assert (5, ("step", [], ["r0"])) in conn
+    assert min(rounds_of(conn, "r2")) == 5  # joined in the round r0 left
+    sched_alone, conn_alone = scheduler(build, max_rows=2, eos=())
+    drive(sched_alone, conn_alone, {0: [start("r2", ps[2], NEW)]})
+    assert got["r2"] == tokens_by_row(conn_alone)["r2"] and got["r1"] and len(got["r1"]) == NEW
+
+
+def test_long_prompt_is_prefilled_in_chunks_while_another_row_streams(builds):
+    build = builds["fp32"]
+    short, long = prompts(2048, (5, 100), seed=9)
+    sched, conn = scheduler(build, prefill_chunk=16, eos=())
+    drive(sched, conn, {0: [start("s", short, 40)], 3: [start("l", long, 8)]})
+    s_rounds, l_rounds = rounds_of(conn, "s"), rounds_of(conn, "l")
+    # 100 prompt tokens in chunks of 16: seven rounds of prefill (rounds 3..9), first token in round 9
+    assert min(l_rounds) == 9
+    assert all(r in s_rounds for r in range(3, 10))  # the short row got a token in every one of them
+    alone_sched, alone_conn = scheduler(build, prefill_chunk=1000, eos=())
+    drive(alone_sched, alone_conn, {0: [start("l", long, 8)]})
+    assert tokens_by_row(conn)["l"] == tokens_by_row(alone_conn)["l"]
+
+
+def test_sampled_rows_with_a_seed_draw_the_same_tokens_alone_and_in_a_batch(builds):
+    build = builds["int4"]
+    ps = prompts(2048, (6, 14, 9), seed=4)
+    sampling = dict(temperature=1.3, top_k=40, top_p=0.95)
+    alone = []
+    for i, p in enumerate(ps):
+        sched, conn = scheduler(build, eos=())
+        drive(sched, conn, {0: [start("x", p, NEW, random_seed=100 + i, **sampling)]})
+        alone.append(tokens_by_row(conn)["x"])
+    sched, conn = scheduler(build, eos=())
+    drive(sched, conn, {0: [start("g", ps[0], NEW)], 1: [start("s0", ps[0], NEW, random_seed=100, **sampling)],
+                        2: [start("s1", ps[1], NEW, random_seed=101, **sampling)],
+                        4: [start("s2", ps[2], NEW, random_seed=102, **sampling)]})
+    got = tokens_by_row(conn)
+    assert [got["s0"], got["s1"], got["s2"]] == alone
+    assert got["g"] == genai_greedy(build, ps[0], NEW)  # a greedy row among them stays greedy
+    assert got["s0"] != got["g"]  # sampling really sampled
