@@ -115,6 +115,23 @@ def _pool(docs, container) -> str:
     return _env(docs, container)[0]["LLAMASHIP_POOL"]
 
 
+def _volume_at(spec: dict, container: dict, path: str) -> dict | None:
+    """The pod volume the container has mounted at `path` or above it."""
+    mounts = [m for m in container.get("volumeMounts") or []
+              if path == m["mountPath"] or path.startswith(m["mountPath"].rstrip("/") + "/")]
+    if not mounts:
+        return None
+    name = max(mounts, key=lambda m: len(m["mountPath"]))["name"]
+    return next(v for v in spec["volumes"] if v["name"] == name)
+
+
+def _gib(quantity: str) -> float:
+    units = {"Ki": 2**-20, "Mi": 2**-10, "Gi": 1, "Ti": 2**10}
+    m = re.fullmatch(r"([\d.]+)(Ki|Mi|Gi|Ti)?", str(quantity))
+    assert m, f"quantity {quantity!r}"
+    return float(m.group(1)) * units[m.group(2)] if m.group(2) else float(m.group(1)) / 2**30
+
+
 def _closed(schema):
     """The CRD schema with unknown fields refused (the API server would prune them silently: a
     misspelt field would just vanish)."""
@@ -180,7 +197,7 @@ def test_every_object_is_valid_against_the_kubernetes_and_keda_schemas(overlay, 
 @variants
 def test_env_vars_are_settings_of_the_service_with_valid_values(overlay, component):
     docs = render(overlay, component)
-    for dep, _, c, module in _containers(docs):
+    for dep, spec, c, module in _containers(docs):
         env, refs = _env(docs, c)
         where = f"{dep['metadata']['name']}/{c['name']}"
         for name in env:
@@ -204,6 +221,13 @@ def test_env_vars_are_settings_of_the_service_with_valid_values(overlay, compone
         if module != "gateway":
             assert store.startswith("s3://"), f"{where}: store {store!r} is not S3"
             assert {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_REGION"} <= set(env), where
+            # the store's local cache (and the compiler's scratch) on a volume large enough for it
+            cache = _volume_at(spec, c, env.get("LLAMASHIP_STORE_CACHE_DIR") or "~")
+            assert cache is not None, f"{where}: the store cache is not on a volume"
+            size = _gib(cache.get("emptyDir", {}).get("sizeLimit", "0"))
+            assert size > float(env["LLAMASHIP_STORE_CACHE_GIB"]), f"{where}: cache volume {size} GiB"
+            if module == "compiler_service":
+                assert _volume_at(spec, c, env.get("LLAMASHIP_WORK_DIR") or "~") is not None, where
 
 
 @variants
