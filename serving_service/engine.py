@@ -66,14 +66,14 @@ async def load_build(store: BuildStore, name: str, build_id: str, pool: str, thr
     t0 = time.perf_counter()
     await asyncio.to_thread(store.pin, build_id)
     try:
-        return await _load_pinned(store, name, build_id, pool, threads, max_rows, t0)
+        return await _load_pinned(store, name, build_id, pool, threads, max_rows, t0, serving_engine)
     except BaseException:
         store.unpin(build_id)
         raise
 
 
 async def _load_pinned(store: BuildStore, name: str, build_id: str, pool: str, threads: int, max_rows: int,
-                       t0: float) -> LoadedBuild:
+                       t0: float, serving_engine: str = "genai") -> LoadedBuild:
     manifest = await asyncio.to_thread(store.verify, build_id, full=True)
     if manifest.target_pool != pool:
         raise InvalidArgument(f"build {build_id} targets pool {manifest.target_pool}, not {pool}")
