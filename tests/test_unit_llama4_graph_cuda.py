@@ -19,6 +19,7 @@ FP16_TOLERANCE = 0.05  # logits of about ±5: float16 keeps 3 significant digits
 
 
 def _steps(tmp_path: Path, demo_model: Path, precision: str, lengths=(SEQ, 17), **overrides):
+    overrides.setdefault("intermediate_size", 64)  # CUDA's QMoE tile (tiny_config's 32 keeps experts float)
     model = make_checkpoint(tmp_path / "ckpt", demo_model, **overrides)
     if precision != "fp16":
         fake_quantize_model(model, precision_named(precision).bits)
@@ -59,6 +60,15 @@ def test_chunk_mask_and_temperature_past_float16_precision(tmp_path, demo_model)
     computed from int64 positions (and float32), then narrowed, so a long context stays exact."""
     _, refs, got = _steps(tmp_path, demo_model, "fp16", lengths=(SEQ,), attention_chunk_size=16, floor_scale=8)
     assert max(float(np.abs(a - b).max()) for a, b in zip(refs[0][0], got[0])) < FP16_TOLERANCE
+
+
+def test_experts_narrower_than_cudas_qmoe_tile_stay_float(tmp_path, demo_model):
+    make_checkpoint(tmp_path / "ckpt", demo_model, intermediate_size=32)
+    cuda = build_llama4(tmp_path / "ckpt", tmp_path / "cuda", precision="int4", pool="cuda", context_length=64)
+    cpu = build_llama4(tmp_path / "ckpt", tmp_path / "cpu", precision="int4", pool="cpu", context_length=64)
+    assert cuda["features"]["weights.experts"] == "MoE float16"
+    assert cpu["features"]["weights.experts"] == "QMoE 4-bit block 32"
+    assert cuda["features"]["weights.attn"] == "MatMulNBits 4-bit block 32"
 
 
 def test_pool_decides_the_compute_type(tmp_path, demo_model):

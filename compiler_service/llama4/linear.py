@@ -15,6 +15,9 @@ from compiler_service.llama4.quant import BLOCK, quantize
 GROUPS = ("attn", "mlp", "shared_expert", "experts", "lm_head")
 ACCURACY_LEVEL = 0  # float activations: a 4-bit build computes exactly with its dequantized weights
 FLOAT_TYPES = {"cpu": np.float32, "cuda": np.float16}
+# CUDA's QMoE (float16) reads quantized experts in tiles of 64 along K: hidden and expert width
+# must be multiples of 64 there (ORT 1.31 refuses others at run time); such experts stay float.
+CUDA_QMOE_TILE = 64
 
 
 @dataclass(frozen=True)
@@ -125,6 +128,8 @@ class Linears:
         fc1_rows(e) is [2I, H] (gate/up interleaved), fc2_rows(e) is [H, I]; one expert in memory at a time."""
         e, h, i = shape
         bits = self._bits("experts", h, i)
+        if bits and self.g.float_type == np.float16 and (h % CUDA_QMOE_TILE or i % CUDA_QMOE_TILE):
+            bits = None
         if bits is None:
             self.used.setdefault("experts", f"MoE {self.float_name}")
             fc1 = self.g.weight_parts(f"{name}.fc1", np.float32, (e, 2 * i, h), (fc1_rows(x) for x in range(e)))

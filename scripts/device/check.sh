@@ -289,7 +289,9 @@ EOF
   grep -ciE 'traceback|error' "$W"/logs/*.log 2>/dev/null | sed 's/^/error lines: /'
 
   # ---------------------------------------------------------------- 3. the benchmark
-  if ((served == 0)); then
+  if [[ ${LLSHIP_NO_BENCH:-0} == 1 ]]; then
+    record SKIP "bench --device $POOL --quick" 0 "LLSHIP_NO_BENCH=1"
+  elif ((served == 0)); then
     record SKIP "bench --device $POOL --quick" 0 "nothing was served through the stack above: it would fail the same way"
   else
     local bmodels=()

@@ -77,6 +77,37 @@ def references(ckpt: str, device_dtypes: list[tuple[str, str]], llama4_precision
     return out
 
 
+def divergence(ckpt: str, precision: str, prompt_ids: list[int], tokens: list[int], at: int, device: str) -> dict:
+    """Why a Llama 4 build's greedy tokens leave the reference's after `at` tokens: the reference
+    (float32, the build's weights) teacher-forced on the build's own tokens, at the diverging
+    position: its top logit minus the logit of the build's token (a near-tie if small), and per
+    MoE layer the margin between the router's two best experts there (a router near-tie flips the
+    token's expert under float16 noise)."""
+    import torch
+
+    model = load(ckpt, "float32", precision).to(device).eval()
+    margins: dict[int, float] = {}
+    hooks = []
+    for i, layer in enumerate(model.model.layers):
+        router = getattr(layer.feed_forward, "router", None)
+        if router is not None:
+            def keep(mod, args, out, i=i):
+                logits = out[1] if isinstance(out, tuple) else out
+                top = logits.float().topk(2, dim=-1).values
+                margins[i] = (top[..., 0] - top[..., 1]).reshape(-1).cpu()
+            hooks.append(router.register_forward_hook(keep))
+    ids = torch.tensor([prompt_ids + tokens[: at + 1]], device=device)
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits[0].float().cpu()
+    for h in hooks:
+        h.remove()
+    pos = len(prompt_ids) + at - 1  # the position whose next token differs
+    row = logits[pos]
+    return {"at_token": at, "reference_token": int(row.argmax()), "build_token": tokens[at],
+            "logit_margin": round(float(row.max() - row[tokens[at]]), 4),
+            "router_margin_min": round(min(float(m[pos]) for m in margins.values()), 4) if margins else None}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--gateway", default="127.0.0.1:50051")
@@ -117,6 +148,16 @@ def main() -> int:
                         "prefix_vs": {k: prefix(a.token_ids, v[p]) for k, v in ref.items()
                                       if k.startswith("torch-") and "error" not in v},
                     }
+                    if args.llama4 and row["prefix_vs"] and max(row["prefix_vs"].values()) < len(a.token_ids):
+                        best = max(row["prefix_vs"].values())
+                        try:
+                            row["divergence"] = divergence(args.checkpoint, "fp16" if recipe in ("fp16", "fp32") else recipe,
+                                                           ref["prompt_ids"][p], a.token_ids, best,
+                                                           "cpu" if args.no_cuda_ref else "cuda")
+                        except Exception as exc:  # noqa: BLE001 - diagnostics only
+                            row["divergence"] = {"error": f"{type(exc).__name__}: {exc}"}
+                        print(f"{name}: diverges from the closest reference after {best} tokens: {row['divergence']}",
+                              flush=True)
                     entry["prompts"][p] = row
                     print(f"{name:<12} {recipe:<6} prompt {PROMPTS.index(p)}: {len(a.token_ids)} tokens "
                           f"({a.finish_reason}), same prefix with {row['prefix_vs']}, deterministic "
@@ -136,6 +177,14 @@ def main() -> int:
                                         "agg_tps": round(sum(len(o.token_ids) for o in outs) / wall, 1)}
                 print(f"{name:<12} {recipe:<6} 8 concurrent: all equal to the single stream {same}, "
                       f"{entry['concurrent8']['agg_tps']} tok/s aggregate", flush=True)
+                # the three prompts (different lengths) at once, twice over: they batch together
+                with ThreadPoolExecutor(6) as ex:
+                    mixed = list(ex.map(lambda q: GatewayClient(args.gateway).generate(name, q, N, timeout=120),
+                                        PROMPTS * 2))
+                entry["mixed_lengths_concurrent"] = all(o.token_ids == entry["prompts"][q]["tokens"]
+                                                        for o, q in zip(mixed, PROMPTS * 2))
+                print(f"{name:<12} {recipe:<6} 3 prompts of different lengths x2 concurrently: each equal to its "
+                      f"single stream {entry['mixed_lengths_concurrent']}", flush=True)
             except Exception as exc:  # noqa: BLE001 - reported, next model goes on
                 entry["error"] = f"{type(exc).__name__}: {exc}"
                 print(f"{name}: ERROR {entry['error']}", flush=True)
@@ -147,12 +196,21 @@ def main() -> int:
             else:
                 best = [max(r["prefix_vs"].values() or [0]) for r in rows]
                 n_ok = all(len(r["tokens"]) == N or r["finish"] == "eos" for r in rows)
-                det = all(r["deterministic"] for r in rows) and entry["concurrent8"]["all_equal_single"]
+                det = (all(r["deterministic"] for r in rows) and entry["concurrent8"]["all_equal_single"]
+                       and entry["mixed_lengths_concurrent"])
                 bos = all(r["prompt_tokens"] == r["prompt_tokens_ref"] for r in rows)
                 if recipe in ("fp32", "fp16") or args.llama4:  # Llama 4: references hold the build's weights
                     need = 16 if recipe == "fp32" else 8  # float reorderings may flip a near-tie later on
-                    verdict = n_ok and det and bos and min(best) >= need
-                    why = f"prefix with the closest PyTorch reference per prompt {best} (need >= {need})"
+                    # Llama 4: an earlier divergence counts only if the reference was at a near-tie there
+                    # (its top-2 logits, or a router's top-2 experts, within float16 noise)
+                    explained = [r.get("divergence", {}) for r in rows]
+                    near = [b >= need or (d.get("logit_margin", 9) <= 0.1 or (d.get("router_margin_min") or 9) <= 0.02)
+                            for b, d in zip(best, explained)]
+                    verdict = n_ok and det and bos and all(near)
+                    why = f"prefix with the closest PyTorch reference per prompt {best} (need >= {need}"
+                    why += (", or a near-tie where it diverges: "
+                            f"{[{k: d[k] for k in ('logit_margin', 'router_margin_min') if k in d} for d in explained]})"
+                            if args.llama4 else ")")
                 else:  # quantized: different numbers by design; it must run, be deterministic and sane
                     verdict = n_ok and det and bos
                     why = f"prefix with PyTorch {best} (informative only for {recipe})"
