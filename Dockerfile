@@ -9,7 +9,8 @@ COPY llamaship ./llamaship
 
 FROM base AS runtime
 RUN pip install "grpcio>=1.70" "grpcio-health-checking>=1.70" "grpcio-reflection>=1.70" "protobuf>=5.29" \
-        "onnxruntime-genai>=0.18" "tokenizers>=0.21" "redis>=5" "prometheus-client>=0.20" "numpy>=1.26"
+        "onnxruntime-genai>=0.18" "tokenizers>=0.21" "redis>=5" "prometheus-client>=0.20" "numpy>=1.26" \
+        "boto3>=1.35"
 COPY serving_service ./serving_service
 COPY gateway ./gateway
 
@@ -26,4 +27,4 @@ COPY scripts ./scripts
 RUN pip install --no-deps . && pip install "transformers>=5,<6" "onnx>=1.17" "onnx-ir>=0.1" \
         "onnxruntime-genai>=0.18" "safetensors>=0.5" "tokenizers>=0.21" "grpcio>=1.70" \
         "grpcio-health-checking>=1.70" "grpcio-reflection>=1.70" "protobuf>=5.29" "redis>=5" \
-        "prometheus-client>=0.20" "tqdm>=4.66" "numpy>=1.26"
+        "prometheus-client>=0.20" "tqdm>=4.66" "numpy>=1.26" "psutil>=5.9" "boto3>=1.35"
