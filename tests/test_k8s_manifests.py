@@ -353,6 +353,17 @@ def test_each_pool_scales_on_its_own_queue_streams(overlay, component):
     assert sorted(targets) == sorted(s["metadata"]["name"] for s in _of(docs, "ScaledObject"))
 
 
+def _dockerfile_stage(target: str) -> str:
+    """The Dockerfile text that builds `target`: its stage and the stages it is built FROM."""
+    found = re.findall(r"^FROM (\S+) AS (\S+)\n(.*?)(?=^FROM |\Z)", (ROOT / "Dockerfile").read_text(), re.M | re.S)
+    stages = {name: (parent, body) for parent, name, body in found}
+    text = ""
+    while target in stages:
+        parent, body = stages[target]
+        text, target = body + text, parent
+    return text
+
+
 @variants
 def test_gpus_images_and_secrets(overlay, component):
     docs = render(overlay, component)
@@ -370,6 +381,8 @@ def test_gpus_images_and_secrets(overlay, component):
             assert gpus == 0 and "nvidia.com/gpu" not in res.get("requests", {}), f"{where} requests a GPU"
         image = c["image"].rsplit(":", 1)[0].rsplit("/", 1)[-1]
         assert image == IMAGE_TARGET[key] and image in targets, f"{where}: image {c['image']} (Dockerfile targets {targets})"
+        if (_env(docs, c)[0].get("LLAMASHIP_STORE") or "").startswith("s3://"):
+            assert "boto3" in _dockerfile_stage(image), f"{where}: image target {image} lacks boto3 (s3:// store)"
         for e in c.get("env") or []:
             if "secretKeyRef" in e.get("valueFrom", {}):
                 referenced.add(e["valueFrom"]["secretKeyRef"]["name"])
