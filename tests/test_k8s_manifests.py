@@ -14,6 +14,7 @@ import os
 import re
 import shutil
 import subprocess
+import tempfile
 from pathlib import Path
 
 import jsonschema
@@ -61,12 +62,10 @@ def _render_cached(overlay: str, component: str | None) -> tuple[str, ...]:
     else:
         # A kustomization outside the tree that adds the component to the overlay (kustomize
         # takes relative paths only).
-        import tempfile
-
         with tempfile.TemporaryDirectory() as tmp:
-            rel = lambda p: os.path.relpath(p, tmp)  # noqa: E731
             Path(tmp, "kustomization.yaml").write_text(yaml.safe_dump({
-                "resources": [rel(K8S / "overlays" / overlay)], "components": [rel(K8S / "components" / component)]}))
+                "resources": [os.path.relpath(K8S / "overlays" / overlay, tmp)],
+                "components": [os.path.relpath(K8S / "components" / component, tmp)]}))
             out = subprocess.run([kubectl, "kustomize", tmp], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, f"kubectl kustomize {overlay} (+{component}) failed:\n{out.stderr}"
     return tuple(json.dumps(d) for d in yaml.safe_load_all(out.stdout) if d)
@@ -333,6 +332,7 @@ def test_each_pool_scales_on_its_own_queue_streams(overlay, component):
             md = t["metadata"]
             # streamLength (XLEN): a consumerGroup would switch KEDA to pending or lag counts
             assert "consumerGroup" not in md and "lagCount" not in md and "pendingEntriesCount" not in md, md
+            assert int(md["streamLength"]) == int(_env(docs, c)[0]["LLAMASHIP_SLOTS"]), md
             stream = md["stream"]
             assert stream.startswith(keys.gen_stream(pool, PRIORITIES[0], "").split(PRIORITIES[0])[0]), \
                 f"{so['metadata']['name']} scales the {pool} pool on {stream}"
