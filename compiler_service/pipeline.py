@@ -169,7 +169,8 @@ class CompilePipeline:
 
         if await asyncio.to_thread(self.store.exists, build_id):
             manifest = await asyncio.to_thread(self.store.manifest, build_id)
-            report = await self._gate(req, source, self.store.path(build_id), manifest.quality, progress,
+            local = await asyncio.to_thread(self.store.path, build_id)  # an s3:// store fetches it first
+            report = await self._gate(req, source, local, manifest.quality, progress,
                                       manifest.recipe_details.get("builder_precision", ""))
             if report.to_dict() != manifest.quality:
                 manifest.quality = report.to_dict()

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import grpc
 
+from llamaship import cli_gc
 from llamaship.cli_up import cmd_up
 from llamaship.client import DEFAULT_GATEWAY, GatewayClient
 
@@ -348,7 +349,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="first replica's port, the next ones follow it (default: any free ports)")
     p.add_argument("--replicas", type=int, default=1, help="cpu serving replicas to start")
     p.add_argument("--slots", type=int, default=4, help="concurrent requests per replica")
-    p.add_argument("--store", default="./llamaship-store", help="shared build store directory")
+    p.add_argument("--store", default="./llamaship-store",
+                   help="shared build store: a directory, or s3://bucket/prefix (AWS_* environment; "
+                        "LLAMASHIP_STORE_CACHE_DIR and the other store_* settings pass through)")
     p.add_argument("--redis-url", default=None, help="use this Redis instead of starting an embedded one")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--log-dir", default="./.llamaship/logs")
@@ -453,6 +456,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("build_id")
     p.add_argument("--json", action="store_true", help="print the whole manifest as JSON")
     p.set_defaults(func=cmd_builds_show)
+    cli_gc.add_parser(bsub)
 
     p = sub.add_parser("bench", help="benchmark PyTorch, direct ONNX Runtime GenAI and the whole stack",
                        description="Measure time to first token, inter-token latency, decode and aggregate tokens/s, "

@@ -28,7 +28,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         return _fail("--max-restarts must be 0..1000 and --restart-window-s in (0, 86400]")
 
     cfg = StackConfig(
-        store=Path(args.store).resolve(), log_dir=Path(args.log_dir).resolve(), redis_url=args.redis_url,
+        store=args.store if args.store.startswith("s3://") else Path(args.store).resolve(), log_dir=Path(args.log_dir).resolve(), redis_url=args.redis_url,
         host=args.host, gateway_port=args.gateway_port, compiler_port=args.compiler_port,
         serving_ports=[args.serving_port + i if args.serving_port else 0 for i in range(args.replicas)],
         slots=args.slots, metrics=True, echo_logs=args.verbose,

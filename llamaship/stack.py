@@ -67,7 +67,7 @@ class ServiceSpec:
 
 @dataclass
 class StackConfig:
-    store: Path
+    store: Path | str  # a directory, or an s3://bucket/prefix URL (str)
     log_dir: Path
     redis_url: str | None = None
     host: str = "127.0.0.1"
@@ -95,7 +95,8 @@ class Stack:
 
     # -- lifecycle -------------------------------------------------------------------------
     def start(self, timeout_s: float = 60.0) -> "Stack":
-        self.cfg.store.mkdir(parents=True, exist_ok=True)
+        if isinstance(self.cfg.store, Path):
+            self.cfg.store.mkdir(parents=True, exist_ok=True)
         self.cfg.log_dir.mkdir(parents=True, exist_ok=True)
         try:
             if not self.redis_url:
