@@ -16,7 +16,7 @@
 # Knobs (for a rehearsal on a machine without a GPU): LLSHIP_POOL=cpu (cpu pool, CPU references),
 # LLSHIP_SKIP_INSTALL=1 (use the interpreter's own packages), LLSHIP_PY=python, LLSHIP_PORT_BASE,
 # LLSHIP_BUDGET (seconds for the whole script, default 420), LLSHIP_WHAT (the parts to check: "demo llama4",
-# the default, or either one).
+# the default, or either one), LLSHIP_DEMO_RECIPES (the demo's recipes), LLSHIP_NO_BENCH=1 (skip the bench).
 # The llama4 part: scripts/device/llama4_direct.py (the Llama 4 builder's cuda graphs through ONNX
 # Runtime's CUDA provider against transformers, several configs), then a tiny Llama 4 checkpoint
 # compiled fp16 and int4 for the cuda pool, served by the cuda replica and compared with PyTorch on
@@ -198,6 +198,7 @@ init_std=0.15, attention_chunk_size=16, floor_scale=8, interleave_moe_layer_step
   # ---------------------------------------------------------------- 2. the stack, as a user runs it
   local UP_PID="" REP_PID="" RURL="" r names=() recipes="" served=0
   if [[ $WHAT == *demo* ]]; then [[ $POOL == cuda ]] && recipes="fp16 fp32 int4" || recipes="fp32 int4"; fi
+  recipes=${LLSHIP_DEMO_RECIPES:-$recipes}
   echo; echo "=== [llamaship up] + a $POOL replica"
   local s=$SECONDS
   "$PY" -m llamaship.cli up --gateway-port "$BASE" --compiler-port $((BASE + 1)) --serving-port $((BASE + 2)) \
