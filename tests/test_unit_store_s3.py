@@ -17,7 +17,7 @@ from shared.errors import NotFound
 from shared.store import BuildStore, Manifest, StoreError
 from shared.store_gc import choose, collect
 from shared.store_s3 import S3BuildStore, S3Location, client
-from tests.s3_server import aws_env, moto_server
+from tests.s3_server import aws_env, moto_server, seaweedfs_server
 
 MIB = 1 << 20
 ROOT = Path(__file__).resolve().parents[1]
@@ -29,8 +29,26 @@ def s3_env(tmp_path_factory):
         yield env
 
 
+@pytest.fixture(scope="module")
+def seaweedfs_env(tmp_path_factory, s3_env):
+    with seaweedfs_server(tmp_path_factory.mktemp("seaweedfs")) as env:
+        yield env
+
+
+@pytest.fixture(params=["moto"])
+def server_env(request, s3_env):
+    """The S3 server a test runs against: moto by default; tests of the conditional put's race
+    also run on SeaweedFS, whose check-and-write is atomic."""
+    if request.param == "moto":
+        yield s3_env
+        return
+    env = request.getfixturevalue("seaweedfs_env")
+    with aws_env(env):
+        yield env
+
+
 @pytest.fixture()
-def bucket_url(s3_env):
+def bucket_url(server_env):
     name = f"ls-{uuid.uuid4().hex[:12]}"
     client().create_bucket(Bucket=name)
     return f"s3://{name}/team/builds"
@@ -42,6 +60,9 @@ def make_store(bucket_url, tmp_path):
         kw.setdefault("multipart_bytes", 5 * MIB)
         return S3BuildStore(bucket_url, cache_dir=tmp_path / f"cache-{name}", **kw).ensure()
     return make
+
+
+both_servers = pytest.mark.parametrize("server_env", ["moto", "seaweedfs"], indirect=True)
 
 
 def _manifest(build_id="b1", model="m", created_at=0.0, source="/src"):
@@ -109,6 +130,7 @@ def test_update_manifest_keeps_files_and_needs_the_build(make_store):
         store.update_manifest(m)
 
 
+@both_servers
 def test_two_concurrent_publishers_leave_one_whole_build(make_store):
     stores = [make_store("p1"), make_store("p2")]
     files = {f"w{i}.bin": os.urandom(64 * 1024) for i in range(6)}
@@ -151,6 +173,7 @@ _KILLED_PUBLISHER = textwrap.dedent("""
 """)
 
 
+@both_servers
 def test_publisher_killed_mid_upload_leaves_no_build(make_store, bucket_url, tmp_path):
     observer = make_store("observer", lease_s=1.0)
     child = subprocess.Popen([sys.executable, "-c", _KILLED_PUBLISHER, str(ROOT), bucket_url, str(tmp_path / "child")],
