@@ -51,9 +51,11 @@ class Conn(list):
         self.append((self.round, msg))
 
 
-def scheduler(build: Path, max_rows: int = 4, prefill_chunk: int = 256, eos=(2,)) -> tuple[IterationScheduler, Conn]:
+def scheduler(build: Path, max_rows: int = 4, prefill_chunk: int = 256, eos=(2,), start_len: int = 1024
+              ) -> tuple[IterationScheduler, Conn]:
     conn = Conn()
-    sched = IterationScheduler(DecoderModel(build, None, 1, max_rows), conn, frozenset(eos), prefill_chunk)
+    sched = IterationScheduler(DecoderModel(build, None, 1, max_rows, start_len=start_len), conn, frozenset(eos),
+                               prefill_chunk)
     sched.warm()
     return sched, conn
 

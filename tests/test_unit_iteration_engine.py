@@ -115,3 +115,24 @@ def test_sampled_rows_with_a_seed_draw_the_same_tokens_alone_and_in_a_batch(buil
     assert [got["s0"], got["s1"], got["s2"]] == alone
     assert got["g"] == genai_greedy(build, ps[0], NEW)  # a greedy row among them stays greedy
     assert got["s0"] != got["g"]  # sampling really sampled
+
+
+def test_slots_grow_for_a_longer_row_mid_batch_and_shrink_when_idle(builds):
+    build = builds["fp32"]
+    short, long = prompts(2048, (6, 50), seed=6)
+    alone = []
+    for p, new in ((short, 40), (long, 30)):
+        sched, conn = scheduler(build, eos=())
+        drive(sched, conn, {0: [start("x", p, new)]})
+        alone.append(tokens_by_row(conn)["x"])
+    sched, conn = scheduler(build, eos=(), start_len=16)
+    assert sched.model.shape.max_len == 16
+    # the short row needs 46 tokens (slots grow to 64 before it starts); the long one, arriving
+    # while it streams, needs 80: the buffers grow to 128 under the running row
+    drive(sched, conn, {0: [start("s", short, 40)], 5: [start("l", long, 30)]})
+    got = tokens_by_row(conn)
+    assert [got["s"], got["l"]] == alone
+    assert sched.model.shape.max_len == 16 and not sched.busy()  # back to the start length once idle
+    sched.handle(start("big", long, 4096))  # more than the demo's context (4096 tokens) holds
+    sched.admit()
+    assert conn[-1][1][0] == "error" and conn[-1][1][1] == "big"

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from serving_service.iteration.kv import KVBuffers, KVShape
+from serving_service.iteration.kv import START_LEN, KVBuffers, KVShape
 
 _NP = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64,
        "tensor(int32)": np.int32}
@@ -28,7 +28,7 @@ def _providers(provider: str | None) -> list:
 
 class DecoderModel:
     def __init__(self, build_dir: str | Path, provider: str | None, threads: int, max_rows: int,
-                 max_len: int | None = None):
+                 max_len: int | None = None, start_len: int = START_LEN):
         import onnxruntime as ort
 
         build_dir = Path(build_dir)
@@ -52,13 +52,18 @@ class DecoderModel:
                           for k in ("key", "value")] for i in range(layers)]
         kv_type = _NP[types[self.kv_names[0][0][0]]]
         self.device = "cuda" if provider == "cuda" else "cpu"
-        self.shape = KVShape(layers, int(dec["num_key_value_heads"]), int(dec["head_size"]),
-                             int(max_len or self.context_length), max_rows)
-        self.kv = KVBuffers(self.shape, kv_type, self.device)
+        limit = int(max_len or self.context_length)
+        self.kv = KVBuffers(KVShape(layers, int(dec["num_key_value_heads"]), int(dec["head_size"]),
+                                    min(limit, start_len), max_rows, limit), kv_type, self.device)
         self._ort_kv_type = kv_type
         self._bindings: dict[tuple[int, int], object] = {}
+        self._generation = self.kv.generation
         self._fed: tuple = ()
         self._positions = None
+
+    @property
+    def shape(self) -> KVShape:
+        return self.kv.shape
 
     def forward(self, slot: int, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
         """Run rows [slot, slot + len(ids)): `ids` [n, s] are their new tokens and `mask` [n, total]
@@ -79,10 +84,13 @@ class DecoderModel:
 
     def _binding(self, slot: int, n: int):
         """The binding of slots [slot, slot + n) onto the KV buffers, made once per range."""
+        if self._generation != self.kv.generation:
+            self._bindings.clear()
+            self._generation = self.kv.generation
         io = self._bindings.get((slot, n))
         if io is None:
             io = self.session.io_binding()
-            shape = self.shape.rows(n)
+            shape = self.kv.shape.rows(n)
             for layer, kinds in enumerate(self.kv_names):
                 for kind, (past_name, present_name) in enumerate(kinds):
                     ptr = self.kv.address(layer, kind, slot)

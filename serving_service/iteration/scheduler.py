@@ -50,7 +50,6 @@ class IterationScheduler:
     def __init__(self, model: DecoderModel, conn: Any, eos: frozenset[int], prefill_chunk: int = PREFILL_CHUNK):
         self.model, self.conn, self.eos = model, conn, eos
         self.prefill_chunk = max(1, prefill_chunk)
-        self.max_len = model.shape.max_len
         self.waiting: list[_Row] = []
         self.rows: dict[str, _Row] = {}  # rows holding a slot, in arrival order
         self.steps = 0  # batched decode steps run (tests order events by it)
@@ -58,7 +57,7 @@ class IterationScheduler:
     def warm(self) -> None:
         """A prefill into every slot, then a decode step over all of them, so that no request pays
         for lazy set-up. GroupQueryAttention writes a slot's whole buffer on its first prefill, so
-        this is also where the KV memory is committed: max_rows x max_len tokens."""
+        this is also where the KV memory is committed: max_rows x max_len tokens (kv.py)."""
         rows = self.model.shape.max_rows
         for slot in range(rows):
             self.model.forward(slot, np.asarray([[1, 2]]), np.ones((1, 2), np.int64))
@@ -88,13 +87,12 @@ class IterationScheduler:
         return True
 
     def admit(self) -> None:
-        """Give waiting rows a slot, first come first served. A slot holds max_len tokens, and a
-        row writes KV only as it grows, so its memory stays within what admission reserved."""
+        """Give waiting rows a slot, first come first served; the slots grow to hold the longest."""
         while self.waiting and self.model.kv.free:
             row = self.waiting.pop(0)
-            if len(row.prompt) + row.max_new > self.max_len or not row.prompt or row.max_new <= 0:
-                self.conn.send(("error", row.rid, f"a sequence of {len(row.prompt)} prompt tokens and "
-                                                  f"{row.max_new} new ones does not fit {self.max_len} tokens"))
+            if not row.prompt or row.max_new <= 0 or not self.model.kv.fit(len(row.prompt) + row.max_new):
+                self.conn.send(("error", row.rid, f"a sequence of {len(row.prompt)} prompt tokens and {row.max_new} "
+                                                  f"new ones does not fit {self.model.shape.limit} tokens"))
                 continue
             row.slot = self.model.kv.take()
             self.rows[row.rid] = row
@@ -106,6 +104,8 @@ class IterationScheduler:
         self._decode(tokens, finished)
         if tokens or finished:
             self.conn.send(("step", tokens, finished))
+        if not self.rows and not self.waiting:
+            self.model.kv.reset()
 
     def _prefill(self, tokens: list, finished: list) -> None:
         budget = self.prefill_chunk
@@ -151,7 +151,7 @@ class IterationScheduler:
         row.produced += 1
         row.last = token
         tokens.append((row.rid, token))
-        if token in self.eos or row.produced >= row.max_new or row.length > self.max_len:
+        if token in self.eos or row.produced >= row.max_new or row.length > self.model.shape.max_len:
             finished.append(row.rid)
             self._leave(row)
 
