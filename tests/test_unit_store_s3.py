@@ -309,3 +309,18 @@ def test_directory_store_gc_skips_a_pinned_build(tmp_path):
     store.unpin("d0")
     assert collect(store, set(), keep_last=1, grace_s=0).removed == ["d0"]
     assert [m.build_id for m in store.list()] == ["d2"]
+
+
+def test_the_store_setting_is_checked_at_start_up():
+    from shared import config
+
+    assert config.resolve(config.STORE, {"store": "s3://my-bucket/p"}).store == "s3://my-bucket/p"
+    assert config.resolve(config.STORE, {"store": "./dir"}).store == "./dir"
+    for bad in ("s3://No_Such", "gs://bucket/x"):
+        with pytest.raises(config.ConfigError, match="--store"):
+            config.resolve(config.STORE, {"store": bad})
+
+
+def test_an_unreachable_bucket_stops_start_up(s3_env, tmp_path):
+    with pytest.raises(StoreError, match="not reachable"):
+        S3BuildStore("s3://no-such-bucket-here/x", cache_dir=tmp_path).ensure()
