@@ -199,8 +199,17 @@ def _iteration_scheduler(build_dir: str, provider: str | None, threads: int, max
     return sched
 
 
+def resolve_engine(engine: str, provider: str | None) -> str:
+    """serving_engine "auto": the iteration engine on CPU, where it measures better (README, "The
+    decode engine"); onnxruntime-genai on a GPU provider, where it has not been measured yet."""
+    if engine == "auto":
+        return "genai" if provider else "iteration"
+    return engine
+
+
 def worker_main(build_dir: str, provider: str | None, threads: int, max_rows: int, conn: Connection,
                 engine: str = "genai") -> None:
+    engine = resolve_engine(engine, provider)
     try:
         with open(f"{build_dir}/genai_config.json") as f:
             genai = json.load(f)["model"]

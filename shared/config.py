@@ -56,8 +56,8 @@ def _pool(value: str) -> None:
 
 
 def _serving_engine(value: str) -> None:
-    if value not in ("iteration", "genai"):
-        raise ValueError("must be iteration or genai")
+    if value not in ("auto", "iteration", "genai"):
+        raise ValueError("must be auto, iteration or genai")
 
 
 def _log_level(value: str) -> None:
@@ -124,7 +124,7 @@ _DECLARED = [
     Setting("slots", int, 4, "Requests a replica runs at once; it takes work from the queue only when a slot is free.", check=_positive),
     Setting("kv_budget_mb", int, 0, "KV-cache memory a replica may commit to running requests; it takes a request only when the request's worst-case KV need fits. 0 = a quarter of the machine's memory.", check=_non_negative),
     Setting("threads", int, 0, "Intra-op threads per ONNX Runtime session; 0 = one per CPU core this process may run on (ONNX Runtime's own default can be a single thread).", check=_non_negative),
-    Setting("serving_engine", str, "genai", "Decode engine: iteration (sequences join and leave one running batch between any two decode steps; ONNX Runtime driven directly) or genai (onnxruntime-genai static-batch cohorts).", check=_serving_engine),
+    Setting("serving_engine", str, "auto", "Decode engine: iteration (sequences join and leave one running batch between any two decode steps; ONNX Runtime driven directly), genai (onnxruntime-genai static-batch cohorts), or auto (iteration on the cpu pool, where it measures better; genai on cuda, where it is not measured yet).", check=_serving_engine),
     Setting("stream_interval_ms", float, 0.0, "Least time between two chunks of one stream; tokens decoded meanwhile share a chunk (the first token is never held). 0 sends each as soon as it exists.", check=_non_negative),
     Setting("replica_id", str, "", "Stable name of this replica (default: pool-host-pid)."),
     Setting("heartbeat_s", float, 2.0, "Seconds between a replica's heartbeats; replica_stale_s must be at least twice this.", check=_positive),
