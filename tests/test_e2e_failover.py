@@ -37,7 +37,7 @@ def _busy_replica(stack) -> str:
     raise AssertionError("no replica is running the request")
 
 
-@pytest.mark.parametrize("options", [{}, {"temperature": 0.9, "seed": 17}], ids=["greedy", "seeded"])
+@pytest.mark.parametrize("options", [{}, {"temperature": 0.9, "seed": 0}], ids=["greedy", "seeded"])
 def test_killed_replica_stream_continues_exactly_on_the_other(two_replicas, options):
     stack, client = two_replicas
     reference = client.generate("demo", PROMPT, N, **options)
