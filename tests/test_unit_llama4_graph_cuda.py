@@ -62,6 +62,18 @@ def test_chunk_mask_and_temperature_past_float16_precision(tmp_path, demo_model)
     assert max(float(np.abs(a - b).max()) for a, b in zip(refs[0][0], got[0])) < FP16_TOLERANCE
 
 
+def test_a_context_within_one_chunk_needs_no_chunk_mask(tmp_path, demo_model):
+    """Llama 4's chunk is 8192 tokens: a build whose context fits in it attends plainly causally
+    (no attention_bias: ORT 1.31's CUDA GroupQueryAttention with a bias mishandled right-padded
+    rows), and still matches transformers."""
+    summary, refs, got = _steps(tmp_path, demo_model, "fp16", attention_chunk_size=128)
+    model = onnx.load(str(tmp_path / "build" / "model.onnx"), load_external_data=False)
+    assert not any(n.op_type == "GroupQueryAttention" and len(n.input) > 10 and n.input[10] for n in model.graph.node)
+    assert summary["features"]["chunked_attention"].startswith("causal only")
+    for (ref_logits, _), rows in zip(refs, got):
+        assert max(float(np.abs(a - b).max()) for a, b in zip(ref_logits, rows)) < FP16_TOLERANCE
+
+
 def test_experts_narrower_than_cudas_qmoe_tile_stay_float(tmp_path, demo_model):
     make_checkpoint(tmp_path / "ckpt", demo_model, intermediate_size=32)
     cuda = build_llama4(tmp_path / "ckpt", tmp_path / "cuda", precision="int4", pool="cuda", context_length=64)

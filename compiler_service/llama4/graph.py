@@ -3,6 +3,7 @@ the GenAI builder's Llama builds (so the same serving code runs it)."""
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Callable
 
 import numpy as np
@@ -42,6 +43,11 @@ def emit(lin: Linears, w: Weights, spec: Llama4TextSpec, context_length: int,
          on_layer: Callable[[int], None]) -> dict[str, str]:
     """Write every node and weight; returns {feature: how the graph implements it}."""
     g, features = lin.g, {}
+    if any(spec.chunked_layers) and spec.attention_chunk_size >= context_length:
+        # every position of this build lies in the first chunk: chunked layers are plainly causal
+        spec = dataclasses.replace(spec, chunked_layers=tuple(False for _ in spec.chunked_layers))
+        features["chunked_attention"] = (f"causal only: the build's context ({context_length}) fits in one "
+                                         f"chunk ({spec.attention_chunk_size})")
     h, eps = spec.hidden_size, spec.rms_norm_eps
     needs_tuning = spec.temperature_tuning and not all(spec.rope_layers)
     shared = shared_inputs(g, chunk=spec.attention_chunk_size if any(spec.chunked_layers) else None,

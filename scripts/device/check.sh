@@ -190,8 +190,9 @@ EOF
   if [[ $WHAT == *llama4* ]]; then
     step "llama4 direct: ORT $POOL vs PyTorch" 200 "$PY" .gpu/bin/llama4_direct.py --out "$OUT/llama4_direct.json" \
       --device "$POOL"
+    [[ $WHAT == *llama4-direct* ]] && WHAT=${WHAT//llama4-direct/}  # the direct check alone
     # features inside 48 tokens: chunks of 16, temperature floor 8, MoE on alternate layers
-    step "llama4 checkpoint" 60 "$PY" -c "from llamaship.llama4_model import make_llama4; print(make_llama4('$L4', \
+    [[ $WHAT == *llama4* ]] && step "llama4 checkpoint" 60 "$PY" -c "from llamaship.llama4_model import make_llama4; print(make_llama4('$L4', \
 init_std=0.15, attention_chunk_size=16, floor_scale=8, interleave_moe_layer_step=2))"
   fi
 

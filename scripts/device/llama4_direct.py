@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 import time
@@ -29,6 +30,9 @@ CONFIGS = {
     "moe-explicit-list+top2": {**W64, "moe_layers": [0, 3], "num_experts_per_tok": 2},
     "nope-every-2nd+no-qk-norm": {**W64, "no_rope_layer_interval": 2, "use_qk_norm": False},
     "no-temperature-tuning": {**W64, "attn_temperature_tuning": False},
+    # the chunk (8192) holds the whole context (128): no attention_bias in the graph
+    "chunk-beyond-context": {**W64, "attention_chunk_size": 8192},
+    "chunk-beyond-context+no-qk-norm": {**W64, "attention_chunk_size": 8192, "use_qk_norm": False},
 }
 MAX_LEN = 64  # the shared KV buffer's length, as onnxruntime-genai allocates it
 LENGTHS = (40, 23, 9)  # longer than the chunk (8) and the temperature floor (4)
@@ -135,7 +139,10 @@ def main() -> int:
     rng = np.random.default_rng(0)
     prompts = [[1] + [int(t) for t in rng.integers(4, 2048, n - 1)] for n in LENGTHS]
     with tempfile.TemporaryDirectory() as tmp:
+        only = [c for c in os.environ.get("LLSHIP_L4_CONFIGS", "").split(",") if c]
         for name, overrides in CONFIGS.items():
+            if only and name not in only:
+                continue
             entry: dict = {}
             report["configs"][name] = entry
             try:
