@@ -28,15 +28,27 @@ def moto_server_binary() -> str | None:
     return str(local) if local.exists() else shutil.which("moto_server")
 
 
+def make_certificate(directory: Path) -> tuple[Path, Path]:
+    """A self-signed certificate for localhost and 127.0.0.1 (openssl): (cert, key) PEM files."""
+    cert, key = directory / "s3-cert.pem", directory / "s3-key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost",
+                    "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
+                   check=True, capture_output=True)
+    return cert, key
+
+
 @contextmanager
-def moto_server(log_path: Path) -> Iterator[dict[str, str]]:
-    """Start moto_server; yields the AWS_* environment that points boto3 at it."""
+def moto_server(log_path: Path, tls: tuple[Path, Path] | None = None) -> Iterator[dict[str, str]]:
+    """Start moto_server (over HTTPS with `tls`: cert and key); yields the AWS_* environment that
+    points boto3 at it (AWS_CA_BUNDLE: the certificate, with `tls`)."""
     binary = moto_server_binary()
     if binary is None:
         raise RuntimeError("moto_server is not installed: pip install 'moto[server]' (the dev extra)")
     port = _free_port()
+    tls_args = ["-c", str(tls[0]), "-k", str(tls[1])] if tls else []
     with open(log_path, "wb") as log:
-        proc = subprocess.Popen([binary, "-H", "127.0.0.1", "-p", str(port)], stdout=log, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen([binary, "-H", "127.0.0.1", "-p", str(port), *tls_args], stdout=log,
+                                stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + 30
         while True:
@@ -47,7 +59,10 @@ def moto_server(log_path: Path) -> Iterator[dict[str, str]]:
                 if proc.poll() is not None or time.monotonic() > deadline:
                     raise RuntimeError(f"moto_server did not start: {log_path.read_text()[-2000:]}") from None
                 time.sleep(0.1)
-        yield {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", **CREDENTIALS}
+        if tls:
+            yield {"AWS_ENDPOINT_URL": f"https://localhost:{port}", "AWS_CA_BUNDLE": str(tls[0]), **CREDENTIALS}
+        else:
+            yield {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", **CREDENTIALS}
     finally:
         proc.terminate()
         try:

@@ -17,7 +17,7 @@ from shared.errors import NotFound
 from shared.store import BuildStore, Manifest, StoreError
 from shared.store_gc import choose, collect
 from shared.store_s3 import S3BuildStore, S3Location, client
-from tests.s3_server import aws_env, moto_server, seaweedfs_server
+from tests.s3_server import aws_env, make_certificate, moto_server, seaweedfs_server
 
 MIB = 1 << 20
 ROOT = Path(__file__).resolve().parents[1]
@@ -194,9 +194,10 @@ def test_publisher_killed_mid_upload_leaves_no_build(make_store, bucket_url, tmp
     with pytest.raises(NotFound):
         observer.verify("k1")
 
-    # its lease keeps the orphan blobs while live; once expired, gc sweeps them
-    report = collect(observer, set(), keep_last=0, grace_s=0)
+    # its lease keeps the orphan blobs while live (a gc that allows 60 s between renewals)...
+    report = collect(make_store("patient", lease_s=60.0), set(), keep_last=0, grace_s=0)
     assert report.blobs_removed == 0
+    # ... and once expired (not renewed for 1 s: the child renewed it every 1/3 s), gc sweeps them
     time.sleep(1.2)
     report = collect(observer, set(), keep_last=0, grace_s=0)
     assert report.blobs_removed == uploaded and _objects(observer, "blobs", "") == {}
@@ -324,3 +325,18 @@ def test_the_store_setting_is_checked_at_start_up():
 def test_an_unreachable_bucket_stops_start_up(s3_env, tmp_path):
     with pytest.raises(StoreError, match="not reachable"):
         S3BuildStore("s3://no-such-bucket-here/x", cache_dir=tmp_path).ensure()
+
+
+def test_https_to_s3_with_a_test_made_certificate(tmp_path):
+    tls = make_certificate(tmp_path)
+    with moto_server(tmp_path / "moto-tls.log", tls) as env, aws_env(env):
+        assert env["AWS_ENDPOINT_URL"].startswith("https://")
+        client().create_bucket(Bucket="tls-bucket")
+        store = S3BuildStore("s3://tls-bucket/x", cache_dir=tmp_path / "a").ensure()
+        store.publish(_stage(store, "b1", {"f.bin": b"over tls"}), _manifest())
+        replica = S3BuildStore("s3://tls-bucket/x", cache_dir=tmp_path / "b").ensure()
+        assert (replica.path("b1") / "f.bin").read_bytes() == b"over tls"
+        (tmp_path / "other").mkdir()
+        with aws_env({"AWS_CA_BUNDLE": str(make_certificate(tmp_path / "other")[0])}):
+            with pytest.raises(StoreError, match="not reachable.*(SSL|certificate)"):  # a certificate not trusted
+                S3BuildStore("s3://tls-bucket/x", cache_dir=tmp_path / "c").ensure()
