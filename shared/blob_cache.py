@@ -21,6 +21,7 @@ import logging
 import os
 import shutil
 import threading
+import time
 import uuid
 from pathlib import Path
 from typing import BinaryIO, Callable
@@ -29,6 +30,7 @@ from shared.store import MANIFEST, BuildPins, Manifest, StoreError
 
 log = logging.getLogger("llamaship.store.cache")
 _CHUNK = 1 << 20
+RESUMES = 5  # a blob download is given up after this many broken connections without progress
 
 # Reads `length` bytes of blob `sha256` from `offset` on (to its end when None) as a stream.
 RangeReader = Callable[[str, int], BinaryIO]
@@ -108,15 +110,7 @@ class BlobCache:
                     partial.unlink()
                     have = 0
                 if have < size:
-                    with open(partial, "ab") as out:
-                        stream = read(sha256, have)
-                        try:
-                            while chunk := stream.read(_CHUNK):
-                                out.write(chunk)
-                                with self._mutex:
-                                    self.downloaded_bytes += len(chunk)
-                        finally:
-                            stream.close()
+                    self._download(partial, sha256, size, read)
                 got_size = partial.stat().st_size
                 if got_size == size and _sha256(partial) == sha256:
                     os.replace(partial, final)
@@ -128,6 +122,32 @@ class BlobCache:
                 raise StoreError(f"blob {sha256[:12]}… from the store does not match its sha256 "
                                  f"({got_size} of {size} bytes): refused")
         raise AssertionError("unreachable")
+
+    def _download(self, partial: Path, sha256: str, size: int, read: RangeReader) -> None:
+        """Append the rest of the blob to `partial`; a broken connection is continued from where it
+        stopped (a Range GET), up to RESUMES times in a row without progress."""
+        failures = 0
+        while (have := partial.stat().st_size if partial.exists() else 0) < size:
+            try:  # one GET to the end of the blob; the caller checks what it gave
+                with open(partial, "ab") as out:
+                    stream = read(sha256, have)
+                    try:
+                        while chunk := stream.read(_CHUNK):
+                            out.write(chunk)
+                            with self._mutex:
+                                self.downloaded_bytes += len(chunk)
+                    finally:
+                        stream.close()
+                return
+            except (StoreError, FileNotFoundError):
+                raise
+            except Exception as exc:  # noqa: BLE001 - network and server errors: continue the download
+                failures = 0 if partial.stat().st_size > have else failures + 1
+                if failures >= RESUMES:
+                    raise StoreError(f"blob {sha256[:12]}…: download failed {RESUMES} times at byte {have} ({exc})") from None
+                log.warning("blob %s: download broke at byte %d of %d (%s); resuming", sha256[:12],
+                            partial.stat().st_size, size, exc)
+                time.sleep(0.2 * failures)
 
     # -- pins and eviction -----------------------------------------------------------------------
 

@@ -165,7 +165,12 @@ class S3BuildStore(BuildStore):
 
     def _read_blob(self, sha256: str, offset: int) -> BinaryIO:
         extra = {"Range": f"bytes={offset}-"} if offset else {}
-        return self.s3.get_object(Bucket=self.loc.bucket, Key=self._blob_key(sha256), **extra)["Body"]
+        try:
+            return self.s3.get_object(Bucket=self.loc.bucket, Key=self._blob_key(sha256), **extra)["Body"]
+        except Exception as exc:
+            if _missing(exc):
+                raise StoreError(f"blob {sha256[:12]}… is missing from the store") from None
+            raise
 
     def fetch(self, build_id: str) -> tuple[Manifest, Path]:
         """The build in the local cache, fetched if missing: every blob verified against the

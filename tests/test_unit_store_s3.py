@@ -226,6 +226,49 @@ def test_interrupted_download_resumes_with_a_range_get(make_store):
     assert (other.path("b1") / "w.bin").read_bytes() == data
 
 
+class _BrokenAfter:
+    """A response body whose connection drops after `limit` bytes (what a network fault does)."""
+
+    def __init__(self, body, limit: int):
+        self.body, self.left = body, limit
+
+    def read(self, n: int) -> bytes:
+        if self.left <= 0:
+            raise ConnectionResetError("connection reset by peer")
+        chunk = self.body.read(min(n, self.left))
+        self.left -= len(chunk)
+        return chunk
+
+    def close(self) -> None:
+        self.body.close()
+
+
+def test_a_download_broken_mid_blob_continues_with_range_gets(make_store):
+    compiler, replica = make_store("compiler"), make_store("replica")
+    data = os.urandom(3 * MIB)
+    compiler.publish(_stage(compiler, "b1", {"w.bin": data}), _manifest())
+    offsets = []
+
+    def flaky(sha256: str, offset: int):
+        offsets.append(offset)
+        body = replica._read_blob(sha256, offset)
+        return _BrokenAfter(body, MIB) if len(offsets) <= 2 else body
+
+    manifest = replica.manifest("b1")
+    path = replica.cache.materialize(manifest, flaky)
+    assert offsets == [0, MIB, 2 * MIB]  # each reconnect asks for the rest only
+    assert replica.cache.downloaded_bytes == len(data)
+    assert (path / "w.bin").read_bytes() == data
+
+    # a blob gc removed from the store: refused at once, nothing kept
+    digest = hashlib.sha256(data).hexdigest()
+    compiler.s3.delete_object(Bucket=compiler.loc.bucket, Key=compiler._blob_key(digest))
+    late = make_store("late")
+    with pytest.raises(StoreError, match="missing from the store"):
+        late.verify("b1")
+    assert not late.cache.has("b1")
+
+
 @pytest.mark.parametrize("tamper", [lambda d: d[:-1] + bytes([d[-1] ^ 1]), lambda d: d[:100]])
 def test_a_corrupted_blob_is_refused(make_store, tamper):
     compiler, replica = make_store("compiler"), make_store("replica")
