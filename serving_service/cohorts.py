@@ -53,8 +53,9 @@ class CohortPlan:
 
 
 def plan_cohorts(waiting: list[Waiting], max_rows: int, pad_token_id: int | None,
-                 context_length: int) -> list[CohortPlan]:
-    """Group waiting sequences into cohorts."""
+                 context_length: int, equal_lengths: bool = False) -> list[CohortPlan]:
+    """Group waiting sequences into cohorts; `equal_lengths`: only prompts of one length share a
+    cohort (no padding: see serving_service.graph_facts)."""
     plans: list[CohortPlan] = []
     batch: list[Waiting] = []
     for w in waiting:
@@ -65,13 +66,15 @@ def plan_cohorts(waiting: list[Waiting], max_rows: int, pad_token_id: int | None
     # longest first, so that rows of similar length share a cohort; a row joins the open cohort
     # while the padded length fits the context and the cohort's KV stays within what its rows
     # reserved, else it opens the next one
-    batch.sort(key=lambda w: len(w.prompt_ids) + w.max_new, reverse=True)
+    batch.sort(key=(lambda w: (len(w.prompt_ids), w.max_new)) if equal_lengths else
+               (lambda w: len(w.prompt_ids) + w.max_new), reverse=True)
     current: list[Waiting] = []
     for w in batch:
         rows = [*current, w]
         length = CohortPlan.length_with(rows)
         fits = len(rows) <= max_rows and length <= context_length and \
-            len(rows) * length <= sum(max(r.reserved_tokens, len(r.prompt_ids) + r.max_new) for r in rows)
+            len(rows) * length <= sum(max(r.reserved_tokens, len(r.prompt_ids) + r.max_new) for r in rows) and \
+            not (equal_lengths and len(w.prompt_ids) != len(rows[0].prompt_ids))
         if current and not fits:
             plans.append(CohortPlan(current))
             rows = [w]

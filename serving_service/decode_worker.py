@@ -32,6 +32,7 @@ from typing import Any
 from shared.errors import Unavailable
 from serving_service import metrics
 from serving_service.cohorts import CohortPlan, Waiting, padded_prompts, plan_cohorts
+from serving_service.graph_facts import pads_rows_safely
 
 log = logging.getLogger("llamaship.serving.decode")
 _CTX = mp.get_context("spawn")
@@ -92,6 +93,7 @@ class _Scheduler:
         self.pad = pad if isinstance(pad, int) else None
         self.context_length = int(genai["context_length"])
         self.max_rows = max_rows if self.pad is not None else 1
+        self.equal_lengths = False  # only prompts of one length share a cohort (graph_facts)
         self.waiting: list[Waiting] = []
         self.cohorts: list[_Cohort] = []
         self.rows: dict[str, _Row] = {}
@@ -123,7 +125,7 @@ class _Scheduler:
 
     def admit(self) -> None:
         """Start a cohort for the sequences that arrived since the last round."""
-        plans = plan_cohorts(self.waiting, self.max_rows, self.pad, self.context_length)
+        plans = plan_cohorts(self.waiting, self.max_rows, self.pad, self.context_length, self.equal_lengths)
         self.waiting = []
         for plan in plans:
             self._start(plan)
@@ -218,6 +220,7 @@ def worker_main(build_dir: str, provider: str | None, threads: int, max_rows: in
         else:
             og, model = _load_model(build_dir, provider, threads)
             sched = _Scheduler(og, model, conn, genai, max_rows)
+            sched.equal_lengths = not pads_rows_safely(build_dir, provider)
     except Exception as exc:  # noqa: BLE001 - reported to the parent
         conn.send(("failed", f"{type(exc).__name__}: {exc}"))
         return

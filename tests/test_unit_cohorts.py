@@ -49,3 +49,26 @@ def test_padding_never_exceeds_the_reserved_kv_or_the_context():
 def test_right_padding():
     plan = CohortPlan([w("a", 3, 1), w("b", 1, 1)])
     assert padded_prompts(plan, PAD) == [[5, 7, 7], [5, PAD, PAD]] and plan.max_length == 4
+
+
+def test_equal_lengths_keeps_prompts_of_different_lengths_apart():
+    waiting = [w("a5", 5, 8, 64), w("b3", 3, 9, 64), w("c5", 5, 2, 64), w("d3", 3, 1, 64), w("e4", 4, 8, 64)]
+    mixed = plan_cohorts(waiting, max_rows=16, pad_token_id=PAD, context_length=64)
+    assert len(mixed) == 1  # padding allowed: one cohort
+    plans = plan_cohorts(waiting, max_rows=16, pad_token_id=PAD, context_length=64, equal_lengths=True)
+    assert sorted(sorted(p) for p in rids(plans)) == [["a5", "c5"], ["b3", "d3"], ["e4"]]
+    assert all(len({len(r.prompt_ids) for r in p.rows}) == 1 for p in plans)
+
+
+def test_only_cuda_graphs_with_an_attention_bias_need_equal_lengths(tmp_path, demo_model):
+    from compiler_service.llama4.build import build_llama4
+    from serving_service.graph_facts import pads_rows_safely
+    from tests.llama4_parity import make_checkpoint
+
+    make_checkpoint(tmp_path / "ckpt", demo_model)  # chunks of 8 tokens
+    for context, pool in ((64, "cuda"), (8, "cuda"), (64, "cpu")):
+        build_llama4(tmp_path / "ckpt", tmp_path / f"{pool}{context}", precision="fp16" if pool == "cuda" else "fp32",
+                     pool=pool, context_length=context)
+    assert not pads_rows_safely(tmp_path / "cuda64", "cuda")  # chunk mask: attention_bias
+    assert pads_rows_safely(tmp_path / "cuda8", "cuda")  # the context fits in one chunk
+    assert pads_rows_safely(tmp_path / "cpu64", None) and pads_rows_safely(tmp_path / "cuda64", None)
