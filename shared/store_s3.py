@@ -246,7 +246,7 @@ class S3BuildStore(BuildStore):
     @contextmanager
     def lease(self, build_id: str, blobs: list[str] | tuple[str, ...] = ()) -> Iterator[None]:
         """Hold a lease on a build (and on blobs not yet in any manifest) while the body runs."""
-        key = self.loc.key("leases", build_id, self.holder)
+        key = self.loc.key("leases", build_id, f"{self.holder}-{uuid.uuid4().hex[:8]}")
         body = json.dumps({"build_id": build_id, "holder": self.holder, "blobs": list(blobs)}).encode()
         self.s3.put_object(Bucket=self.loc.bucket, Key=key, Body=body)
         done = threading.Event()
@@ -310,7 +310,8 @@ class S3BuildStore(BuildStore):
         by_id = {m.build_id: m for m in known} | remaining
         keep: set[str] = set()
         for build_id in set(remaining) | set(leases):
-            keep.update(e.sha256 for e in by_id[build_id].files) if build_id in by_id else None
+            if build_id in by_id:
+                keep.update(e.sha256 for e in by_id[build_id].files)
             keep.update(leases.get(build_id, ()))
         now, count, freed = time.time(), 0, 0
         for obj in self._keys(self.loc.key("blobs", "sha256", "")):

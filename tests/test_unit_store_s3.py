@@ -336,6 +336,40 @@ def test_gc_removes_unreferenced_builds_and_their_blobs_but_not_one_being_loaded
         make_store(f"check-{build_id}").verify(build_id)
 
 
+class _PausedReplica(S3BuildStore):
+    """A replica whose first blob download waits until the test lets it go on."""
+
+    def __init__(self, *a, **kw):
+        super().__init__(*a, **kw)
+        self.reading, self.go_on = threading.Event(), threading.Event()
+
+    def _read_blob(self, sha256, offset):
+        self.reading.set()
+        assert self.go_on.wait(30)
+        return super()._read_blob(sha256, offset)
+
+
+def test_gc_while_a_replica_is_mid_download_leaves_it_the_whole_build(make_store, bucket_url, tmp_path):
+    store = make_store("compiler")
+    for i in range(3):
+        store.publish(_stage(store, f"h{i}", {"w.bin": os.urandom(MIB), "t.json": b"{}"}),
+                      _manifest(f"h{i}", created_at=1000.0 + i))
+    replica = _PausedReplica(bucket_url, cache_dir=tmp_path / "paused").ensure()
+    result = {}
+    loading = threading.Thread(target=lambda: result.setdefault("m", replica.verify("h0")))
+    loading.start()
+    try:
+        assert replica.reading.wait(30)  # lease written, manifest read, first blob requested
+        report = collect(store, set(), keep_last=0, grace_s=0)
+        assert report.in_use == ["h0"] and report.removed == ["h1", "h2"]
+    finally:
+        replica.go_on.set()
+        loading.join(30)
+    assert result["m"].build_id == "h0" and (replica.path("h0") / "w.bin").stat().st_size == MIB
+    assert collect(store, set(), keep_last=0, grace_s=0).removed == ["h0"]  # its lease is gone now
+    assert _objects(store, "blobs", "") == {}
+
+
 def test_gc_keeps_young_blobs_of_a_publish_in_progress(make_store):
     store = make_store()
     store.s3.put_object(Bucket=store.loc.bucket, Key=store._blob_key("ab" * 32), Body=b"orphan")
