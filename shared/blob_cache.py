@@ -188,6 +188,8 @@ class BlobCache:
         for blob in self.blobs.iterdir():  # blobs no build links to any more
             if len(blob.name) == 64 and blob.stat().st_nlink == 1:
                 blob.unlink(missing_ok=True)
+                # no download runs meanwhile (they hold .evict.lock shared): its lock file can go
+                blob.with_name(blob.name + ".lock").unlink(missing_ok=True)
         log.info("build cache: evicted build %s", build_dir.name)
         return True
 

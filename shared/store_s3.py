@@ -234,12 +234,20 @@ class S3BuildStore(BuildStore):
         return uploaded
 
     def update_manifest(self, manifest: Manifest) -> None:
-        current, etag = self._get_manifest(manifest.build_id)
-        if current.files != manifest.files:
-            raise StoreError(f"build {manifest.build_id}: a manifest update may not change the files")
-        # If-Match: rewrite this manifest, never recreate one gc removed meanwhile
-        self.s3.put_object(Bucket=self.loc.bucket, Key=self._manifest_key(manifest.build_id),
-                           Body=manifest.to_json().encode(), ContentType="application/json", IfMatch=etag)
+        """Rewrite a published build's manifest (the last writer wins, as in a directory store);
+        If-Match: never recreate a manifest gc removed meanwhile."""
+        for attempt in range(5):
+            current, etag = self._get_manifest(manifest.build_id)
+            if current.files != manifest.files:
+                raise StoreError(f"build {manifest.build_id}: a manifest update may not change the files")
+            try:
+                self.s3.put_object(Bucket=self.loc.bucket, Key=self._manifest_key(manifest.build_id),
+                                   Body=manifest.to_json().encode(), ContentType="application/json", IfMatch=etag)
+                return
+            except Exception as exc:
+                if _code(exc) not in ("PreconditionFailed", "412", "ConditionalRequestConflict", "409") or attempt == 4:
+                    raise
+                time.sleep(0.05 * (attempt + 1))  # rewritten meanwhile (or removed: the next read says so)
 
     # -- leases (what gc must keep) --------------------------------------------------------------
 

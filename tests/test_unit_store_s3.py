@@ -129,6 +129,29 @@ def test_update_manifest_keeps_files_and_needs_the_build(make_store):
     with pytest.raises(StoreError, match="may not change"):
         store.update_manifest(m)
 
+    # concurrent rewrites all land (the last one wins); none recreates a manifest gc removed
+    errors = []
+
+    def rewrite(i: int) -> None:
+        try:
+            copy = store.manifest("b1")
+            copy.tenants = [f"t{i}"]
+            store.update_manifest(copy)
+        except Exception as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=rewrite, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == [] and store.manifest("b1").tenants[0] in {"t0", "t1", "t2", "t3"}
+    gone = store.manifest("b1")
+    assert store.delete("b1")
+    with pytest.raises(NotFound):
+        store.update_manifest(gone)
+    assert not store.exists("b1")
+
 
 @both_servers
 def test_two_concurrent_publishers_leave_one_whole_build(make_store):
@@ -144,6 +167,7 @@ def test_two_concurrent_publishers_leave_one_whole_build(make_store):
             # the two manifests differ (source), so which one won is visible
             results[build_id, i] = stores[i].publish(_stage(stores[i], build_id, files),
                                                      _manifest(build_id, source=f"/from-{i}"))
+    # (a publisher that raised leaves its results missing: the KeyError below fails the test)
 
     threads = [threading.Thread(target=publisher, args=(i,)) for i in (0, 1)]
     for t in threads:
