@@ -282,7 +282,8 @@ class BuildStore:
             shutil.rmtree(gone, ignore_errors=True)
             return True
 
-    def sweep_blobs(self, known: list[Manifest], grace_s: float, dry_run: bool = False) -> tuple[int, int]:
+    def sweep_blobs(self, known: list[Manifest], grace_s: float, dry_run: bool = False,
+                    removed: frozenset[str] = frozenset()) -> tuple[int, int]:
         """Delete stored data no remaining build uses: (objects, bytes). A directory store keeps
         each build's files inside its directory, so there is nothing apart to sweep."""
         return 0, 0

@@ -59,5 +59,6 @@ def collect(store: BuildStore, referenced: set[str], keep_last: int = 3, grace_s
             report.removed.append(build_id)
         else:
             report.in_use.append(build_id)
-    report.blobs_removed, report.blob_bytes_freed = store.sweep_blobs(manifests, grace_s, dry_run)
+    report.blobs_removed, report.blob_bytes_freed = store.sweep_blobs(manifests, grace_s, dry_run,
+                                                                      frozenset(report.removed))
     return report

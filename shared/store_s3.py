@@ -309,11 +309,12 @@ class S3BuildStore(BuildStore):
             self.s3.delete_object(Bucket=self.loc.bucket, Key=self._manifest_key(build_id))
         return True
 
-    def sweep_blobs(self, known: list[Manifest], grace_s: float, dry_run: bool = False) -> tuple[int, int]:
+    def sweep_blobs(self, known: list[Manifest], grace_s: float, dry_run: bool = False,
+                    removed: frozenset[str] = frozenset()) -> tuple[int, int]:
         """Delete blobs no remaining manifest and no live lease names, older than grace_s.
         `known`: every manifest gc read before it deleted any, so a loader that leased a build
-        gc just removed still keeps that build's blobs."""
-        remaining = {m.build_id: m for m in self.list()}
+        gc just removed still keeps that build's blobs. A dry run counts `removed` as gone."""
+        remaining = {m.build_id: m for m in self.list() if m.build_id not in removed}
         leases = self.live_leases()  # listed after the manifests were deleted: see store_gc
         by_id = {m.build_id: m for m in known} | remaining
         keep: set[str] = set()

@@ -340,6 +340,8 @@ def test_gc_removes_unreferenced_builds_and_their_blobs_but_not_one_being_loaded
     for i in range(4):
         store.publish(_stage(store, f"g{i}", {"shared.bin": shared_blob, "own.bin": os.urandom(1000)}),
                       _manifest(f"g{i}", created_at=1000.0 + i))
+    dry = collect(store, {"g0"}, keep_last=1, grace_s=0, dry_run=True)
+    assert dry.removed == ["g1", "g2"] and dry.blobs_removed == 2 and len(list(store.list())) == 4
     loader = make_store("loader")
     with loader.lease("g1"):  # a replica is fetching g1 (its lease comes before it reads the manifest)
         report = collect(store, {"g0"}, keep_last=1, grace_s=0)
