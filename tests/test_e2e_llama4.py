@@ -207,15 +207,17 @@ def test_llama4_recipes_its_builder_does_not_make_are_refused(client, llama4_che
     job = client.compile(str(llama4_checkpoints["causal"]), "tiny-llama4-h8", "hybrid-int8")
     assert job.state == compiler_pb2.JOB_STATE_FAILED
     assert "recipe hybrid-int8 on pool cpu is not supported for Llama 4 checkpoints yet; supported: fp32" in job.message
-    job = client.compile(str(llama4_checkpoints["causal"]), "tiny-llama4-fp32-cuda", "fp32", pool="cuda")
-    assert job.state == compiler_pb2.JOB_STATE_FAILED and "recipe fp32 on pool cuda" in job.message
+    job = client.compile(str(llama4_checkpoints["causal"]), "tiny-llama4-h8-cuda", "hybrid-int8", pool="cuda")
+    assert job.state == compiler_pb2.JOB_STATE_FAILED
+    assert "recipe hybrid-int8 on pool cuda is not supported for Llama 4" in job.message
+    assert "fp16, int8, int4, hybrid-int4 on cuda" in job.message
 
 
 def test_llama4_compiles_for_the_cuda_pool_without_a_gpu(client, llama4_checkpoints):
     """A float16 build for the cuda pool: the compiler without a GPU checks its graph, loads and
     decodes it on the CPU, publishes it to the cuda pool and says its gate waits for a GPU."""
     job = client.compile(str(llama4_checkpoints["causal"]), "tiny-llama4-cuda", "fp16", pool="cuda",
-                         max_sequence_length=CONTEXT)
+                         max_sequence_length=CONTEXT, wait_served=False)  # no cuda replica here
     assert job.state == compiler_pb2.JOB_STATE_SUCCEEDED, job.message
     info = client.build(job.build_id)
     manifest = json.loads(info.manifest_json)
