@@ -56,6 +56,20 @@ def reference_steps(model, prompt: list[int], decode_steps: int) -> tuple[list[n
     return [prefill] + logits[1:], tokens
 
 
+def kv_dtype(session) -> type:
+    """The KV cache's numpy type of an onnxruntime session over a build (float16 in cuda builds)."""
+    return np.float16 if "float16" in session.get_inputs()[2].type else np.float32
+
+
+def right_padded(prompts: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
+    """(input_ids, attention_mask) int64 [B, longest]: each prompt left-aligned, zeros after it."""
+    ids = np.zeros((len(prompts), max(len(p) for p in prompts)), dtype=np.int64)
+    mask = np.zeros_like(ids)
+    for b, p in enumerate(prompts):
+        ids[b, : len(p)], mask[b, : len(p)] = p, 1
+    return ids, mask
+
+
 def onnx_steps(build: Path, prompts: list[list[int]], tokens: list[list[int]], layers: int,
                kv_heads: int, head_dim: int, providers: tuple[str, ...] = ("CPUExecutionProvider",)
                ) -> list[list[np.ndarray]]:
@@ -66,12 +80,9 @@ def onnx_steps(build: Path, prompts: list[list[int]], tokens: list[list[int]], l
     so = ort.SessionOptions()
     so.intra_op_num_threads = 1
     session = ort.InferenceSession(str(build / "model.onnx"), so, providers=list(providers))
-    kv_type = np.float16 if "float16" in session.get_inputs()[2].type else np.float32
-    batch, width = len(prompts), max(len(p) for p in prompts)
-    ids = np.zeros((batch, width), dtype=np.int64)
-    mask = np.zeros((batch, width), dtype=np.int64)
-    for b, p in enumerate(prompts):
-        ids[b, : len(p)], mask[b, : len(p)] = p, 1
+    kv_type = kv_dtype(session)
+    ids, mask = right_padded(prompts)
+    batch = len(prompts)
     past = {f"past_key_values.{i}.{kind}": np.zeros((batch, kv_heads, 0, head_dim), kv_type)
             for i in range(layers) for kind in ("key", "value")}
     results: list[list[np.ndarray]] = [[] for _ in prompts]

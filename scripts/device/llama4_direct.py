@@ -73,12 +73,11 @@ def shared_buffer_steps(build: Path, prompts: list[list[int]], tokens: list[list
 
     provider = "CUDAExecutionProvider" if device == "cuda" else "CPUExecutionProvider"
     session = ort.InferenceSession(str(build / "model.onnx"), ort.SessionOptions(), providers=[provider])
-    kv_type = np.float16 if "float16" in session.get_inputs()[2].type else np.float32
-    batch, width = len(prompts), max(len(p) for p in prompts)
-    ids = np.zeros((batch, width), dtype=np.int64)
-    mask = np.zeros((batch, width), dtype=np.int64)
-    for b, p in enumerate(prompts):
-        ids[b, : len(p)], mask[b, : len(p)] = p, 1
+    from tests.llama4_parity import kv_dtype, right_padded
+
+    kv_type = kv_dtype(session)
+    ids, mask = right_padded(prompts)
+    batch = len(prompts)
     buffers = {(i, kind): ort.OrtValue.ortvalue_from_numpy(np.zeros((batch, kv_heads, MAX_LEN, head_dim), kv_type),
                                                            device, 0)
                for i in range(layers) for kind in ("key", "value")}
