@@ -136,3 +136,45 @@ def test_slots_grow_for_a_longer_row_mid_batch_and_shrink_when_idle(builds):
     sched.handle(start("big", long, 4096))  # more than the demo's context (4096 tokens) holds
     sched.admit()
     assert conn[-1][1][0] == "error" and conn[-1][1][1] == "big"
+
+
+def test_decode_worker_child_runs_the_iteration_engine(builds):
+    import asyncio
+
+    asyncio.run(_decode_worker_child(builds))
+
+
+async def _decode_worker_child(builds):
+    """Through the real child process and its pipe: tokens as genai's; a cancelled stream frees
+    the only slot at once; a sequence that cannot fit is an error for that request only."""
+    import asyncio
+
+    from serving_service.decode_worker import DecodeWorker
+
+    build = builds["int4"]
+    a, b = prompts(2048, (12, 20), seed=8)
+    worker = await DecodeWorker.start("it", str(build), None, 1, 1, engine="iteration")
+
+    async def drain(q):
+        out = []
+        while True:
+            kind, value = await asyncio.wait_for(q.get(), 60)
+            if kind != "token":
+                return out, kind, value
+            out.append(value)
+
+    try:
+        qb = worker.submit("b", b, {"max_length": 4096, "do_sample": False}, 4096)
+        for _ in range(3):
+            assert (await asyncio.wait_for(qb.get(), 60))[0] == "token"
+        worker.release("b", finished=False)  # cancelled: its slot (the only one) goes to "a"
+        qa = worker.submit("a", a, {"max_length": len(a) + NEW, "do_sample": False}, len(a) + NEW)
+        tokens, kind, _ = await drain(qa)
+        assert kind == "done" and tokens == genai_greedy(build, a, NEW)[: len(tokens)]
+        produced = sum(rows * n for rows, n in worker.step_rows.items())
+        assert produced < 1000  # "b" would have run to 4076 tokens before "a" could start
+        qc = worker.submit("c", b, {"max_length": len(b) + 5000, "do_sample": False}, len(b) + 5000)
+        _, kind, err = await drain(qc)
+        assert kind == "error" and "does not fit 4096 tokens" in str(err)
+    finally:
+        worker.close()
