@@ -59,6 +59,8 @@ class DecoderModel:
         self._bindings: dict[tuple[int, int], object] = {}
         self._generation = self.kv.generation
         self._fed: tuple = ()
+        self._logits: dict[tuple[int, int], np.ndarray] = {}
+        self.logits_type = _NP[{o.name: o.type for o in self.session.get_outputs()}[self.logits_name]]
         self._positions = None
 
     @property
@@ -77,9 +79,16 @@ class DecoderModel:
             past = mask.sum(axis=1, keepdims=True) - ids.shape[1]
             self._positions = (past + np.arange(ids.shape[1])).astype(np.int64)
             io.bind_cpu_input(self.position_name, self._positions)
-        io.bind_output(self.logits_name, "cpu")  # a fresh one: its shape follows the new tokens
+        width = ids.shape[1]
+        out = self._logits.get((slot, n)) if width == 1 else None
+        if width == 1 and out is None:  # decode steps write into a buffer of their own per slot range
+            out = self._logits[(slot, n)] = np.empty((n, 1, self.vocab_size), self.logits_type)
+        if out is not None:
+            io.bind_output(self.logits_name, "cpu", 0, self.logits_type, list(out.shape), out.ctypes.data)
+        else:
+            io.bind_output(self.logits_name, "cpu")  # a fresh one: its shape follows the new tokens
         self.session.run_with_iobinding(io)
-        logits = io.get_outputs()[-1].numpy()
+        logits = out if out is not None else io.get_outputs()[-1].numpy()
         return logits if logits.dtype == np.float32 else logits.astype(np.float32)
 
     def _binding(self, slot: int, n: int):
