@@ -178,3 +178,17 @@ async def _decode_worker_child(builds):
         assert kind == "error" and "does not fit 4096 tokens" in str(err)
     finally:
         worker.close()
+
+
+def test_rows_join_only_while_the_slots_fit_their_kv_reservations(builds):
+    build = builds["fp32"]
+    short, long = prompts(2048, (6, 30), seed=11)
+    sched, conn = scheduler(build, max_rows=4, eos=(), start_len=16)
+    # start share: 4 slots x 16 tokens = 64. "l" needs 30 + 100 = 130 tokens: the slots grow to 256.
+    # "s" (6 + 20 = 26 tokens) would make 2 x 256 = 512 tokens, beyond 130 + 26 reserved: it waits
+    # until "l" leaves; "t", which reserved 400 tokens, could have joined but keeps its turn
+    drive(sched, conn, {0: [start("l", long, 100)], 2: [start("s", short, 20)],
+                        3: [("start", "t", short, {"max_length": len(short) + 20, "do_sample": False}, 400)]})
+    l_rounds, s_rounds, t_rounds = rounds_of(conn, "l"), rounds_of(conn, "s"), rounds_of(conn, "t")
+    assert min(s_rounds) > max(l_rounds) and min(t_rounds) >= min(s_rounds)
+    assert len(tokens_by_row(conn)["s"]) == 20

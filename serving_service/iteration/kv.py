@@ -64,16 +64,20 @@ class KVBuffers:
         self.slot_bytes = shape.kv_heads * shape.max_len * shape.head_dim * self.dtype.itemsize
         self.generation += 1
 
+    def length_for(self, tokens: int) -> int:
+        """The slot length fit(tokens) leaves: the current one, doubled until it holds `tokens`."""
+        length = self.shape.max_len
+        while length < tokens:
+            length *= 2
+        return min(length, self.shape.limit)
+
     def fit(self, tokens: int) -> bool:
-        """Make every slot hold at least `tokens` (doubling), keeping what they hold.
-        False when that is beyond the limit."""
+        """Make every slot hold at least `tokens`, keeping what they hold. False when that is
+        beyond the limit."""
         if tokens > self.shape.limit:
             return False
         if tokens > self.shape.max_len:
-            length = self.shape.max_len
-            while length < tokens:
-                length *= 2
-            self._allocate(replace(self.shape, max_len=min(length, self.shape.limit)), self._keep)
+            self._allocate(replace(self.shape, max_len=self.length_for(tokens)), self._keep)
         return True
 
     def reset(self) -> None:

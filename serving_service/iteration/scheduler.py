@@ -31,6 +31,7 @@ class _Row:
     prompt: list[int]
     max_new: int
     sampler: Sampler
+    reserved: int = 0  # KV tokens the replica's admission reserved for it
     slot: int = -1
     prefilled: int = 0  # prompt tokens in the KV
     produced: int = 0
@@ -52,7 +53,6 @@ class IterationScheduler:
         self.prefill_chunk = max(1, prefill_chunk)
         self.waiting: list[_Row] = []
         self.rows: dict[str, _Row] = {}  # rows holding a slot, in arrival order
-        self.steps = 0  # batched decode steps run (tests order events by it)
 
     def warm(self) -> None:
         """A prefill into every slot, then a decode step over all of them, so that no request pays
@@ -80,21 +80,35 @@ class IterationScheduler:
                 return True
             self.conn.send(("step", [], [rid]))
         elif msg[0] == "start":
-            _, rid, prompt_ids, options, _reserved = msg
+            _, rid, prompt_ids, options, reserved = msg
             options = dict(options)
             max_new = int(options.pop("max_length")) - len(prompt_ids)
-            self.waiting.append(_Row(rid, list(prompt_ids), max_new, Sampler(options)))
+            self.waiting.append(_Row(rid, list(prompt_ids), max_new, Sampler(options),
+                                     max(int(reserved), len(prompt_ids) + max_new)))
         return True
 
     def admit(self) -> None:
-        """Give waiting rows a slot, first come first served; the slots grow to hold the longest."""
-        while self.waiting and self.model.kv.free:
-            row = self.waiting.pop(0)
-            if not row.prompt or row.max_new <= 0 or not self.model.kv.fit(len(row.prompt) + row.max_new):
+        """Give waiting rows a slot, first come first served; the slots grow to hold the longest.
+
+        KV admission as the replica accounts it: every slot in use holds max_len tokens, so a row
+        joins only while (rows in use) x max_len stays within what admission reserved for them
+        (or the slots' start size, the engine's fixed share). A row that does not fit waits for
+        rows to leave; one alone always starts."""
+        kv = self.model.kv
+        while self.waiting and kv.free:
+            row = self.waiting[0]
+            need = len(row.prompt) + row.max_new
+            if not row.prompt or row.max_new <= 0 or need > kv.shape.limit:
+                self.waiting.pop(0)
                 self.conn.send(("error", row.rid, f"a sequence of {len(row.prompt)} prompt tokens and {row.max_new} "
-                                                  f"new ones does not fit {self.model.shape.limit} tokens"))
+                                                  f"new ones does not fit {kv.shape.limit} tokens"))
                 continue
-            row.slot = self.model.kv.take()
+            allowed = max(kv.start_len * kv.shape.max_rows, row.reserved + sum(r.reserved for r in self.rows.values()))
+            if self.rows and (len(self.rows) + 1) * kv.length_for(need) > allowed:
+                return
+            self.waiting.pop(0)
+            kv.fit(need)
+            row.slot = kv.take()
             self.rows[row.rid] = row
 
     def round(self) -> None:
@@ -143,7 +157,6 @@ class IterationScheduler:
         except Exception as exc:  # noqa: BLE001 - reported to each request of the step
             self._fail(running, exc)
             return
-        self.steps += 1
         for row in running:
             self._emit(row, row.sampler(logits[row.slot, -1]), tokens, finished)
 
