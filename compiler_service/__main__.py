@@ -42,8 +42,8 @@ async def serve(settings: config.Settings) -> None:
     store = open_store(settings).ensure()
     work_dir = Path(settings.work_dir) if settings.work_dir else store.root / ".work"
     work_dir.mkdir(parents=True, exist_ok=True)
-    r = redis_conn.client(settings.redis_url)
-    await redis_conn.wait_ready(r, settings.redis_url)
+    r = redis_conn.connect(settings)
+    await redis_conn.wait_ready(r, redis_conn.describe(settings))
     jobs = JobStore(r)
     uploads = UploadStore(store.root, UploadLimits.of(settings))
     roots = sources.parse_roots(settings.checkpoint_roots)

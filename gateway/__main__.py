@@ -23,8 +23,8 @@ SERVICE = gateway_pb2.DESCRIPTOR.services_by_name["Gateway"].full_name
 
 
 async def serve(settings: config.Settings) -> None:
-    r = redis_conn.client(settings.redis_url)
-    await redis_conn.wait_ready(r, settings.redis_url)
+    r = redis_conn.connect(settings)
+    await redis_conn.wait_ready(r, redis_conn.describe(settings))
     channel = grpc.aio.insecure_channel(settings.compiler_address)
     queue = GenerationQueue(r, settings.queue_max_depth, settings.queue_timeout_s, settings.failover_timeout_s,
                             settings.tenant_max_requests, settings.relay_lease_s)

@@ -11,6 +11,7 @@ from pathlib import Path
 import grpc
 
 from llamaship import cli_gc
+from shared import config
 from llamaship.cli_up import cmd_up
 from llamaship.client import DEFAULT_GATEWAY, GatewayClient
 
@@ -352,7 +353,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--store", default="./llamaship-store",
                    help="shared build store: a directory, or s3://bucket/prefix (AWS_* environment; "
                         "LLAMASHIP_STORE_CACHE_DIR and the other store_* settings pass through)")
-    p.add_argument("--redis-url", default=None, help="use this Redis instead of starting an embedded one")
+    config.add_arguments(p, config.REDIS)  # a Redis given (URL, cluster or sentinels): no embedded one
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--log-dir", default="./.llamaship/logs")
     p.add_argument("--api-keys-file", default=None, help="require API keys from this file (llamaship keys create)")

@@ -11,7 +11,7 @@ from dataclasses import asdict
 
 from shared import config
 
-NAMES = ("redis_url", *config.STORE)
+NAMES = (*config.REDIS, *config.STORE)
 
 
 def add_parser(builds_sub) -> None:
@@ -29,10 +29,10 @@ def add_parser(builds_sub) -> None:
     p.set_defaults(func=cmd_builds_gc)
 
 
-async def _referenced(redis_url: str) -> set[str]:
+async def _referenced(settings: config.Settings) -> set[str]:
     from shared import catalog, redis_conn
 
-    r = redis_conn.client(redis_url)
+    r = redis_conn.connect(settings)
     try:
         return {a.build_id for a in await catalog.list_aliases(r)}
     finally:
@@ -48,7 +48,7 @@ def cmd_builds_gc(args: argparse.Namespace) -> int:
         return 2
     try:
         settings = config.resolve(NAMES, args)
-        referenced = asyncio.run(_referenced(settings.redis_url))
+        referenced = asyncio.run(_referenced(settings))
         store = open_store(settings).ensure()
         report = collect(store, referenced, args.keep, args.grace_s, args.dry_run)
     except (config.ConfigError, StoreError, OSError) as exc:

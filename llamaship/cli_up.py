@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 import threading
 from pathlib import Path
+
+from shared.config import REDIS, SETTINGS, ConfigError, resolve
 
 
 def _fail(message: str) -> int:
@@ -27,8 +30,13 @@ def cmd_up(args: argparse.Namespace) -> int:
     if not 0 <= args.max_restarts <= 1000 or not 0 < args.restart_window_s <= 86400:
         return _fail("--max-restarts must be 0..1000 and --restart-window-s in (0, 86400]")
 
+    try:
+        redis_url, redis_settings = _redis(args)
+    except ConfigError as exc:
+        return _fail(str(exc))
     cfg = StackConfig(
-        store=args.store if args.store.startswith("s3://") else Path(args.store).resolve(), log_dir=Path(args.log_dir).resolve(), redis_url=args.redis_url,
+        store=args.store if args.store.startswith("s3://") else Path(args.store).resolve(), log_dir=Path(args.log_dir).resolve(),
+        redis_url=redis_url, redis_settings=redis_settings,
         host=args.host, gateway_port=args.gateway_port, compiler_port=args.compiler_port,
         serving_ports=[args.serving_port + i if args.serving_port else 0 for i in range(args.replicas)],
         slots=args.slots, metrics=True, echo_logs=args.verbose,
@@ -64,10 +72,23 @@ def cmd_up(args: argparse.Namespace) -> int:
     return return_code
 
 
+def _redis(args: argparse.Namespace) -> tuple[str | None, dict[str, str]]:
+    """The external Redis given by flag or env (None: embedded), and the other Redis settings the
+    services get; validated here so that a bad one stops `up` before anything starts."""
+    settings = resolve(REDIS, args)
+    given = {n for n in REDIS if getattr(args, n, None) is not None or SETTINGS[n].env in os.environ}
+    url = settings.redis_url if "redis_url" in given else None
+    return url, {n: str(getattr(settings, n)) for n in given if n != "redis_url"}
+
+
 def _print_stack(stack, args: argparse.Namespace) -> None:
+    from shared.redis_conn import describe
+
     cfg = stack.cfg
     redis = stack.procs.get("redis")
-    print(f"  redis     {stack.redis_url}" + (f" (embedded)   pid {redis.popen.pid}" if redis else ""))
+    shown = stack.redis_url if redis or not stack.external_redis else \
+        describe(resolve(REDIS, {"redis_url": stack.redis_url or None, **cfg.redis_settings}, env={}))
+    print(f"  redis     {shown}" + (f" (embedded)   pid {redis.popen.pid}" if redis else ""))
     for name, proc in stack.procs.items():
         if name != "redis":
             metrics = stack.metrics_ports.get(name)

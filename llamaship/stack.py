@@ -69,7 +69,8 @@ class ServiceSpec:
 class StackConfig:
     store: Path | str  # a directory, or an s3://bucket/prefix URL (str)
     log_dir: Path
-    redis_url: str | None = None
+    redis_url: str | None = None  # an external single server; None (and no redis_settings mode): embedded
+    redis_settings: dict[str, str] = field(default_factory=dict)  # other REDIS settings (shared.config) for the services
     host: str = "127.0.0.1"
     gateway_port: int = 0
     compiler_port: int = 0
@@ -99,7 +100,7 @@ class Stack:
             self.cfg.store.mkdir(parents=True, exist_ok=True)
         self.cfg.log_dir.mkdir(parents=True, exist_ok=True)
         try:
-            if not self.redis_url:
+            if not self.external_redis:
                 self.start_redis()
             self.start_service("compiler", "compiler_service", self.cfg.compiler_port, timeout_s)
             for i, port in enumerate(self.cfg.serving_ports):
@@ -114,6 +115,12 @@ class Stack:
             self.stop()
             raise
         return self
+
+    @property
+    def external_redis(self) -> bool:
+        """Redis given (a URL, a cluster or sentinels): the stack starts none."""
+        s = self.cfg.redis_settings
+        return bool(self.cfg.redis_url or s.get("redis_cluster_nodes") or s.get("redis_sentinels"))
 
     def start_redis(self, port: int = 0) -> None:
         port = port or free_port(self.cfg.host)
@@ -146,7 +153,10 @@ class Stack:
     def service_env(self) -> dict[str, str]:
         env = dict(os.environ)
         env.update(self.cfg.env)
-        env["LLAMASHIP_REDIS_URL"] = self.redis_url
+        for name, value in self.cfg.redis_settings.items():
+            env["LLAMASHIP_" + name.upper()] = value
+        if self.redis_url:
+            env["LLAMASHIP_REDIS_URL"] = self.redis_url
         env["LLAMASHIP_STORE"] = str(self.cfg.store)
         env["LLAMASHIP_HOST"] = self.cfg.host
         env["PYTHONUNBUFFERED"] = "1"

@@ -35,8 +35,8 @@ def kv_budget_bytes(budget_mb: int) -> int:
 
 async def serve(settings: config.Settings) -> None:
     store = open_store(settings).ensure()
-    r = redis_conn.client(settings.redis_url)
-    await redis_conn.wait_ready(r, settings.redis_url)
+    r = redis_conn.connect(settings)
+    await redis_conn.wait_ready(r, redis_conn.describe(settings))
     engine = Engine(store, settings.pool, settings.slots, settings.threads, kv_budget_bytes(settings.kv_budget_mb),
                     serving_engine=settings.serving_engine)
 

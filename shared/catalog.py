@@ -91,10 +91,11 @@ async def remove_heartbeat(r: aioredis.Redis, replica_id: str) -> None:
         await pipe.execute()
 
 
+# KEYS: replicas hash, then the liveness key of each replica in ARGV (same order, one hash slot).
 _FORGET_GONE = """
 local gone = 0
-for _, id in ipairs(redis.call('HKEYS', KEYS[1])) do
-  if redis.call('EXISTS', ARGV[1] .. id) == 0 then redis.call('HDEL', KEYS[1], id); gone = gone + 1 end
+for i = 1, #ARGV do
+  if redis.call('EXISTS', KEYS[i + 1]) == 0 and redis.call('HDEL', KEYS[1], ARGV[i]) == 1 then gone = gone + 1 end
 end
 return gone
 """
@@ -103,7 +104,10 @@ return gone
 async def forget_gone_replicas(r: aioredis.Redis) -> int:
     """Drop the records of replicas whose liveness key expired (atomically with the check, so a
     replica beating meanwhile is never dropped)."""
-    return int(await r.eval(_FORGET_GONE, 1, keys.REPLICAS, keys.replica_alive("")))
+    ids = list(await r.hkeys(keys.REPLICAS))  # one registered after this read is left for the next round
+    if not ids:
+        return 0
+    return int(await r.eval(_FORGET_GONE, 1 + len(ids), keys.REPLICAS, *map(keys.replica_alive, ids), *ids))
 
 
 async def replica_alive(r: aioredis.Redis, replica_id: str) -> bool:

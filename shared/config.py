@@ -39,6 +39,12 @@ def _redis_url(value: str) -> None:
         raise ValueError("must be a redis://, rediss:// or unix:// URL")
 
 
+def _host_ports(value: str) -> None:
+    from shared.redis_conn import host_ports
+
+    host_ports(value)
+
+
 def _store(value: str) -> None:
     if value.startswith("s3://"):
         from shared.store_s3 import S3Location
@@ -85,7 +91,18 @@ class Setting:
 
 _DECLARED = [
     # Shared by every service
-    Setting("redis_url", str, "redis://127.0.0.1:6379/0", "Redis server holding queues, jobs and aliases.", check=_redis_url),
+    Setting("redis_url", str, "redis://127.0.0.1:6379/0", "Redis server holding queues, jobs and aliases (single-server mode; rediss:// for TLS).", check=_redis_url),
+    Setting("redis_cluster_nodes", str, "", "Redis Cluster mode: comma-separated host:port of some cluster nodes (the rest are discovered); replaces --redis-url.", check=_host_ports),
+    Setting("redis_sentinels", str, "", "Sentinel mode: comma-separated host:port of the sentinels that know the primary (with --redis-sentinel-master); replaces --redis-url.", check=_host_ports),
+    Setting("redis_sentinel_master", str, "", "Sentinel mode: the name the sentinels monitor the primary under."),
+    Setting("redis_username", str, "", "Redis ACL user (empty: the default user, or the URL's)."),
+    Setting("redis_password", str, "", "Redis ACL password (prefer the env var to the flag; empty: the URL's, or none)."),
+    Setting("redis_tls", bool, False, "TLS to Redis in cluster and sentinel modes (a rediss:// URL turns it on in single-server mode)."),
+    Setting("redis_tls_ca_file", str, "", "PEM CA bundle that signs the Redis servers' certificates (empty: the system's)."),
+    Setting("redis_tls_cert_file", str, "", "PEM client certificate for Redis servers that require one (tls-auth-clients)."),
+    Setting("redis_tls_key_file", str, "", "PEM private key of --redis-tls-cert-file."),
+    Setting("redis_wait_replicas", int, 0, "An enqueue is acknowledged only once this many Redis replicas hold it (WAIT); if fewer do within --redis-wait-timeout-ms it is withdrawn and the client told to retry. 0: acknowledge once the primary has it.", check=_non_negative),
+    Setting("redis_wait_timeout_ms", int, 1000, "Milliseconds an enqueue waits for --redis-wait-replicas.", check=_positive),
     Setting("store", str, "./llamaship-store", "Shared build store (compiler writes, serving reads): a directory, or s3://bucket/prefix (S3-compatible object storage configured by the standard AWS_* environment).", check=_store),
     Setting("store_cache_dir", str, "", "With an s3:// store: local directory for its cache of fetched builds and the compiler's scratch (default ~/.cache/llamaship/s3/<bucket>/<prefix>)."),
     Setting("store_cache_gib", float, 50.0, "With an s3:// store: GiB of fetched builds kept locally; least recently used builds are evicted first, never one in use.", check=_positive),
@@ -136,7 +153,10 @@ _DECLARED = [
 SETTINGS: dict[str, Setting] = {s.name: s for s in _DECLARED}
 
 STORE = ("store", "store_cache_dir", "store_cache_gib", "store_multipart_mb", "store_lease_s")
-COMMON = ("redis_url", *STORE, "host", "log_level", "metrics_port")
+REDIS = ("redis_url", "redis_cluster_nodes", "redis_sentinels", "redis_sentinel_master", "redis_username",
+         "redis_password", "redis_tls", "redis_tls_ca_file", "redis_tls_cert_file", "redis_tls_key_file",
+         "redis_wait_replicas", "redis_wait_timeout_ms")
+COMMON = (*REDIS, *STORE, "host", "log_level", "metrics_port")
 GATEWAY = (*COMMON, "gateway_port", "compiler_address", "queue_max_depth", "tenant_max_requests", "queue_timeout_s",
            "failover_timeout_s", "relay_lease_s", "api_keys_file", "tls_cert_file", "tls_key_file")
 COMPILER = (*COMMON, "compiler_port", "work_dir", "job_lease_s", "max_attempts", "checkpoint_roots",
@@ -152,9 +172,19 @@ def _stale_vs_heartbeat(values: dict[str, Any]) -> None:
                           f"({values['heartbeat_s']}): one late heartbeat must not make a live replica look gone")
 
 
+def _redis_mode(values: dict[str, Any]) -> None:
+    if values["redis_cluster_nodes"] and values["redis_sentinels"]:
+        raise ConfigError("--redis-cluster-nodes and --redis-sentinels are two modes: give one")
+    if bool(values["redis_sentinels"]) != bool(values["redis_sentinel_master"]):
+        raise ConfigError("--redis-sentinels and --redis-sentinel-master go together")
+    if bool(values["redis_tls_cert_file"]) != bool(values["redis_tls_key_file"]):
+        raise ConfigError("--redis-tls-cert-file and --redis-tls-key-file go together")
+
+
 # Checks across settings: (the settings they need, the check); run when a service uses all of them.
 CROSS_CHECKS: list[tuple[tuple[str, ...], Callable[[dict[str, Any]], None]]] = [
     (("replica_stale_s", "heartbeat_s"), _stale_vs_heartbeat),
+    (REDIS, _redis_mode),
 ]
 
 

@@ -55,11 +55,11 @@ class SamplingSettings:
 
 
 def _settings_key(model: str) -> str:
-    return f"{keys.PREFIX}sampling:{model}"
+    return keys.sampling_settings(model)
 
 
 def _samples_key(model: str) -> str:
-    return f"{keys.PREFIX}samples:{model}"
+    return keys.prompt_samples(model)
 
 
 async def get_settings(r: aioredis.Redis, model: str) -> SamplingSettings:

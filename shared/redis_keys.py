@@ -1,26 +1,42 @@
 """Every Redis key and stream Llamaship uses, in one place.
 
-Aliases       HASH   ls:aliases                 model name -> JSON alias record
-Model access  HASH   ls:models:access           model name -> JSON {owner, readers} (shared.model_registry)
-Announce      STREAM ls:announce                one entry per publish (name, build_id, pool)
-Replicas      HASH   ls:replicas                replica id -> JSON heartbeat (pool, address, builds, slots)
-Replica alive STRING ls:alive:{replica_id}      exists while the replica is live: set with a TTL on each heartbeat
-Gen queue     STREAM ls:gen:{pool}:{prio}:{tenant}  requests of one tenant at one priority; group "replicas"
-Gen streams   SET    ls:genidx:{pool}           the pool's queue streams
-Tenant ring   LIST   ls:genring:{pool}:{prio}   tenants with waiting requests, in round-robin order
-Doorbell      STREAM ls:genbell:{pool}          one entry per enqueue: wakes idle replicas
-Responses     STREAM ls:resp:{sid}              chunks a replica produced for one request
-Cancel flag   STRING ls:cancel:{sid}            set when the client went away or cancelled (only while in flight)
-Stream owner  STRING ls:owner:{sid}             the replica allowed to write the response stream
-Request claim STRING ls:rid:{sid}               a request id in use (not reused for 10 minutes): stream, entry
-Relay lease   STRING ls:relay:{sid}             a gateway relays the request's stream (expires when none does)
-  {sid}: the scoped request id, "<tenant part>:<client request id>" (request_scope): tenants
+Every key one Lua script, MULTI/EXEC or multi-key command touches shares one hash slot, so the
+same code runs on one server, behind Sentinel and on Redis Cluster: the part in {braces} is the
+key's hash tag (Redis Cluster hashes only that part).
+
+Catalog (slot {catalog}):
+Aliases       HASH   ls:{catalog}:aliases            model name -> JSON alias record
+Model access  HASH   ls:{catalog}:models:access      model name -> JSON {owner, readers} (shared.model_registry)
+Announce      STREAM ls:{catalog}:announce           one entry per publish (name, build_id, pool)
+Replicas (slot {replicas}):
+Replicas      HASH   ls:{replicas}:replicas          replica id -> JSON heartbeat (pool, address, builds, slots)
+Replica alive STRING ls:{replicas}:alive:<replica>   exists while the replica is live: set with a TTL on each heartbeat
+One pool's queue (slot {pool:<pool>}):
+Gen queue     STREAM ls:{pool:<pool>}:gen:<prio>:<tenant>  requests of one tenant at one priority; group "replicas"
+Gen streams   SET    ls:{pool:<pool>}:genidx         the pool's queue streams
+Tenant ring   LIST   ls:{pool:<pool>}:genring:<prio> tenants with waiting requests, in round-robin order
+Doorbell      STREAM ls:{pool:<pool>}:genbell        one entry per enqueue: wakes idle replicas
+Last acked    STRING ls:{pool:<pool>}:acked          the last enqueue WAITed for (on Redis Cluster: a write to WAIT on)
+One request (slot {req:<sid>}):
+Request claim STRING ls:{req:<sid>}:rid              a request id in use (not reused for 10 minutes): stream, entry
+Responses     STREAM ls:{req:<sid>}:resp             chunks a replica produced for one request
+Cancel flag   STRING ls:{req:<sid>}:cancel           set when the client went away or cancelled (only while in flight)
+Stream owner  STRING ls:{req:<sid>}:owner            the replica allowed to write the response stream
+Relay lease   STRING ls:{req:<sid>}:relay            a gateway relays the request's stream (expires when none does)
+  <sid>: the scoped request id, "<tenant part>:<client request id>" (request_scope): tenants
   never share request ids. The protocol around these keys lives in shared.request_protocol.
-Jobs          STRING ls:job:{job_id}            one compile job's state (JSON)
-Job events    STREAM ls:job:{job_id}:events     progress of one compile job
-Job cancel  STRING ls:job:{job_id}:cancel      set when a running job should stop
-Job index     ZSET   ls:jobs                    job ids by creation time
-Job queue     LIST   ls:compile:queue           job ids waiting for a compiler worker
+Compile jobs (slot {jobs}: the queue, the index and every job's keys change together):
+Jobs          STRING ls:{jobs}:job:<job_id>          one compile job's state (JSON)
+Job events    STREAM ls:{jobs}:job:<job_id>:events   progress of one compile job
+Job cancel    STRING ls:{jobs}:job:<job_id>:cancel   set when a running job should stop
+Job index     ZSET   ls:{jobs}:index                 job ids by creation time
+Job queue     LIST   ls:{jobs}:compile:queue         job ids waiting for a compiler worker
+Prompt samples (slot {model:<model>}):
+Sampling      STRING ls:{model:<model>}:sampling     sampling settings of one model
+Samples       LIST   ls:{model:<model>}:samples      kept prompts (and ...:samples:seen, the count considered)
+
+Key names changed in version 2 of this layout (hash tags): see the README, "Redis at scale",
+for what an upgrade across it requires.
 """
 
 from __future__ import annotations
@@ -29,12 +45,16 @@ import hashlib
 import re
 
 PREFIX = "ls:"
-ALIASES = PREFIX + "aliases"
-MODEL_ACCESS = PREFIX + "models:access"
-ANNOUNCE = PREFIX + "announce"
-REPLICAS = PREFIX + "replicas"
-JOBS_INDEX = PREFIX + "jobs"
-COMPILE_QUEUE = PREFIX + "compile:queue"
+LAYOUT_VERSION = 2
+CATALOG = PREFIX + "{catalog}:"
+ALIASES = CATALOG + "aliases"
+MODEL_ACCESS = CATALOG + "models:access"
+ANNOUNCE = CATALOG + "announce"
+REPLICAS_SLOT = PREFIX + "{replicas}:"
+REPLICAS = REPLICAS_SLOT + "replicas"
+JOBS_SLOT = PREFIX + "{jobs}:"
+JOBS_INDEX = JOBS_SLOT + "index"
+COMPILE_QUEUE = JOBS_SLOT + "compile:queue"
 GEN_GROUP = "replicas"
 ANNOUNCE_MAXLEN = 1000
 RESPONSE_TTL_S = 600
@@ -42,6 +62,7 @@ CANCEL_TTL_S = 600
 
 
 _TENANT_SAFE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+_GEN_STREAM = re.compile(r"ls:\{pool:(?P<pool>[^}]*)\}:gen:(?P<prio>[^:]*):(?P<tenant>.*)")
 
 
 def tenant_part(tenant: str) -> str:
@@ -51,26 +72,37 @@ def tenant_part(tenant: str) -> str:
     return "h-" + hashlib.sha256(tenant.encode()).hexdigest()[:24]
 
 
+def pool_slot(pool: str) -> str:
+    return f"{PREFIX}{{pool:{pool}}}:"
+
+
 def gen_stream(pool: str, priority: str, tenant: str) -> str:
     """The queue stream of one tenant at one priority ("" tenant: the prefix of all of them)."""
-    return f"{PREFIX}gen:{pool}:{priority}:{tenant_part(tenant) if tenant else ''}"
+    return f"{pool_slot(pool)}gen:{priority}:{tenant_part(tenant) if tenant else ''}"
 
 
 def gen_stream_tenant_suffix(tenant: str) -> str:
     return ":" + tenant_part(tenant)
 
 
+def _gen_parts(stream: str) -> re.Match:
+    m = _GEN_STREAM.fullmatch(stream)
+    if m is None:
+        raise ValueError(f"{stream!r} is not a queue stream name")
+    return m
+
+
 def gen_stream_priority(stream: str) -> str:
-    return stream.split(":")[3]
+    return _gen_parts(stream)["prio"]
 
 
 def gen_stream_pool(stream: str) -> str:
-    return stream.split(":")[2]
+    return _gen_parts(stream)["pool"]
 
 
 def gen_stream_tenant(stream: str) -> str:
     """The tenant key part of a queue stream."""
-    return stream.split(":", 4)[4]
+    return _gen_parts(stream)["tenant"]
 
 
 def request_scope(tenant: str, request_id: str) -> str:
@@ -80,48 +112,64 @@ def request_scope(tenant: str, request_id: str) -> str:
 
 
 def replica_alive(replica_id: str) -> str:
-    return f"{PREFIX}alive:{replica_id}"
+    return f"{REPLICAS_SLOT}alive:{replica_id}"
 
 
 def gen_streams(pool: str) -> str:
-    return f"{PREFIX}genidx:{pool}"
+    return f"{pool_slot(pool)}genidx"
 
 
 def gen_tenant_ring(pool: str, priority: str) -> str:
-    return f"{PREFIX}genring:{pool}:{priority}"
+    return f"{pool_slot(pool)}genring:{priority}"
 
 
 def gen_doorbell(pool: str) -> str:
-    return f"{PREFIX}genbell:{pool}"
+    return f"{pool_slot(pool)}genbell"
+
+
+def gen_acked(pool: str) -> str:
+    return f"{pool_slot(pool)}acked"
+
+
+def _request(sid: str, kind: str) -> str:
+    return f"{PREFIX}{{req:{sid}}}:{kind}"
 
 
 def response_stream(sid: str) -> str:
-    return f"{PREFIX}resp:{sid}"
+    return _request(sid, "resp")
 
 
 def cancel_flag(sid: str) -> str:
-    return f"{PREFIX}cancel:{sid}"
+    return _request(sid, "cancel")
 
 
 def request_claim(sid: str) -> str:
-    return f"{PREFIX}rid:{sid}"
+    return _request(sid, "rid")
 
 
 def relay_lease(sid: str) -> str:
-    return f"{PREFIX}relay:{sid}"
+    return _request(sid, "relay")
 
 
 def stream_owner(sid: str) -> str:
-    return f"{PREFIX}owner:{sid}"
+    return _request(sid, "owner")
 
 
 def job(job_id: str) -> str:
-    return f"{PREFIX}job:{job_id}"
+    return f"{JOBS_SLOT}job:{job_id}"
 
 
 def job_events(job_id: str) -> str:
-    return f"{PREFIX}job:{job_id}:events"
+    return f"{JOBS_SLOT}job:{job_id}:events"
 
 
 def job_cancel(job_id: str) -> str:
-    return f"{PREFIX}job:{job_id}:cancel"
+    return f"{JOBS_SLOT}job:{job_id}:cancel"
+
+
+def sampling_settings(model: str) -> str:
+    return f"{PREFIX}{{model:{model}}}:sampling"
+
+
+def prompt_samples(model: str) -> str:
+    return f"{PREFIX}{{model:{model}}}:samples"

@@ -36,8 +36,10 @@ import math
 from dataclasses import dataclass
 
 import redis.asyncio as aioredis
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 
+from shared import redis_conn
 from shared import redis_keys as keys
 from shared.generation import Chunk, GenRequest
 from shared.resilience import is_lost_group
@@ -71,13 +73,36 @@ local function admit(f, free, budget, per_token)
 end
 """
 
-# KEYS: streams set, tenant ring, stream, claim, doorbell, relay lease.
-# ARGV: request json, max depth, tenant max, claim ttl, tenant part, cost, model, tenant stream
-# suffix, relay lease seconds, group, scoped id.
-# Returns the entry id, or FULL / TENANT_FULL / DUPLICATE.
-_ENQUEUE = """
+# Every key a script touches is in its KEYS and in one hash slot (shared.redis_keys): a pool's
+# scripts are given the pool's streams the caller knows of, and answer RETRY when the pool has one
+# more (the caller then reads the set again).
+_LUA_DECLARED = """
+local declared = {}
+for i = 1, #KEYS do declared[KEYS[i]] = true end
+local function undeclared(set_key)
+  for _, s in ipairs(redis.call('SMEMBERS', set_key)) do
+    if not declared[s] then return true end
+  end
+  return false
+end
+"""
+
+# A request's own keys first (its slot): KEYS: claim, relay lease. ARGV: claim ttl, relay lease
+# seconds. Takes the id (DUPLICATE when in use) and starts the relay lease before the entry exists,
+# so a replica never finds the request unrelayed.
+_CLAIM = """
+if not redis.call('SET', KEYS[1], '', 'NX', 'EX', tonumber(ARGV[1])) then return 0 end
+redis.call('SET', KEYS[2], '1', 'EX', tonumber(ARGV[2]))
+return 1
+"""
+
+# Then the pool's (its slot): KEYS: streams set, tenant ring, stream, doorbell, then every stream
+# of the pool. ARGV: request json, max depth, tenant max, tenant part, cost, model, tenant stream
+# suffix, group, scoped id. Returns the entry id, or FULL / TENANT_FULL / RETRY.
+_ENQUEUE = _LUA_DECLARED + """
+if undeclared(KEYS[1]) then return 'RETRY' end
 local total, mine = 0, 0
-local suffix = ARGV[8]
+local suffix = ARGV[7]
 for _, s in ipairs(redis.call('SMEMBERS', KEYS[1])) do
   local n = redis.call('XLEN', s)
   total = total + n
@@ -85,28 +110,26 @@ for _, s in ipairs(redis.call('SMEMBERS', KEYS[1])) do
 end
 if total >= tonumber(ARGV[2]) then return 'FULL' end
 if mine >= tonumber(ARGV[3]) then return 'TENANT_FULL' end
-if not redis.call('SET', KEYS[4], '', 'NX', 'EX', tonumber(ARGV[4])) then return 'DUPLICATE' end
 if redis.call('EXISTS', KEYS[3]) == 0 then
-  redis.call('XGROUP', 'CREATE', KEYS[3], ARGV[10], '0', 'MKSTREAM')
+  redis.call('XGROUP', 'CREATE', KEYS[3], ARGV[8], '0', 'MKSTREAM')
 end
 redis.call('SADD', KEYS[1], KEYS[3])
-local id = redis.call('XADD', KEYS[3], '*', 'req', ARGV[1], 'cost', ARGV[6], 'model', ARGV[7], 'sid', ARGV[11])
-if not redis.call('LPOS', KEYS[2], ARGV[5]) then redis.call('RPUSH', KEYS[2], ARGV[5]) end
-redis.call('XADD', KEYS[5], 'MAXLEN', '~', '100', '*', 'id', id)
-redis.call('SET', KEYS[4], KEYS[3] .. '\\t' .. id, 'EX', tonumber(ARGV[4]))
-redis.call('SET', KEYS[6], '1', 'EX', tonumber(ARGV[9]))
+local id = redis.call('XADD', KEYS[3], '*', 'req', ARGV[1], 'cost', ARGV[5], 'model', ARGV[6], 'sid', ARGV[9])
+if not redis.call('LPOS', KEYS[2], ARGV[4]) then redis.call('RPUSH', KEYS[2], ARGV[4]) end
+redis.call('XADD', KEYS[4], 'MAXLEN', '~', '100', '*', 'id', id)
 return id
 """
 
 # ARGV: group, consumer, free KV bytes, JSON {model: KV bytes per token} of the models the
 # replica serves, whole KV budget, fair slots (1/0), the replica's slots, JSON {tenant part:
 # requests it runs here}, headroom window ms (0: off), then per priority (highest first): its ring
-# key and stream key prefix.
+# key and stream key prefix. KEYS: streams set, the rings, then every stream of the pool.
 # Headroom: while another tenant has sent this pool work within the window, one tenant may not
 # take a replica's last free slot (a newcomer then never waits for a long request to end).
 # Returns {} (nothing to take), {'WAIT'} (the next request does not fit), or {stream, id, req,
-# sid, tenant part}.
-_PICK = _LUA_COMMON + """
+# sid, tenant part}, or {'RETRY'} (the pool has a stream not in KEYS).
+_PICK = _LUA_COMMON + _LUA_DECLARED + """
+if undeclared(KEYS[1]) then return {'RETRY'} end
 local group, consumer = ARGV[1], ARGV[2]
 local free, budget = tonumber(ARGV[3]), tonumber(ARGV[5])
 local per_token = cjson.decode(ARGV[4])
@@ -119,7 +142,7 @@ if ARGV[6] == '1' then
   end
   for p = 10, #ARGV, 2 do
     for _, t in ipairs(redis.call('LRANGE', ARGV[p], 0, -1)) do
-      if not waiting[t] and next_waiting(ARGV[p + 1] .. t, group) then
+      if not waiting[t] and declared[ARGV[p + 1] .. t] and next_waiting(ARGV[p + 1] .. t, group) then
         waiting[t] = true
         n_waiting = n_waiting + 1
         if not with_work[t] then with_work[t] = true; n = n + 1 end
@@ -163,7 +186,7 @@ local function take(share)
     for _ = 1, redis.call('LLEN', ring) do
       local tenant = redis.call('LINDEX', ring, 0)
       local stream = prefix .. tenant
-      local entry = next_waiting(stream, group)
+      local entry = declared[stream] and next_waiting(stream, group)
       if not entry then
         redis.call('LPOP', ring)
       elseif share and tonumber(running[tenant] or 0) >= share then
@@ -192,13 +215,12 @@ if got == true or got == false then return {} end
 return got
 """
 
-# KEYS: stream, the dead replica's liveness key. ARGV: group, consumer, dead consumer, min idle
+# KEYS: stream (the caller checked that the dead replica's liveness key is gone). ARGV: group, consumer, dead consumer, min idle
 # ms, free slots, free KV bytes, per-token JSON, whole KV budget.
 # Takes over the dead replica's entries that this replica admits, in queue order, while slots
 # last; an entry that must wait for KV stops the round. Entries deleted meanwhile (finished or
 # withdrawn) are acknowledged. Returns a flat list id, req, sid, ...
 _RECLAIM = _LUA_COMMON + """
-if redis.call('EXISTS', KEYS[2]) == 1 then return {} end
 local group, me, dead = ARGV[1], ARGV[2], ARGV[3]
 local slots, free, budget = tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[8])
 local per_token = cjson.decode(ARGV[7])
@@ -237,15 +259,11 @@ redis.call('XDEL', KEYS[1], ARGV[3])
 return 1
 """
 
-# KEYS: claim, cancel flag. ARGV: ttl. Flag the request only while its entry is queued or
-# running; never create anything for an id that is unknown or has ended.
+# KEYS: claim, cancel flag. ARGV: ttl, the claim the caller found (its entry still queued or
+# running: the queue lives in another hash slot, so the caller checked it). Flag the request only
+# while the claim still says so; never create anything for an id that is unknown or reused.
 _CANCEL = """
-local claim = redis.call('GET', KEYS[1])
-if not claim or claim == '' then return 0 end
-local tab = string.find(claim, '\\t', 1, true)
-if not tab then return 0 end
-local stream, id = string.sub(claim, 1, tab - 1), string.sub(claim, tab + 1)
-if #redis.call('XRANGE', stream, id, id) == 0 then return 0 end
+if redis.call('GET', KEYS[1]) ~= ARGV[2] then return 0 end
 redis.call('SET', KEYS[2], '1', 'EX', tonumber(ARGV[1]))
 return 1
 """
@@ -307,6 +325,14 @@ class DuplicateRequest(Exception):
     pass
 
 
+class NotReplicated(RedisConnectionError):
+    """The enqueue reached the primary but not the replicas asked for (WAIT) in time: it was
+    withdrawn, and the caller may retry with the same request id."""
+
+
+_RETRIES = 8  # rounds of "the pool gained a stream meanwhile" before giving up (each one reads the set)
+
+
 def cost_tokens(prompt: str, max_tokens: int, context_length: int) -> int:
     """An upper bound of the tokens a request can hold in the KV cache before it is tokenized:
     byte-level and byte-fallback tokenizers give at most one token per byte (plus BOS/prefix)."""
@@ -325,12 +351,24 @@ class PoolQueue:
     def __init__(self, r: aioredis.Redis, pool: str):
         self.r = r
         self.pool = pool
+        self._claim = r.register_script(_CLAIM)
         self._enqueue = r.register_script(_ENQUEUE)
         self._pick = r.register_script(_PICK)
         self._reclaim = r.register_script(_RECLAIM)
         self._finish = r.register_script(_FINISH)
         self.streams_key = keys.gen_streams(pool)
         self.bell = keys.gen_doorbell(pool)
+        self._known: list[str] = []  # the pool's streams as last read (scripts declare them as KEYS)
+
+    async def _declared(self, script, fixed: list[str], args: list, *, client=None):
+        """Run a pool script with the pool's streams declared; re-read them while it says RETRY."""
+        for _ in range(_RETRIES):
+            result = await script(keys=fixed + [s for s in self._known if s not in fixed], args=args,
+                                  client=client)
+            if result not in ("RETRY", ["RETRY"]):
+                return result
+            self._known = sorted(await self.r.smembers(self.streams_key))
+        raise RuntimeError(f"the streams of pool {self.pool!r} kept changing during {_RETRIES} tries")
 
     async def enqueue(self, req: GenRequest, *, cost: int, max_depth: int, tenant_max: int,
                       relay_lease_s: float = 10.0) -> Entry:
@@ -338,19 +376,45 @@ class PoolQueue:
             raise ValueError(f"unknown priority {req.priority!r}")
         sid = keys.request_scope(req.tenant, req.request_id)
         stream = keys.gen_stream(self.pool, req.priority, req.tenant)
-        result = await self._enqueue(
-            keys=[self.streams_key, keys.gen_tenant_ring(self.pool, req.priority), stream,
-                  keys.request_claim(sid), self.bell, keys.relay_lease(sid)],
-            args=[req.to_json(), max_depth, tenant_max, keys.RESPONSE_TTL_S, keys.tenant_part(req.tenant), cost,
-                  req.model, keys.gen_stream_tenant_suffix(req.tenant), lease_seconds(relay_lease_s), GROUP, sid],
-        )
-        if result == "FULL":
-            raise QueueFull("pool")
-        if result == "TENANT_FULL":
-            raise QueueFull("tenant")
-        if result == "DUPLICATE":
+        claim, lease = keys.request_claim(sid), keys.relay_lease(sid)
+        # Two hash slots, two atomic steps: the request's id (and relay lease), then the pool's queue.
+        if not await self._claim(keys=[claim, lease], args=[keys.RESPONSE_TTL_S, lease_seconds(relay_lease_s)]):
             raise DuplicateRequest(req.request_id)
-        return Entry(stream, result)
+        try:
+            result = await self._declared(
+                self._enqueue, [self.streams_key, keys.gen_tenant_ring(self.pool, req.priority), stream, self.bell],
+                [req.to_json(), max_depth, tenant_max, keys.tenant_part(req.tenant), cost, req.model,
+                 keys.gen_stream_tenant_suffix(req.tenant), GROUP, sid])
+        except BaseException:
+            await self._release(claim, lease)
+            raise
+        if result in ("FULL", "TENANT_FULL"):
+            await self._release(claim, lease)
+            raise QueueFull("pool" if result == "FULL" else "tenant")
+        entry = Entry(stream, result)
+        await self._replicated(entry, claim, lease)
+        return entry
+
+    async def _release(self, claim: str, lease: str) -> None:
+        await self.r.delete(claim, lease)
+
+    async def _replicated(self, entry: Entry, claim: str, lease: str) -> None:
+        """With a WAIT policy (redis_conn.durability), return only once the replicas asked for
+        hold the entry; else withdraw it and raise NotReplicated (the id is free to retry)."""
+        replicas, timeout_ms = redis_conn.durability(self.r)
+        value = f"{entry.stream}\t{entry.entry_id}"
+        if replicas <= 0:
+            await self.r.set(claim, value, ex=keys.RESPONSE_TTL_S)
+            return
+        acked = await redis_conn.set_and_wait(self.r, claim, value, keys.RESPONSE_TTL_S, replicas, timeout_ms)
+        if redis_conn.is_cluster(self.r):  # the queue's slot may live on another primary
+            acked = min(acked, await redis_conn.set_and_wait(self.r, keys.gen_acked(self.pool), entry.entry_id,
+                                                             keys.RESPONSE_TTL_S, replicas, timeout_ms))
+        if acked >= replicas:
+            return
+        await self.withdraw(entry)
+        await self._release(claim, lease)
+        raise NotReplicated(f"the request reached {acked} of {replicas} Redis replicas within {timeout_ms} ms")
 
     async def pick(self, consumer: str, free_kv_bytes: int, kv_budget_bytes: int, kv_bytes_per_token: dict[str, int],
                    running: dict[str, int] | None = None, fair_slots: bool = False, slots: int = 1,
@@ -366,9 +430,10 @@ class PoolQueue:
             return None
         args: list = [GROUP, consumer, int(free_kv_bytes), json.dumps(kv_bytes_per_token), int(kv_budget_bytes),
                       "1" if fair_slots else "0", int(slots), json.dumps(running or {}), int(headroom_s * 1000)]
-        for priority in PRIORITIES:
-            args += [keys.gen_tenant_ring(self.pool, priority), keys.gen_stream(self.pool, priority, "")]
-        result = await self._pick(keys=[self.streams_key], args=args)
+        rings = [keys.gen_tenant_ring(self.pool, priority) for priority in PRIORITIES]
+        for ring, priority in zip(rings, PRIORITIES):
+            args += [ring, keys.gen_stream(self.pool, priority, "")]
+        result = await self._declared(self._pick, [self.streams_key, *rings], args)
         if not result:
             return None
         if result[0] == "WAIT":
@@ -380,8 +445,10 @@ class PoolQueue:
         """Take over what the replica `dead` (no liveness key) holds in `stream`, admitted as by `pick`."""
         if free_slots <= 0 or not kv_bytes_per_token:
             return []
+        if await self.r.exists(keys.replica_alive(dead)):  # another slot: checked here, not in the script
+            return []
         flat = await self._reclaim(
-            keys=[stream, keys.replica_alive(dead)],
+            keys=[stream],
             args=[GROUP, consumer, dead, RECLAIM_MIN_IDLE_MS, int(free_slots), int(free_kv_bytes),
                   json.dumps(kv_bytes_per_token), int(kv_budget_bytes)])
         tenant = keys.gen_stream_tenant(stream)
@@ -483,8 +550,12 @@ class Requests:
 
     async def cancel(self, sid: str) -> bool:
         """Flag the request to stop if it is in flight (queued or running); True if it is."""
+        claim = await self.r.get(keys.request_claim(sid)) or ""
+        stream, tab, entry_id = claim.partition("\t")
+        if not tab or not entry_id or not await self.queued(Entry(stream, entry_id)):
+            return False
         return bool(await self._cancel(keys=[keys.request_claim(sid), keys.cancel_flag(sid)],
-                                       args=[keys.CANCEL_TTL_S]))
+                                       args=[keys.CANCEL_TTL_S, claim]))
 
     async def renew_relay(self, sid: str, lease_s: float) -> None:
         await self.r.set(keys.relay_lease(sid), "1", ex=lease_seconds(lease_s))
