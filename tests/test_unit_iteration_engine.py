@@ -19,14 +19,12 @@ def builds(tmp_path_factory, demo_model) -> dict:
 
 
 @pytest.fixture(scope="module")
-def llama4_build(tmp_path_factory, demo_model):
-    from compiler_service.llama4.build import build_llama4
+def llama4_checkpoint(tmp_path_factory, demo_model):
     from tests.llama4_parity import make_checkpoint
 
     root = tmp_path_factory.mktemp("iteration-llama4")
     make_checkpoint(root / "ckpt", demo_model, seed=3, interleave_moe_layer_step=2)
-    build_llama4(root / "ckpt", root / "build", precision="fp32", pool="cpu", context_length=128)
-    return root / "build"
+    return root / "ckpt"
 
 
 def _staggered_matches_genai(build, eos) -> None:
@@ -46,8 +44,12 @@ def test_greedy_tokens_equal_genai_for_rows_joining_at_different_steps(builds, r
     _staggered_matches_genai(builds[recipe], eos=(2,))
 
 
-def test_llama4_build_greedy_tokens_equal_genai(llama4_build):
-    _staggered_matches_genai(llama4_build, eos=(2, 3))
+@pytest.mark.parametrize("precision", ["fp32", "int4"])
+def test_llama4_build_greedy_tokens_equal_genai(llama4_checkpoint, tmp_path, precision):
+    from compiler_service.llama4.build import build_llama4
+
+    build_llama4(llama4_checkpoint, tmp_path / "build", precision=precision, pool="cpu", context_length=128)
+    _staggered_matches_genai(tmp_path / "build", eos=(2, 3))
 
 
 def test_rows_produce_the_tokens_they_produce_alone(builds):
