@@ -91,7 +91,9 @@ def connect(settings: Any) -> aioredis.Redis | RedisCluster:
                             **common, **_retry_kwargs())
         r = sentinel.master_for(settings.redis_sentinel_master, decode_responses=True)
     else:
-        r = client(settings.redis_url, **_auth_kwargs(settings), **_tls_kwargs(settings))
+        tls = _tls_kwargs(settings)
+        tls.pop("ssl", None)  # the URL's scheme chooses TLS
+        r = client(settings.redis_url, **_auth_kwargs(settings), **tls)
     set_durability(r, settings.redis_wait_replicas, settings.redis_wait_timeout_ms)
     return r
 
