@@ -12,6 +12,13 @@ PYTEST_ARGS ?=
 .PHONY: setup demo test protos check-protos bench bench-quick clean
 
 setup: $(STAMP)
+	@# Debian's Redis 7 for the Redis Cluster / Sentinel / TLS tests, only where it is missing and apt-get exists
+	@if ! command -v redis-server >/dev/null || ! command -v redis-sentinel >/dev/null || ! command -v redis-cli >/dev/null; then \
+	  if command -v apt-get >/dev/null; then \
+	    SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	    $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq redis-server redis-sentinel redis-tools; \
+	  else echo "setup: install Redis 7 (redis-server, redis-sentinel, redis-cli) for the Redis tests"; fi; \
+	fi
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
