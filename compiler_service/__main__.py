@@ -21,7 +21,7 @@ from shared.proto_gen.llamaship.compiler.v1 import compiler_pb2, compiler_pb2_gr
 from shared.store import open_store
 from shared.resilience import forever
 from shared.service import run_service, shutdown_event
-from shared.telemetry import start_metrics_server
+from shared.telemetry import start_metrics_server, watch_event_loop
 
 log = logging.getLogger("llamaship.compiler")
 SERVICE = compiler_pb2.DESCRIPTOR.services_by_name["Compiler"].full_name
@@ -68,7 +68,8 @@ async def serve(settings: config.Settings) -> None:
     stop = shutdown_event()
     tasks = [asyncio.create_task(forever("compile worker", worker.run)),
              asyncio.create_task(forever("job recovery", worker.recover_loop)),
-             asyncio.create_task(forever("upload expiry", lambda: sweep_uploads(uploads, settings.upload_sweep_s)))]
+             asyncio.create_task(forever("upload expiry", lambda: sweep_uploads(uploads, settings.upload_sweep_s))),
+             asyncio.create_task(forever("event loop watch", lambda: watch_event_loop("compiler")))]
     await asyncio.wait([asyncio.create_task(stop.wait()), *tasks], return_when=asyncio.FIRST_COMPLETED)
     for t in tasks:
         if t.done() and t.exception():

@@ -243,8 +243,10 @@ def run_gate(checkpoint: Path, build_dir: Path, recipe: str, pool: str, prompts:
         provider = "cuda"
     ids = tokenize(checkpoint, prompts)
     routes: dict = {}
-    ref = reference_logits(checkpoint, ids, routes)
+    # the build first: its runtime frees the build's weights before the PyTorch reference loads
+    # layers, so the two never hold memory together (the compile's peak RSS, issue 10)
     got = build_logits(build_dir, ids, provider)
+    ref = reference_logits(checkpoint, ids, routes)
     metrics = compare(list(zip(ref, got, ids)))
     failures = judge(metrics, t)
     m = asdict(metrics)

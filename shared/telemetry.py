@@ -34,3 +34,40 @@ def start_metrics_server(host: str, port: int) -> int | None:
 
     start_http_server(port, addr=host)
     return port
+
+
+async def watch_event_loop(service: str, interval_s: float = 0.25, stall_s: float = 5.0) -> None:
+    """Measure how late the event loop wakes (work that holds the loop or the GIL) into
+    `llamaship_event_loop_lag_seconds`; a loop held for `stall_s` or more has every thread's
+    Python stack written to stderr (the service's log) by faulthandler's own C watchdog thread,
+    which needs neither the loop nor the GIL, so the stack shows what held it."""
+    import asyncio
+    import faulthandler
+    import time
+
+    from prometheus_client import Histogram
+
+    lag = _loop_lag_histogram(Histogram)
+    log = logging.getLogger("llamaship.telemetry")
+    try:
+        while True:
+            faulthandler.dump_traceback_later(stall_s, exit=False)
+            t0 = time.perf_counter()
+            await asyncio.sleep(interval_s)
+            late = time.perf_counter() - t0 - interval_s
+            lag.labels(service).observe(max(0.0, late))
+            if late >= stall_s:
+                log.warning("%s: the event loop was held for %.1f s (stacks above)", service, late)
+    finally:
+        faulthandler.cancel_dump_traceback_later()
+
+
+_LAG = None
+
+
+def _loop_lag_histogram(histogram):
+    global _LAG
+    if _LAG is None:
+        _LAG = histogram("llamaship_event_loop_lag_seconds", "How late the event loop woke: time something else held it",
+                         ["service"], buckets=(0.001, 0.005, 0.02, 0.1, 0.5, 1, 5, 30))
+    return _LAG
