@@ -100,9 +100,9 @@ class Cluster(Deployment):
         super().__init__("cluster")
         self.ports = [free_port() for _ in range(masters)]
         try:
-            for port in self.ports:
+            for port in self.ports:  # the bus port is explicit: port + 10000 may not exist
                 self.server(port, "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
-                            "--cluster-node-timeout", "2000")
+                            "--cluster-node-timeout", "2000", "--cluster-port", str(free_port()))
             for port in self.ports:
                 _wait(lambda: _listening(port), f"cluster node {port}")
             out = subprocess.run([REDIS_CLI, "--cluster", "create", *(f"127.0.0.1:{p}" for p in self.ports),
