@@ -44,6 +44,30 @@ def test_every_service_and_up_take_the_redis_flags():
     assert up.redis_cluster_nodes == "127.0.0.1:7000" and up.redis_password == "x"
 
 
+def test_up_starts_no_embedded_redis_when_one_is_given(monkeypatch):
+    from llamaship.cli import build_parser
+    from llamaship.cli_up import _redis
+    from llamaship.stack import Stack, StackConfig
+
+    for name in config.REDIS:
+        monkeypatch.delenv(config.SETTINGS[name].env, raising=False)
+
+    def stack(*argv):
+        url, given = _redis(build_parser().parse_args(["up", *argv]))
+        return Stack(StackConfig(store="s", log_dir="l", redis_url=url, redis_settings=given))
+
+    assert not stack().external_redis
+    assert stack("--redis-url", "rediss://r:6380/0").external_redis
+    cluster = stack("--redis-cluster-nodes", "a:1,b:2", "--redis-username", "u")
+    assert cluster.external_redis and cluster.service_env()["LLAMASHIP_REDIS_USERNAME"] == "u"
+    assert "LLAMASHIP_REDIS_URL" not in cluster.service_env()
+    monkeypatch.setenv("LLAMASHIP_REDIS_SENTINELS", "s:26379")
+    monkeypatch.setenv("LLAMASHIP_REDIS_SENTINEL_MASTER", "m")
+    assert stack().external_redis
+    with pytest.raises(config.ConfigError):
+        stack("--redis-cluster-nodes", "a:1")  # and sentinels from the environment: two modes
+
+
 async def _enqueue_until_acked(q: PoolQueue, rid: str, deadline: float) -> str:
     """Retry one request id until the enqueue is acknowledged: 'acked', 'duplicate' (an earlier
     try reached Redis; the client is told, nothing is lost silently) or 'gave-up'."""
