@@ -158,7 +158,8 @@ class SentinelGroup(Deployment):
 
 
 def make_certs(directory: Path) -> dict[str, Path]:
-    """A CA and a server certificate for 127.0.0.1/localhost signed by it (PEM files)."""
+    """A CA, a server certificate for 127.0.0.1/localhost and a client certificate signed by it
+    (PEM files: ca, cert, key, client_cert, client_key)."""
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.hazmat.primitives.asymmetric import ec
@@ -176,33 +177,39 @@ def make_certs(directory: Path) -> dict[str, Path]:
           .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1))
           .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
           .sign(ca_key, hashes.SHA256()))
-    key = ec.generate_private_key(ec.SECP256R1())
-    cert = (x509.CertificateBuilder().subject_name(name("127.0.0.1")).issuer_name(ca.subject)
-            .public_key(key.public_key()).serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1))
-            .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost"),
-                                                        x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-                           critical=False)
-            .sign(ca_key, hashes.SHA256()))
-    paths = {"ca": directory / "ca.pem", "cert": directory / "server.pem", "key": directory / "server.key"}
+    paths = {"ca": directory / "ca.pem"}
     paths["ca"].write_bytes(ca.public_bytes(serialization.Encoding.PEM))
-    paths["cert"].write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    paths["key"].write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                               serialization.NoEncryption()))
+    for prefix, cn, sans in (("", "127.0.0.1", [x509.DNSName("localhost"),
+                                                 x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+                             ("client_", "llamaship client", [x509.DNSName("client")])):
+        key = ec.generate_private_key(ec.SECP256R1())
+        cert = (x509.CertificateBuilder().subject_name(name(cn)).issuer_name(ca.subject)
+                .public_key(key.public_key()).serial_number(x509.random_serial_number())
+                .not_valid_before(now - datetime.timedelta(minutes=5))
+                .not_valid_after(now + datetime.timedelta(days=1))
+                .add_extension(x509.SubjectAlternativeName(sans), critical=False)
+                .sign(ca_key, hashes.SHA256()))
+        paths[prefix + "cert"] = directory / f"{prefix or 'server_'}cert.pem"
+        paths[prefix + "key"] = directory / f"{prefix or 'server_'}key.pem"
+        paths[prefix + "cert"].write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+        paths[prefix + "key"].write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                                            serialization.PrivateFormat.PKCS8,
+                                                            serialization.NoEncryption()))
     return paths
 
 
 class TlsServer(Deployment):
-    """One server on a TLS port only, with ACL user `user`/`password` and the default user off."""
+    """One server on a TLS port only that requires a client certificate from its CA, with ACL user
+    `user`/`password` and the default user off."""
 
     def __init__(self, user: str, password: str):
         super().__init__("tls")
         self.port = free_port()
         self.certs = make_certs(self.dir)
         try:
-            self.server(0, "--port", "0", "--tls-port", str(self.port), "--tls-cert-file", str(self.certs["cert"]),
+            self.server(0, "--tls-port", str(self.port), "--tls-cert-file", str(self.certs["cert"]),
                         "--tls-key-file", str(self.certs["key"]), "--tls-ca-cert-file", str(self.certs["ca"]),
-                        "--tls-auth-clients", "no", "--user", "default", "off",
+                        "--tls-auth-clients", "yes", "--user", "default", "off",
                         "--user", user, "on", f">{password}", "~*", "&*", "+@all")
             _wait(lambda: _listening(self.port), "the TLS port")
         except BaseException:

@@ -10,6 +10,7 @@ import inspect
 
 import pytest
 from redis.asyncio.cluster import RedisCluster
+from redis.exceptions import RedisClusterException, RedisError
 
 from shared import config, redis_conn
 from shared import redis_keys as keys
@@ -53,6 +54,8 @@ def test_the_factory_builds_a_cluster_client_and_slots_spread_over_masters(clust
         assert isinstance(r, RedisCluster)
         await redis_conn.wait_ready(r, cluster.nodes)
         assert len({n.name for n in r.get_primaries()}) == 3
+        with pytest.raises((RedisError, RedisClusterException)):  # the cluster refuses what the borrowed tests must never do
+            await r.eval("return redis.call('GET', KEYS[2])", 2, keys.gen_streams("cpu"), keys.ALIASES)
         # the units of atomicity hash to different slots, each one whole
         slots = {r.keyslot(k) for k in (keys.gen_streams("cpu"), keys.gen_streams("cuda"), keys.ALIASES,
                                         keys.REPLICAS, keys.COMPILE_QUEUE, keys.request_claim("t:1"))}

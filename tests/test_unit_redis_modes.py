@@ -139,8 +139,10 @@ def test_tls_with_an_acl_user_runs_the_request_protocol():
     require_binaries()
 
     async def body(server: TlsServer):
+        client_cert = {"redis_tls_cert_file": str(server.certs["client_cert"]),
+                       "redis_tls_key_file": str(server.certs["client_key"])}
         s = settings(redis_url=server.url, redis_username="llamaship", redis_password="s3cret",
-                     redis_tls_ca_file=str(server.certs["ca"]))
+                     redis_tls_ca_file=str(server.certs["ca"]), **client_cert)
         r = redis_conn.connect(s)
         await redis_conn.wait_ready(r, s.redis_url, timeout_s=5)
         q, requests = PoolQueue(r, "cpu"), Requests(r)
@@ -155,18 +157,21 @@ def test_tls_with_an_acl_user_runs_the_request_protocol():
         await redis_conn.close(r)
 
         for wrong in (settings(redis_url=server.url, redis_username="llamaship", redis_password="nope",
-                               redis_tls_ca_file=str(server.certs["ca"])),
+                               redis_tls_ca_file=str(server.certs["ca"]), **client_cert),
                       settings(redis_url=server.url, redis_username="intruder", redis_password="s3cret",
-                               redis_tls_ca_file=str(server.certs["ca"]))):
+                               redis_tls_ca_file=str(server.certs["ca"]), **client_cert)):
             bad = redis_conn.connect(wrong)
             with pytest.raises(AuthenticationError):
                 await bad.ping()
             await redis_conn.close(bad)
-        untrusted = redis_conn.connect(settings(redis_url=server.url, redis_username="llamaship",
-                                                redis_password="s3cret"))  # the system CAs: not ours
-        with pytest.raises(RedisConnectionError):
-            await untrusted.ping()
-        await redis_conn.close(untrusted)
+        for refused in (settings(redis_url=server.url, redis_username="llamaship", redis_password="s3cret",
+                                 **client_cert),  # the system CAs: the server's is not among them
+                        settings(redis_url=server.url, redis_username="llamaship", redis_password="s3cret",
+                                 redis_tls_ca_file=str(server.certs["ca"]))):  # no client certificate
+            bad = redis_conn.connect(refused)
+            with pytest.raises(RedisConnectionError):
+                await bad.ping()
+            await redis_conn.close(bad)
 
     with TlsServer("llamaship", "s3cret") as server:
         asyncio.run(body(server))
