@@ -143,7 +143,7 @@ class QueueWorker:
                 log.info("skipping request cancelled while queued")
                 await self._write(sid, Chunk("error", error_code="CANCELLED", error_message="cancelled before it started"))
                 return
-            waited_ms = await redis_now_ms(self.r) - entry.enqueued_ms
+            waited_ms = await redis_now_ms(self.r, entry.stream) - entry.enqueued_ms
             if not resume and req.deadline_s is not None and waited_ms > req.deadline_s * 1000:
                 log.info("dropping request whose deadline passed while queued")
                 await self._write(sid, Chunk("error", error_code="DEADLINE_EXCEEDED",

@@ -339,9 +339,13 @@ def cost_tokens(prompt: str, max_tokens: int, context_length: int) -> int:
     return min(context_length, len(prompt.encode()) + 2 + max_tokens)
 
 
-async def redis_now_ms(r: aioredis.Redis) -> int:
-    """Redis's clock: the one clock every host compares against (entry ids are stamped by it)."""
-    sec, usec = await r.time()
+async def redis_now_ms(r: aioredis.Redis, key: str | None = None) -> int:
+    """Redis's clock: the one clock every host compares against (entry ids are stamped by it). On
+    Redis Cluster, the clock of the primary serving `key` (the one that stamps its entry ids)."""
+    if key is not None and redis_conn.is_cluster(r):
+        sec, usec = await r.execute_command("TIME", target_nodes=r.get_node_from_key(key))
+    else:
+        sec, usec = await r.time()
     return int(sec) * 1000 + int(usec) // 1000
 
 

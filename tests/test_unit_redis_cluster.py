@@ -14,7 +14,7 @@ from redis.exceptions import RedisClusterException, RedisError
 
 from shared import config, redis_conn
 from shared import redis_keys as keys
-from shared.request_protocol import PoolQueue, Requests
+from shared.request_protocol import PoolQueue, Requests, redis_now_ms
 from tests import (test_unit_admission, test_unit_compile_worker, test_unit_jobs_queue,
                    test_unit_request_protocol)
 from tests.redis_servers import Cluster, require_binaries
@@ -61,6 +61,10 @@ def test_the_factory_builds_a_cluster_client_and_slots_spread_over_masters(clust
                                         keys.REPLICAS, keys.COMPILE_QUEUE, keys.request_claim("t:1"))}
         assert len(slots) == 6
         assert r.keyslot(keys.gen_stream("cpu", "batch", "x")) == r.keyslot(keys.gen_doorbell("cpu"))
+        # the clock a queue entry is compared with is the one of the primary that stamped it
+        stream = keys.gen_stream("cpu", "batch", "x")
+        stamped = int((await r.xadd(stream, {"f": "v"})).split("-")[0])
+        assert 0 <= await redis_now_ms(r, stream) - stamped < 5000
         assert r.keyslot(keys.ANNOUNCE) == r.keyslot(keys.MODEL_ACCESS)
         assert r.keyslot(keys.replica_alive("a")) == r.keyslot(keys.REPLICAS)
         assert r.keyslot(keys.job_events("j")) == r.keyslot(keys.JOBS_INDEX)
