@@ -198,7 +198,8 @@ class Settings:
         return dict(self.__dict__)
 
     def __repr__(self) -> str:
-        return f"Settings({self.__dict__!r})"
+        shown = {k: "***" if "password" in k and v else v for k, v in self.__dict__.items()}
+        return f"Settings({shown!r})"
 
 
 def _convert(setting: Setting, raw: Any, source: str) -> Any:
