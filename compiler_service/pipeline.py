@@ -26,6 +26,7 @@ from shared.service import package_versions
 from shared.store import BuildStore, Manifest
 from shared.tenancy import Caller
 from compiler_service import checkpoint as ckpt
+from compiler_service.offload import in_child
 from compiler_service import (auto_precision, llama4_auto, llama4_checkpoint, llama4_runner, profiling, quality, recipes,
                               request_checks, sources)
 from compiler_service.uploads import UploadStore
@@ -204,12 +205,12 @@ class CompilePipeline:
             profile: dict = {}
             if req.target_pool == "cpu":
                 await progress("profile", 0.0, "offline graph optimization: does it load faster?")
-                profile["load"] = await asyncio.to_thread(profiling.offline_optimize, staging, job_dir)
+                profile["load"] = await in_child(profiling.offline_optimize, staging, job_dir)
             await progress("verify", 0.5, "smoke test: the runtime loads the build and keeps its limits")
-            await asyncio.to_thread(smoke_test, staging, context_length, req.max_batch)
+            await in_child(smoke_test, staging, context_length, req.max_batch)
             if req.target_pool == "cpu":
                 await progress("profile", 0.5, "ONNX Runtime profile: 1 prefill + 16 decode steps")
-                profile["summary"] = await asyncio.to_thread(
+                profile["summary"] = await in_child(
                     profiling.profile_build, staging, job_dir, graph["ops"], source.vocab_size)
                 for warning in profile["summary"]["warnings"]:
                     log.warning("build %s: %s", build_id, warning)
@@ -341,7 +342,7 @@ class CompilePipeline:
                                   recipes.builder_args(trial_recipe, req.target_pool, source.num_layers),
                                   source.num_layers, job_dir / f"builder-auto-{out.name}.log",
                                   lambda f, msg: asyncio.sleep(0), should_cancel)
-            logits = await asyncio.to_thread(quality.build_logits, out, ids)
+            logits = await in_child(quality.build_logits, out, ids)
             await asyncio.to_thread(shutil.rmtree, out, True)
             got = quality.compare(list(zip(reference, logits, ids)))
             return auto_precision.Drift(got.mean_kl, 1.0 - got.top1_agreement, got.perplexity_increase_pct)
@@ -382,7 +383,7 @@ class CompilePipeline:
         note = ("the built-in default prompts (no eval_prompts given)" if prompt_source == "default"
                 else f"{len(prompts)} given prompts")
         await progress("quality", 0.0, f"comparing with the PyTorch reference on {note}")
-        report = await asyncio.to_thread(quality.run_gate, checkpoint, build_dir, req.recipe, req.target_pool,
+        report = await in_child(quality.run_gate, checkpoint, build_dir, req.recipe, req.target_pool,
                                          prompts, prompt_source, thresholds, precision if is_llama4 else "")
         if old is not None:  # measured again on other prompts: the record of forced publishes stays
             report.forced, report.forced_publishes = old.forced, old.forced_publishes
