@@ -108,6 +108,10 @@ _DECLARED = [
     Setting("store_cache_gib", float, 50.0, "With an s3:// store: GiB of fetched builds kept locally; least recently used builds are evicted first, never one in use.", check=_positive),
     Setting("store_multipart_mb", int, 64, "With an s3:// store: files from this size (MiB) on are uploaded in parts of this size.", check=_positive),
     Setting("store_lease_s", float, 60.0, "With an s3:// store: a fetch's or publish's lease (which keeps gc off its build) expires unless renewed within this many seconds.", check=_positive),
+    Setting("internal_tls_ca", str, "", "PEM CA that signs every service's internal certificate: with it (and --internal-tls-cert/--internal-tls-key) services speak mTLS to each other; empty = plaintext (keep services on loopback or a private network)."),
+    Setting("internal_tls_cert", str, "", "PEM certificate (chain) this service presents to the others, signed by --internal-tls-ca."),
+    Setting("internal_tls_key", str, "", "PEM private key of --internal-tls-cert."),
+    Setting("internal_tls_server_name", str, "", "Name the peers' certificates must carry (SAN) when this service calls them; empty = the host of the address called."),
     Setting("host", str, "127.0.0.1", "Address the gRPC server binds to."),
     Setting("log_level", str, "INFO", "Log level: DEBUG, INFO, WARNING, ERROR.", check=_log_level),
     Setting("metrics_port", int, 0, "Prometheus /metrics HTTP port; 0 disables it.", check=_port),
@@ -156,7 +160,8 @@ STORE = ("store", "store_cache_dir", "store_cache_gib", "store_multipart_mb", "s
 REDIS = ("redis_url", "redis_cluster_nodes", "redis_sentinels", "redis_sentinel_master", "redis_username",
          "redis_password", "redis_tls", "redis_tls_ca_file", "redis_tls_cert_file", "redis_tls_key_file",
          "redis_wait_replicas", "redis_wait_timeout_ms")
-COMMON = (*REDIS, *STORE, "host", "log_level", "metrics_port")
+INTERNAL_TLS = ("internal_tls_ca", "internal_tls_cert", "internal_tls_key", "internal_tls_server_name")
+COMMON = (*REDIS, *STORE, *INTERNAL_TLS, "host", "log_level", "metrics_port")
 GATEWAY = (*COMMON, "gateway_port", "compiler_address", "queue_max_depth", "tenant_max_requests", "queue_timeout_s",
            "failover_timeout_s", "relay_lease_s", "api_keys_file", "tls_cert_file", "tls_key_file")
 COMPILER = (*COMMON, "compiler_port", "work_dir", "job_lease_s", "max_attempts", "checkpoint_roots",
@@ -181,10 +186,18 @@ def _redis_mode(values: dict[str, Any]) -> None:
         raise ConfigError("--redis-tls-cert-file and --redis-tls-key-file go together")
 
 
+def _internal_tls(values: dict[str, Any]) -> None:
+    given = [n for n in INTERNAL_TLS[:3] if values[n]]
+    if given and len(given) != 3:
+        raise ConfigError("--internal-tls-ca, --internal-tls-cert and --internal-tls-key go together (missing: "
+                          + ", ".join("--" + n.replace("_", "-") for n in INTERNAL_TLS[:3] if not values[n]) + ")")
+
+
 # Checks across settings: (the settings they need, the check); run when a service uses all of them.
 CROSS_CHECKS: list[tuple[tuple[str, ...], Callable[[dict[str, Any]], None]]] = [
     (("replica_stale_s", "heartbeat_s"), _stale_vs_heartbeat),
     (REDIS, _redis_mode),
+    (INTERNAL_TLS, _internal_tls),
 ]
 
 
