@@ -15,7 +15,7 @@ from compiler_service.pipeline import CompilePipeline
 from compiler_service.servicer import CompilerServicer
 from compiler_service.uploads import UploadLimits, UploadStore
 from compiler_service.worker import CompileWorker
-from shared import config, redis_conn
+from shared import config, internal_tls, redis_conn
 from shared.grpc_server import add_health_and_reflection, bind, create_server, set_serving
 from shared.proto_gen.llamaship.compiler.v1 import compiler_pb2, compiler_pb2_grpc
 from shared.store import open_store
@@ -39,6 +39,7 @@ async def sweep_uploads(uploads: UploadStore, interval_s: float) -> None:
 
 
 async def serve(settings: config.Settings) -> None:
+    internal = internal_tls.from_settings(settings)
     store = open_store(settings).ensure()
     work_dir = Path(settings.work_dir) if settings.work_dir else store.root / ".work"
     work_dir.mkdir(parents=True, exist_ok=True)
@@ -57,7 +58,7 @@ async def serve(settings: config.Settings) -> None:
     server = create_server()
     compiler_pb2_grpc.add_CompilerServicer_to_server(CompilerServicer(jobs, store, uploads, roots), server)
     health = add_health_and_reflection(server, [SERVICE])
-    port = bind(server, settings.host, settings.compiler_port)
+    port = bind(server, settings.host, settings.compiler_port, internal=internal)
     await server.start()
     await set_serving(health, [SERVICE], True)
     metrics_port = start_metrics_server(settings.host, settings.metrics_port)

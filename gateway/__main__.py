@@ -11,7 +11,7 @@ import grpc
 from gateway.auth import AuthInterceptor, KeyStore, KeysFileError
 from gateway.gen_queue import GenerationQueue
 from gateway.servicer import GatewayServicer
-from shared import config, redis_conn
+from shared import config, internal_tls, redis_conn
 from shared.grpc_server import add_health_and_reflection, bind, create_server, set_serving
 from shared.proto_gen.llamaship.compiler.v1 import compiler_pb2_grpc
 from shared.proto_gen.llamaship.gateway.v1 import gateway_pb2, gateway_pb2_grpc
@@ -23,9 +23,10 @@ SERVICE = gateway_pb2.DESCRIPTOR.services_by_name["Gateway"].full_name
 
 
 async def serve(settings: config.Settings) -> None:
+    internal = internal_tls.from_settings(settings)
     r = redis_conn.connect(settings)
     await redis_conn.wait_ready(r, redis_conn.describe(settings))
-    channel = grpc.aio.insecure_channel(settings.compiler_address)
+    channel = internal_tls.channel(settings.compiler_address, internal)
     queue = GenerationQueue(r, settings.queue_max_depth, settings.queue_timeout_s, settings.failover_timeout_s,
                             settings.tenant_max_requests, settings.relay_lease_s)
     interceptors = []

@@ -9,7 +9,7 @@ import socket
 import sys
 import time
 
-from shared import catalog, config, redis_conn
+from shared import catalog, config, internal_tls, redis_conn
 from shared.grpc_server import add_health_and_reflection, bind, create_server, set_serving
 from shared.proto_gen.llamaship.serving.v1 import serving_pb2, serving_pb2_grpc
 from shared.store import open_store
@@ -34,6 +34,7 @@ def kv_budget_bytes(budget_mb: int) -> int:
 
 
 async def serve(settings: config.Settings) -> None:
+    internal = internal_tls.from_settings(settings)
     store = open_store(settings).ensure()
     r = redis_conn.connect(settings)
     await redis_conn.wait_ready(r, redis_conn.describe(settings))
@@ -45,7 +46,7 @@ async def serve(settings: config.Settings) -> None:
     servicer = ServingServicer(engine, replica_id)
     serving_pb2_grpc.add_ServingServicer_to_server(servicer, server)
     health = add_health_and_reflection(server, [SERVICE])
-    port = bind(server, settings.host, settings.serving_port)
+    port = bind(server, settings.host, settings.serving_port, internal=internal)
     address = settings.advertise_address or f"{settings.host}:{port}"
     await server.start()
     await set_serving(health, [SERVICE], False)

@@ -9,6 +9,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from shared.errors import ErrorInterceptor
+from shared.internal_tls import InternalTLS
 
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 
@@ -38,9 +39,13 @@ async def set_serving(health_servicer: health.aio.HealthServicer, service_names:
         await health_servicer.set(name, status)
 
 
-def bind(server: grpc.aio.Server, host: str, port: int, tls: tuple[bytes, bytes] | None = None) -> int:
-    """Bind on host:port (0 picks a free port), with TLS when given (cert chain, key); returns the port."""
-    if tls:
+def bind(server: grpc.aio.Server, host: str, port: int, tls: tuple[bytes, bytes] | None = None,
+         internal: InternalTLS | None = None) -> int:
+    """Bind on host:port (0 picks a free port); returns the port. With `tls` (cert chain, key): server TLS
+    for public clients; with `internal`: mTLS, only clients with a certificate from the internal CA."""
+    if internal is not None:
+        bound = server.add_secure_port(f"{host}:{port}", internal.server_credentials())
+    elif tls:
         creds = grpc.ssl_server_credentials([(tls[1], tls[0])])
         bound = server.add_secure_port(f"{host}:{port}", creds)
     else:
