@@ -361,6 +361,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="serve without API keys on a non-loopback --host (by default that is refused)")
     p.add_argument("--tls-cert-file", default=None, help="serve the gateway over TLS with this PEM certificate chain")
     p.add_argument("--tls-key-file", default=None, help="the TLS certificate's PEM private key")
+    config.add_arguments(p, config.INTERNAL_TLS[:3])  # service-to-service mTLS
+    p.add_argument("--internal-tls-generate", action="store_true",
+                   help="mTLS between the stack's services with a throwaway CA made now (in <log-dir>/../internal-tls)")
     p.add_argument("--max-restarts", type=int, default=5,
                    help="a service that crashed this often within --restart-window-s is given up on")
     p.add_argument("--restart-window-s", type=float, default=120.0)

@@ -9,7 +9,7 @@ import sys
 import threading
 from pathlib import Path
 
-from shared.config import REDIS, SETTINGS, ConfigError, resolve
+from shared.config import INTERNAL_TLS, REDIS, SETTINGS, ConfigError, resolve
 
 
 def _fail(message: str) -> int:
@@ -32,6 +32,7 @@ def cmd_up(args: argparse.Namespace) -> int:
 
     try:
         redis_url, redis_settings = _redis(args)
+        internal_env = _internal_tls(args)
     except ConfigError as exc:
         return _fail(str(exc))
     cfg = StackConfig(
@@ -42,7 +43,8 @@ def cmd_up(args: argparse.Namespace) -> int:
         slots=args.slots, metrics=True, echo_logs=args.verbose,
         env={k: str(Path(v).resolve()) for k, v in (("LLAMASHIP_API_KEYS_FILE", args.api_keys_file),
                                                       ("LLAMASHIP_TLS_CERT_FILE", args.tls_cert_file),
-                                                      ("LLAMASHIP_TLS_KEY_FILE", args.tls_key_file)) if v},
+                                                      ("LLAMASHIP_TLS_KEY_FILE", args.tls_key_file)) if v}
+        | internal_env,
     )
     stack = Stack(cfg)
     stop = threading.Event()
@@ -81,6 +83,25 @@ def _redis(args: argparse.Namespace) -> tuple[str | None, dict[str, str]]:
     return url, {n: str(getattr(settings, n)) for n in given if n != "redis_url"}
 
 
+def _internal_tls(args: argparse.Namespace) -> dict[str, str]:
+    """The services' environment for mTLS between them (checked now, so a bad file stops `up` at once)."""
+    from shared import internal_tls
+
+    files = {"ca": args.internal_tls_ca, "cert": args.internal_tls_cert, "key": args.internal_tls_key}
+    if args.internal_tls_generate:
+        if any(files.values()):
+            raise ConfigError("--internal-tls-generate makes its own CA: give it or --internal-tls-ca/-cert/-key")
+        from llamaship.internal_certs import write_set
+
+        names = sorted({"127.0.0.1", "localhost", args.host})
+        files = {k: str(v) for k, v in write_set(Path(args.log_dir).resolve().parent / "internal-tls", names).items()}
+    if not any(files.values()):
+        return {}
+    resolve(INTERNAL_TLS, {f"internal_tls_{k}": v for k, v in files.items()}, env={})  # all three or none
+    internal_tls.check(files["ca"], files["cert"], files["key"])
+    return {f"LLAMASHIP_INTERNAL_TLS_{k.upper()}": str(Path(v).resolve()) for k, v in files.items()}
+
+
 def _print_stack(stack, args: argparse.Namespace) -> None:
     from shared.redis_conn import describe
 
@@ -97,7 +118,8 @@ def _print_stack(stack, args: argparse.Namespace) -> None:
     print(f"  store     {cfg.store}")
     auth = f"API keys from {args.api_keys_file}" if args.api_keys_file else \
         f"no API keys: open to anyone who can reach {args.host}" + (" (loopback only)" if args.host in LOOPBACK else "")
-    print(f"gateway ready at {stack.gateway_address} ({auth}{', TLS' if args.tls_cert_file else ''}). "
+    print(f"gateway ready at {stack.gateway_address} ({auth}{', TLS' if args.tls_cert_file else ''}"
+          f"{'; mTLS between services' if cfg.env.get('LLAMASHIP_INTERNAL_TLS_CA') else ''}). "
           f"Crashed services are restarted; Ctrl-C stops.", flush=True)
 
 
