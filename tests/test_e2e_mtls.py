@@ -110,3 +110,32 @@ def test_start_up_refuses_a_bad_configuration(tmp_path):
     assert missing.returncode == 1 and "--internal-tls-key" in missing.stderr and "cannot read" in missing.stderr
     half = _start("gateway", {"LLAMASHIP_INTERNAL_TLS_CA": str(paths["ca"])}, tmp_path)
     assert half.returncode == 2 and "go together" in half.stderr
+
+
+def test_up_generates_a_throwaway_ca_and_refuses_half_a_configuration(tmp_path):
+    import os
+    import re
+    import signal
+
+    half = subprocess.run([sys.executable, "-m", "llamaship.cli", "up", "--internal-tls-ca", str(tmp_path / "ca.pem"),
+                           "--log-dir", str(tmp_path / "logs0")], capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert half.returncode == 1 and "go together" in half.stderr
+    up = subprocess.Popen([sys.executable, "-m", "llamaship.cli", "up", "--internal-tls-generate", "--gateway-port", "0",
+                           "--log-dir", str(tmp_path / "run" / "logs"), "--store", str(tmp_path / "store")],
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT, start_new_session=True)
+    try:
+        lines = []
+        for line in up.stdout:
+            lines.append(line)
+            if line.startswith("gateway ready") or len(lines) > 50:
+                break
+        text = "".join(lines)
+        assert "mTLS between services" in text, text
+        compiler = re.search(r"compiler\s+grpc (\S+)", text).group(1)
+        paths = {k: tmp_path / "run" / "internal-tls" / f for k, f in
+                 (("ca", "ca.pem"), ("cert", "service.pem"), ("key", "service-key.pem"))}
+        assert _health(compiler, None) == grpc.StatusCode.UNAVAILABLE
+        assert _health(compiler, _creds(paths)) == grpc.StatusCode.OK
+    finally:
+        os.killpg(up.pid, signal.SIGTERM)
+        up.wait(30)
