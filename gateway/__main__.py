@@ -6,8 +6,6 @@ import logging
 import sys
 from pathlib import Path
 
-import grpc
-
 from gateway.auth import AuthInterceptor, KeyStore, KeysFileError
 from gateway.gen_queue import GenerationQueue
 from gateway.servicer import GatewayServicer
