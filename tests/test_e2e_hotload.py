@@ -30,7 +30,7 @@ def test_running_stream_finishes_on_its_build_and_next_request_uses_the_new_one(
             ids.extend(chunk.token_ids)
             build_ids.add(chunk.build_id)
             finish = chunk.finish_reason or finish
-            time.sleep(0.03 * len(chunk.token_ids))  # a slow client: the stream outlives the next compile
+            time.sleep(0.08 * len(chunk.token_ids))  # a slow client (32 s): the stream outlives the next compile
         result.update(text=text, ids=ids, build_ids=build_ids, finish=finish)
 
     t = threading.Thread(target=slow_reader)
