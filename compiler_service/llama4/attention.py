@@ -49,12 +49,8 @@ def attention(lin: Linears, w: Weights, spec: Llama4TextSpec, layer: int, x: str
     if chunked:
         features["chunked_attention"] = "GroupQueryAttention attention_bias from in-graph chunk mask"
     cos, sin = caches if rope and caches else ("", "")
-    # cuda builds give the rotary its positions: ORT 1.31's CUDA kernel rotated the decode tokens of
-    # a right-padded batch's shorter rows at the wrong positions (seen on an H100); the cpu kernel
-    # takes them from seqlens_k, as these positions are computed
-    positions = shared.positions if rope and g.float_type != np.float32 and shared.positions else ""
     inputs = [query, key, value, f"past_key_values.{layer}.key", f"past_key_values.{layer}.value",
-              shared.seqlens_k, shared.total_length, cos, sin, positions, shared.chunk_bias if chunked else ""]
+              shared.seqlens_k, shared.total_length, cos, sin, "", shared.chunk_bias if chunked else ""]
     while inputs[-1] == "":
         inputs.pop()
     out = g.node("GroupQueryAttention", inputs, f"{p}/GroupQueryAttention",

@@ -51,8 +51,7 @@ def emit(lin: Linears, w: Weights, spec: Llama4TextSpec, context_length: int,
     h, eps = spec.hidden_size, spec.rms_norm_eps
     needs_tuning = spec.temperature_tuning and not all(spec.rope_layers)
     shared = shared_inputs(g, chunk=spec.attention_chunk_size if any(spec.chunked_layers) else None,
-                           floor_scale=spec.floor_scale if needs_tuning else None, attn_scale=spec.attn_scale,
-                           positions=g.float_type != np.float32 and any(spec.rope_layers))
+                           floor_scale=spec.floor_scale if needs_tuning else None, attn_scale=spec.attn_scale)
     caches = None
     if any(spec.rope_layers):
         cos, sin = cos_sin_caches(spec.rope, spec.head_dim, context_length)

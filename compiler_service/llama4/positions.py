@@ -19,9 +19,7 @@ class SharedInputs:
     temperature: str | None = None  # float [B, S, 1]
 
 
-def shared_inputs(g: GraphWriter, *, chunk: int | None, floor_scale: float | None, attn_scale: float,
-                  positions: bool = False) -> SharedInputs:
-    """`positions`: compute the query positions even without chunks or temperature tuning."""
+def shared_inputs(g: GraphWriter, *, chunk: int | None, floor_scale: float | None, attn_scale: float) -> SharedInputs:
     p = "/model/shared"
     one = g.const([1])
     valid = g.op("ReduceSum", ["attention_mask", one], f"{p}/valid", keepdims=0)  # int64 [B]
@@ -30,7 +28,7 @@ def shared_inputs(g: GraphWriter, *, chunk: int | None, floor_scale: float | Non
     total64 = g.op("Gather", [mask_shape, g.const(1)], f"{p}/total64", axis=0)
     total = g.op("Cast", [total64], f"{p}/total_length", to=6)
     out = SharedInputs(seqlens, total)
-    if chunk is None and floor_scale is None and not positions:
+    if chunk is None and floor_scale is None:
         return out
 
     ids_shape = g.op("Shape", ["input_ids"], f"{p}/ids_shape")
