@@ -64,12 +64,7 @@ def moto_server(log_path: Path, tls: tuple[Path, Path] | None = None) -> Iterato
         else:
             yield {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", **CREDENTIALS}
     finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        _stop(proc, 10)
 
 
 @contextmanager
@@ -126,9 +121,14 @@ def seaweedfs_server(data_dir: Path) -> Iterator[dict[str, str]]:
                 time.sleep(0.3)
         yield env
     finally:
-        proc.terminate()
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        _stop(proc, 15)
+
+
+def _stop(proc: subprocess.Popen, wait_s: float) -> None:
+    """SIGTERM, then SIGKILL if it has not exited within wait_s."""
+    proc.terminate()
+    try:
+        proc.wait(wait_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
