@@ -25,17 +25,17 @@ _sym_db = _symbol_database.Default()
 from shared.proto_gen.llamaship.compiler.v1 import compiler_pb2 as llamaship_dot_compiler_dot_v1_dot_compiler__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"llamaship/gateway/v1/gateway.proto\x12\x14llamaship.gateway.v1\x1a$llamaship/compiler/v1/compiler.proto\"<\n\x0bModelAccess\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07readers\x18\x02 \x03(\t\x12\r\n\x05owner\x18\x03 \x01(\t\"#\n\x12\x44\x65leteModelRequest\x12\r\n\x05model\x18\x01 \x01(\t\"&\n\x13\x44\x65leteModelResponse\x12\x0f\n\x07\x64\x65leted\x18\x01 \x01(\x08\"\x91\x01\n\x0ePromptSampling\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07\x65nabled\x18\x02 \x01(\x08\x12\x0c\n\x04rate\x18\x03 \x01(\x02\x12\x13\n\x0bmax_prompts\x18\x04 \x01(\x05\x12\x11\n\tmax_chars\x18\x05 \x01(\x05\x12\x0c\n\x04kept\x18\x06 \x01(\x03\x12\x0c\n\x04seen\x18\x07 \x01(\x03\x12\r\n\x05\x63lear\x18\x08 \x01(\x08\")\n\x18GetPromptSamplingRequest\x12\r\n\x05model\x18\x01 \x01(\t\"\xb1\x02\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x12\n\nmax_tokens\x18\x03 \x01(\x05\x12\x18\n\x0btemperature\x18\x04 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x05 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_k\x18\x06 \x01(\x05H\x02\x88\x01\x01\x12\x11\n\x04seed\x18\x07 \x01(\x04H\x03\x88\x01\x01\x12\x0c\n\x04stop\x18\x08 \x03(\t\x12\x12\n\nrequest_id\x18\t \x01(\t\x12\x30\n\x08priority\x18\n \x01(\x0e\x32\x1e.llamaship.gateway.v1.Priority\x12\x15\n\rresume_cursor\x18\x0b \x01(\tB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x07\n\x05_seed\"9\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05\"\xcd\x01\n\rGenerateChunk\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12\x39\n\rfinish_reason\x18\x04 \x01(\x0e\x32\".llamaship.gateway.v1.FinishReason\x12*\n\x05usage\x18\x05 \x01(\x0b\x32\x1b.llamaship.gateway.v1.Usage\x12\x10\n\x08\x62uild_id\x18\x06 \x01(\t\x12\x0e\n\x06\x63ursor\x18\x07 \x01(\t\"-\n\x17\x43\x61ncelGenerationRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\")\n\x18\x43\x61ncelGenerationResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\"\x13\n\x11ListModelsRequest\"q\n\x0bReplicaInfo\x12\x12\n\nreplica_id\x18\x01 \x01(\t\x12\x0c\n\x04pool\x18\x02 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x03 \x01(\t\x12\x10\n\x08\x62uild_id\x18\x04 \x01(\t\x12\r\n\x05slots\x18\x05 \x01(\x05\x12\x0e\n\x06\x61\x63tive\x18\x06 \x01(\x05\"\xf9\x01\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08\x62uild_id\x18\x02 \x01(\t\x12\x0e\n\x06recipe\x18\x03 \x01(\t\x12\x0c\n\x04pool\x18\x04 \x01(\t\x12\x16\n\x0e\x63ontext_length\x18\x05 \x01(\x05\x12\x11\n\tmax_batch\x18\x06 \x01(\x05\x12\x14\n\x0cpublished_at\x18\x07 \x01(\x01\x12\x33\n\x08replicas\x18\x08 \x03(\x0b\x32!.llamaship.gateway.v1.ReplicaInfo\x12\r\n\x05owner\x18\t \x01(\t\x12\x0f\n\x07readers\x18\n \x03(\t\x12\x18\n\x10served_build_ids\x18\x0b \x03(\t\"E\n\x12ListModelsResponse\x12/\n\x06models\x18\x01 \x03(\x0b\x32\x1f.llamaship.gateway.v1.ModelInfo*R\n\x08Priority\x12\x18\n\x14PRIORITY_UNSPECIFIED\x10\x00\x12\x18\n\x14PRIORITY_INTERACTIVE\x10\x01\x12\x12\n\x0ePRIORITY_BATCH\x10\x02*v\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x01\x12\x15\n\x11\x46INISH_REASON_EOS\x10\x02\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x03\x32\xb8\n\n\x07Gateway\x12X\n\x08Generate\x12%.llamaship.gateway.v1.GenerateRequest\x1a#.llamaship.gateway.v1.GenerateChunk0\x01\x12q\n\x10\x43\x61ncelGeneration\x12-.llamaship.gateway.v1.CancelGenerationRequest\x1a..llamaship.gateway.v1.CancelGenerationResponse\x12Y\n\rSubmitCompile\x12%.llamaship.compiler.v1.CompileRequest\x1a!.llamaship.compiler.v1.CompileJob\x12\x61\n\x0cWatchCompile\x12*.llamaship.compiler.v1.WatchCompileRequest\x1a#.llamaship.compiler.v1.CompileEvent0\x01\x12_\n\rCancelCompile\x12+.llamaship.compiler.v1.CancelCompileRequest\x1a!.llamaship.compiler.v1.CompileJob\x12_\n\nListModels\x12\'.llamaship.gateway.v1.ListModelsRequest\x1a(.llamaship.gateway.v1.ListModelsResponse\x12T\n\x08GetBuild\x12&.llamaship.compiler.v1.GetBuildRequest\x1a .llamaship.compiler.v1.BuildInfo\x12Y\n\x0c\x43reateUpload\x12*.llamaship.compiler.v1.CreateUploadRequest\x1a\x1d.llamaship.compiler.v1.Upload\x12R\n\x0bUploadFiles\x12\".llamaship.compiler.v1.UploadChunk\x1a\x1d.llamaship.compiler.v1.Upload(\x01\x12S\n\tGetUpload\x12\'.llamaship.compiler.v1.GetUploadRequest\x1a\x1d.llamaship.compiler.v1.Upload\x12_\n\x11SetPromptSampling\x12$.llamaship.gateway.v1.PromptSampling\x1a$.llamaship.gateway.v1.PromptSampling\x12i\n\x11GetPromptSampling\x12..llamaship.gateway.v1.GetPromptSamplingRequest\x1a$.llamaship.gateway.v1.PromptSampling\x12V\n\x0eSetModelAccess\x12!.llamaship.gateway.v1.ModelAccess\x1a!.llamaship.gateway.v1.ModelAccess\x12\x62\n\x0b\x44\x65leteModel\x12(.llamaship.gateway.v1.DeleteModelRequest\x1a).llamaship.gateway.v1.DeleteModelResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"llamaship/gateway/v1/gateway.proto\x12\x14llamaship.gateway.v1\x1a$llamaship/compiler/v1/compiler.proto\"<\n\x0bModelAccess\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07readers\x18\x02 \x03(\t\x12\r\n\x05owner\x18\x03 \x01(\t\"#\n\x12\x44\x65leteModelRequest\x12\r\n\x05model\x18\x01 \x01(\t\"&\n\x13\x44\x65leteModelResponse\x12\x0f\n\x07\x64\x65leted\x18\x01 \x01(\x08\"\x91\x01\n\x0ePromptSampling\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07\x65nabled\x18\x02 \x01(\x08\x12\x0c\n\x04rate\x18\x03 \x01(\x02\x12\x13\n\x0bmax_prompts\x18\x04 \x01(\x05\x12\x11\n\tmax_chars\x18\x05 \x01(\x05\x12\x0c\n\x04kept\x18\x06 \x01(\x03\x12\x0c\n\x04seen\x18\x07 \x01(\x03\x12\r\n\x05\x63lear\x18\x08 \x01(\x08\")\n\x18GetPromptSamplingRequest\x12\r\n\x05model\x18\x01 \x01(\t\"\xa5\x03\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x12\n\nmax_tokens\x18\x03 \x01(\x05\x12\x18\n\x0btemperature\x18\x04 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x05 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_k\x18\x06 \x01(\x05H\x02\x88\x01\x01\x12\x11\n\x04seed\x18\x07 \x01(\x04H\x03\x88\x01\x01\x12\x0c\n\x04stop\x18\x08 \x03(\t\x12\x12\n\nrequest_id\x18\t \x01(\t\x12\x30\n\x08priority\x18\n \x01(\x0e\x32\x1e.llamaship.gateway.v1.Priority\x12\x15\n\rresume_cursor\x18\x0b \x01(\t\x12\x33\n\x08messages\x18\x0c \x03(\x0b\x32!.llamaship.gateway.v1.ChatMessage\x12=\n\x0fresponse_format\x18\r \x01(\x0b\x32$.llamaship.gateway.v1.ResponseFormatB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x07\n\x05_seed\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\xb7\x01\n\x0eResponseFormat\x12\x37\n\x04type\x18\x01 \x01(\x0e\x32).llamaship.gateway.v1.ResponseFormat.Type\x12\x13\n\x0bjson_schema\x18\x02 \x01(\t\"W\n\x04Type\x12\x14\n\x10TYPE_UNSPECIFIED\x10\x00\x12\r\n\tTYPE_TEXT\x10\x01\x12\x14\n\x10TYPE_JSON_OBJECT\x10\x02\x12\x14\n\x10TYPE_JSON_SCHEMA\x10\x03\"9\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05\"\xcd\x01\n\rGenerateChunk\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12\x39\n\rfinish_reason\x18\x04 \x01(\x0e\x32\".llamaship.gateway.v1.FinishReason\x12*\n\x05usage\x18\x05 \x01(\x0b\x32\x1b.llamaship.gateway.v1.Usage\x12\x10\n\x08\x62uild_id\x18\x06 \x01(\t\x12\x0e\n\x06\x63ursor\x18\x07 \x01(\t\"-\n\x17\x43\x61ncelGenerationRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\")\n\x18\x43\x61ncelGenerationResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\"\x13\n\x11ListModelsRequest\"q\n\x0bReplicaInfo\x12\x12\n\nreplica_id\x18\x01 \x01(\t\x12\x0c\n\x04pool\x18\x02 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x03 \x01(\t\x12\x10\n\x08\x62uild_id\x18\x04 \x01(\t\x12\r\n\x05slots\x18\x05 \x01(\x05\x12\x0e\n\x06\x61\x63tive\x18\x06 \x01(\x05\"\xf9\x01\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08\x62uild_id\x18\x02 \x01(\t\x12\x0e\n\x06recipe\x18\x03 \x01(\t\x12\x0c\n\x04pool\x18\x04 \x01(\t\x12\x16\n\x0e\x63ontext_length\x18\x05 \x01(\x05\x12\x11\n\tmax_batch\x18\x06 \x01(\x05\x12\x14\n\x0cpublished_at\x18\x07 \x01(\x01\x12\x33\n\x08replicas\x18\x08 \x03(\x0b\x32!.llamaship.gateway.v1.ReplicaInfo\x12\r\n\x05owner\x18\t \x01(\t\x12\x0f\n\x07readers\x18\n \x03(\t\x12\x18\n\x10served_build_ids\x18\x0b \x03(\t\"E\n\x12ListModelsResponse\x12/\n\x06models\x18\x01 \x03(\x0b\x32\x1f.llamaship.gateway.v1.ModelInfo*R\n\x08Priority\x12\x18\n\x14PRIORITY_UNSPECIFIED\x10\x00\x12\x18\n\x14PRIORITY_INTERACTIVE\x10\x01\x12\x12\n\x0ePRIORITY_BATCH\x10\x02*v\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x01\x12\x15\n\x11\x46INISH_REASON_EOS\x10\x02\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x03\x32\xb8\n\n\x07Gateway\x12X\n\x08Generate\x12%.llamaship.gateway.v1.GenerateRequest\x1a#.llamaship.gateway.v1.GenerateChunk0\x01\x12q\n\x10\x43\x61ncelGeneration\x12-.llamaship.gateway.v1.CancelGenerationRequest\x1a..llamaship.gateway.v1.CancelGenerationResponse\x12Y\n\rSubmitCompile\x12%.llamaship.compiler.v1.CompileRequest\x1a!.llamaship.compiler.v1.CompileJob\x12\x61\n\x0cWatchCompile\x12*.llamaship.compiler.v1.WatchCompileRequest\x1a#.llamaship.compiler.v1.CompileEvent0\x01\x12_\n\rCancelCompile\x12+.llamaship.compiler.v1.CancelCompileRequest\x1a!.llamaship.compiler.v1.CompileJob\x12_\n\nListModels\x12\'.llamaship.gateway.v1.ListModelsRequest\x1a(.llamaship.gateway.v1.ListModelsResponse\x12T\n\x08GetBuild\x12&.llamaship.compiler.v1.GetBuildRequest\x1a .llamaship.compiler.v1.BuildInfo\x12Y\n\x0c\x43reateUpload\x12*.llamaship.compiler.v1.CreateUploadRequest\x1a\x1d.llamaship.compiler.v1.Upload\x12R\n\x0bUploadFiles\x12\".llamaship.compiler.v1.UploadChunk\x1a\x1d.llamaship.compiler.v1.Upload(\x01\x12S\n\tGetUpload\x12\'.llamaship.compiler.v1.GetUploadRequest\x1a\x1d.llamaship.compiler.v1.Upload\x12_\n\x11SetPromptSampling\x12$.llamaship.gateway.v1.PromptSampling\x1a$.llamaship.gateway.v1.PromptSampling\x12i\n\x11GetPromptSampling\x12..llamaship.gateway.v1.GetPromptSamplingRequest\x1a$.llamaship.gateway.v1.PromptSampling\x12V\n\x0eSetModelAccess\x12!.llamaship.gateway.v1.ModelAccess\x1a!.llamaship.gateway.v1.ModelAccess\x12\x62\n\x0b\x44\x65leteModel\x12(.llamaship.gateway.v1.DeleteModelRequest\x1a).llamaship.gateway.v1.DeleteModelResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'llamaship.gateway.v1.gateway_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_PRIORITY']._serialized_start=1552
-  _globals['_PRIORITY']._serialized_end=1634
-  _globals['_FINISHREASON']._serialized_start=1636
-  _globals['_FINISHREASON']._serialized_end=1754
+  _globals['_PRIORITY']._serialized_start=1900
+  _globals['_PRIORITY']._serialized_end=1982
+  _globals['_FINISHREASON']._serialized_start=1984
+  _globals['_FINISHREASON']._serialized_end=2102
   _globals['_MODELACCESS']._serialized_start=98
   _globals['_MODELACCESS']._serialized_end=158
   _globals['_DELETEMODELREQUEST']._serialized_start=160
@@ -47,23 +47,29 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GETPROMPTSAMPLINGREQUEST']._serialized_start=385
   _globals['_GETPROMPTSAMPLINGREQUEST']._serialized_end=426
   _globals['_GENERATEREQUEST']._serialized_start=429
-  _globals['_GENERATEREQUEST']._serialized_end=734
-  _globals['_USAGE']._serialized_start=736
-  _globals['_USAGE']._serialized_end=793
-  _globals['_GENERATECHUNK']._serialized_start=796
-  _globals['_GENERATECHUNK']._serialized_end=1001
-  _globals['_CANCELGENERATIONREQUEST']._serialized_start=1003
-  _globals['_CANCELGENERATIONREQUEST']._serialized_end=1048
-  _globals['_CANCELGENERATIONRESPONSE']._serialized_start=1050
-  _globals['_CANCELGENERATIONRESPONSE']._serialized_end=1091
-  _globals['_LISTMODELSREQUEST']._serialized_start=1093
-  _globals['_LISTMODELSREQUEST']._serialized_end=1112
-  _globals['_REPLICAINFO']._serialized_start=1114
-  _globals['_REPLICAINFO']._serialized_end=1227
-  _globals['_MODELINFO']._serialized_start=1230
-  _globals['_MODELINFO']._serialized_end=1479
-  _globals['_LISTMODELSRESPONSE']._serialized_start=1481
-  _globals['_LISTMODELSRESPONSE']._serialized_end=1550
-  _globals['_GATEWAY']._serialized_start=1757
-  _globals['_GATEWAY']._serialized_end=3093
+  _globals['_GENERATEREQUEST']._serialized_end=850
+  _globals['_CHATMESSAGE']._serialized_start=852
+  _globals['_CHATMESSAGE']._serialized_end=896
+  _globals['_RESPONSEFORMAT']._serialized_start=899
+  _globals['_RESPONSEFORMAT']._serialized_end=1082
+  _globals['_RESPONSEFORMAT_TYPE']._serialized_start=995
+  _globals['_RESPONSEFORMAT_TYPE']._serialized_end=1082
+  _globals['_USAGE']._serialized_start=1084
+  _globals['_USAGE']._serialized_end=1141
+  _globals['_GENERATECHUNK']._serialized_start=1144
+  _globals['_GENERATECHUNK']._serialized_end=1349
+  _globals['_CANCELGENERATIONREQUEST']._serialized_start=1351
+  _globals['_CANCELGENERATIONREQUEST']._serialized_end=1396
+  _globals['_CANCELGENERATIONRESPONSE']._serialized_start=1398
+  _globals['_CANCELGENERATIONRESPONSE']._serialized_end=1439
+  _globals['_LISTMODELSREQUEST']._serialized_start=1441
+  _globals['_LISTMODELSREQUEST']._serialized_end=1460
+  _globals['_REPLICAINFO']._serialized_start=1462
+  _globals['_REPLICAINFO']._serialized_end=1575
+  _globals['_MODELINFO']._serialized_start=1578
+  _globals['_MODELINFO']._serialized_end=1827
+  _globals['_LISTMODELSRESPONSE']._serialized_start=1829
+  _globals['_LISTMODELSRESPONSE']._serialized_end=1898
+  _globals['_GATEWAY']._serialized_start=2105
+  _globals['_GATEWAY']._serialized_end=3441
 # @@protoc_insertion_point(module_scope)
