@@ -19,7 +19,8 @@ from shared import catalog, prompt_samples
 from shared.prompt_samples import PromptSampler
 from shared import redis_keys as keys
 from shared.errors import InvalidArgument, LlamashipError, NotFound, Unavailable, from_code_name, shown
-from shared.generation import FINISH_EOS, FINISH_LENGTH, FINISH_STOP, GenRequest
+from shared.generation import (FINISH_EOS, FINISH_LENGTH, FINISH_STOP, FORMAT_JSON_OBJECT, FORMAT_JSON_SCHEMA,
+                               FORMAT_TEXT, GenRequest)
 from shared.model_registry import ModelRegistry, check_name
 from shared.proto_gen.llamaship.compiler.v1 import compiler_pb2, compiler_pb2_grpc
 from shared.proto_gen.llamaship.gateway.v1 import gateway_pb2 as pb
@@ -32,6 +33,9 @@ FINISH_TO_PROTO = {FINISH_LENGTH: pb.FINISH_REASON_LENGTH, FINISH_EOS: pb.FINISH
 PRIORITY_FROM_PROTO = {pb.PRIORITY_UNSPECIFIED: "interactive", pb.PRIORITY_INTERACTIVE: "interactive",
                        pb.PRIORITY_BATCH: "batch"}
 MAX_COMPILER_DETAILS = 1000
+FORMAT_FROM_PROTO = {pb.ResponseFormat.TYPE_UNSPECIFIED: FORMAT_TEXT, pb.ResponseFormat.TYPE_TEXT: FORMAT_TEXT,
+                     pb.ResponseFormat.TYPE_JSON_OBJECT: FORMAT_JSON_OBJECT,
+                     pb.ResponseFormat.TYPE_JSON_SCHEMA: FORMAT_JSON_SCHEMA}
 
 
 def request_from_proto(m: pb.GenerateRequest, request_id: str) -> GenRequest:
@@ -46,6 +50,9 @@ def request_from_proto(m: pb.GenerateRequest, request_id: str) -> GenRequest:
         seed=m.seed if m.HasField("seed") else None,
         stop=list(m.stop),
         priority=PRIORITY_FROM_PROTO[m.priority],
+        messages=[{"role": c.role, "content": c.content} for c in m.messages],
+        response_format=FORMAT_FROM_PROTO.get(m.response_format.type, ""),
+        json_schema=m.response_format.json_schema,
     )
 
 

@@ -14,6 +14,10 @@ MAX_STOP_STRINGS = 16
 MAX_STOP_CHARS = 256
 SEED_LIMIT = 2**31  # seeds are in [0, 2^31)
 MAX_PROMPT_CHARS = 1_000_000
+MAX_MESSAGES = 256
+MAX_ROLE_CHARS = 32
+MAX_SCHEMA_CHARS = 64 * 1024
+FORMAT_TEXT, FORMAT_JSON_OBJECT, FORMAT_JSON_SCHEMA = "text", "json_object", "json_schema"
 
 
 @dataclass
@@ -30,6 +34,11 @@ class GenRequest:
     deadline_s: float | None = None  # seconds the caller allows, counted from enqueue (Redis's clock)
     priority: str = "interactive"
     tenant: str = "default"
+    # A chat to render with the build's chat template, instead of prompt: [{"role", "content"}].
+    messages: list[dict[str, str]] = field(default_factory=list)
+    # FORMAT_TEXT (free), FORMAT_JSON_OBJECT, or FORMAT_JSON_SCHEMA with json_schema (JSON text).
+    response_format: str = FORMAT_TEXT
+    json_schema: str = ""
 
     @property
     def greedy(self) -> bool:
@@ -48,10 +57,15 @@ def validate(req: GenRequest, context_length: int | None = None) -> None:
     where the tokenizer lives (the replica)."""
     if not req.model:
         raise InvalidArgument("model: required")
-    if not req.prompt:
-        raise InvalidArgument("prompt: must not be empty")
+    if req.messages and req.prompt:
+        raise InvalidArgument("prompt, messages: set one of them, not both")
+    if req.messages:
+        _validate_messages(req.messages)
+    elif not req.prompt:
+        raise InvalidArgument("prompt: must not be empty (or send messages)")
     if len(req.prompt) > MAX_PROMPT_CHARS:
         raise InvalidArgument(f"prompt: longer than {MAX_PROMPT_CHARS} characters")
+    _validate_format(req)
     if req.max_tokens <= 0:
         raise InvalidArgument(f"max_tokens: must be > 0, got {req.max_tokens}")
     if context_length is not None and req.max_tokens > context_length:
@@ -74,6 +88,37 @@ def validate(req: GenRequest, context_length: int | None = None) -> None:
         raise InvalidArgument(f"seed: must be in [0, 2^31), got {req.seed}")
 
 
+def _validate_messages(messages: list[dict[str, str]]) -> None:
+    if len(messages) > MAX_MESSAGES:
+        raise InvalidArgument(f"messages: at most {MAX_MESSAGES}")
+    total = 0
+    for i, m in enumerate(messages):
+        role = m.get("role", "")
+        if not role or len(role) > MAX_ROLE_CHARS:
+            raise InvalidArgument(f"messages[{i}].role: required, at most {MAX_ROLE_CHARS} characters")
+        total += len(m.get("content", ""))
+    if total > MAX_PROMPT_CHARS:
+        raise InvalidArgument(f"messages: contents longer than {MAX_PROMPT_CHARS} characters in all")
+
+
+def _validate_format(req: GenRequest) -> None:
+    if req.response_format not in (FORMAT_TEXT, FORMAT_JSON_OBJECT, FORMAT_JSON_SCHEMA):
+        raise InvalidArgument(f"response_format: unknown type {req.response_format!r}")
+    if req.response_format == FORMAT_JSON_SCHEMA:
+        if not req.json_schema:
+            raise InvalidArgument("response_format.json_schema: required for a json_schema format")
+        if len(req.json_schema) > MAX_SCHEMA_CHARS:
+            raise InvalidArgument(f"response_format.json_schema: longer than {MAX_SCHEMA_CHARS} characters")
+        try:
+            schema = json.loads(req.json_schema)
+        except ValueError as exc:
+            raise InvalidArgument(f"response_format.json_schema: not JSON ({exc})") from None
+        if not isinstance(schema, (dict, bool)):
+            raise InvalidArgument("response_format.json_schema: must be a JSON object")
+    elif req.json_schema:
+        raise InvalidArgument("response_format.json_schema: only with a json_schema format")
+
+
 @dataclass
 class Chunk:
     """One message on a request's response stream."""
@@ -88,6 +133,10 @@ class Chunk:
     error_code: str = ""
     error_message: str = ""
     replica_id: str = ""
+    # On the end chunk: where the request's time went, in milliseconds.
+    queue_ms: float = 0.0
+    prefill_ms: float = 0.0
+    decode_ms: float = 0.0
 
     def to_fields(self) -> dict[str, str]:
         return {"c": json.dumps(asdict(self))}
