@@ -117,6 +117,7 @@ _DECLARED = [
     Setting("metrics_port", int, 0, "Prometheus /metrics HTTP port; 0 disables it.", check=_port),
     # Gateway
     Setting("gateway_port", int, 50051, "Gateway gRPC port.", flag="--port", check=_port),
+    Setting("http_port", int, 0, "Port of the gateway's OpenAI-compatible HTTP front (/v1/models, /v1/completions, /v1/chat/completions; same keys, queue and replicas as gRPC, TLS as --tls-cert-file); 0 = off.", check=_port),
     Setting("compiler_address", str, "127.0.0.1:50052", "Compiler gRPC address the gateway proxies compile jobs to."),
     Setting("queue_max_depth", int, 256, "Requests in a pool's queue (waiting or running) before Generate answers RESOURCE_EXHAUSTED.", check=_positive),
     Setting("tenant_max_requests", int, 0, "Requests one tenant may have in a pool's queue (waiting or running) before its Generate calls answer RESOURCE_EXHAUSTED; 0 = queue_max_depth.", check=_non_negative),
@@ -162,7 +163,7 @@ REDIS = ("redis_url", "redis_cluster_nodes", "redis_sentinels", "redis_sentinel_
          "redis_wait_replicas", "redis_wait_timeout_ms")
 INTERNAL_TLS = ("internal_tls_ca", "internal_tls_cert", "internal_tls_key", "internal_tls_server_name")
 COMMON = (*REDIS, *STORE, *INTERNAL_TLS, "host", "log_level", "metrics_port")
-GATEWAY = (*COMMON, "gateway_port", "compiler_address", "queue_max_depth", "tenant_max_requests", "queue_timeout_s",
+GATEWAY = (*COMMON, "gateway_port", "http_port", "compiler_address", "queue_max_depth", "tenant_max_requests", "queue_timeout_s",
            "failover_timeout_s", "relay_lease_s", "api_keys_file", "tls_cert_file", "tls_key_file")
 COMPILER = (*COMMON, "compiler_port", "work_dir", "job_lease_s", "max_attempts", "checkpoint_roots",
             "upload_quota_gib", "upload_max_active", "upload_expiry_s", "upload_min_free_gib", "job_poll_s",
