@@ -196,9 +196,13 @@ class QueueWorker:
             async for chunk in stream:
                 if first:
                     first = False
-                    metrics.TTFT.labels(pool).observe(loop.time() - started)
+                    first_at = loop.time()
+                    metrics.TTFT.labels(pool).observe(first_at - started)
                 metrics.TOKENS.labels(pool).inc(len(chunk.token_ids))
                 chunk.replica_id = self.replica_id
+                if chunk.kind == "end":  # prefill: until the first chunk; decode: from it to the end
+                    chunk.queue_ms, chunk.prefill_ms = float(max(0, waited_ms)), (first_at - started) * 1000
+                    chunk.decode_ms = (loop.time() - first_at) * 1000
                 stop = await self._write(req.request_id, chunk)
                 if chunk.kind == "end":
                     outcome = chunk.finish_reason
