@@ -8,6 +8,7 @@ from pathlib import Path
 
 from gateway.auth import AuthInterceptor, KeyStore, KeysFileError
 from gateway.gen_queue import GenerationQueue
+from gateway.generation import GenerationCore
 from gateway.servicer import GatewayServicer
 from shared import config, internal_tls, redis_conn
 from shared.grpc_server import add_health_and_reflection, bind, create_server, set_serving
@@ -41,7 +42,8 @@ async def serve(settings: config.Settings) -> None:
         if not (settings.tls_cert_file and settings.tls_key_file):
             raise RuntimeError("TLS needs both --tls-cert-file and --tls-key-file")
         tls = (Path(settings.tls_cert_file).read_bytes(), Path(settings.tls_key_file).read_bytes())
-    servicer = GatewayServicer(r, queue, compiler_pb2_grpc.CompilerStub(channel), keys)
+    core = GenerationCore(r, queue)
+    servicer = GatewayServicer(core, compiler_pb2_grpc.CompilerStub(channel), keys)
     server = create_server(interceptors)
     gateway_pb2_grpc.add_GatewayServicer_to_server(servicer, server)
     health = add_health_and_reflection(server, [SERVICE])

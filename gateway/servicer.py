@@ -1,27 +1,23 @@
-"""gRPC servicer of the gateway: converts protos, calls admission/queue/registry/compiler, converts back."""
+"""gRPC servicer of the gateway: converts protos, calls the generation core (gateway.generation) and the
+compiler, converts back."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from typing import AsyncIterator
 
 import grpc
-import redis.asyncio as aioredis
 
 from gateway import metrics
-from gateway.admission import Admission, access_of, check_id, check_request_id, check_resume, request_id, \
-    unknown_model, visible_models
+from gateway.admission import access_of, check_id, request_id, unknown_model
 from gateway.auth import KeyStore, caller_for
-from gateway.gen_queue import GenerationQueue
+from gateway.generation import GenerationCore
 from shared import catalog, prompt_samples
-from shared.prompt_samples import PromptSampler
-from shared import redis_keys as keys
-from shared.errors import InvalidArgument, LlamashipError, NotFound, Unavailable, from_code_name, shown
+from shared.errors import InvalidArgument, LlamashipError, Unavailable
 from shared.generation import (FINISH_EOS, FINISH_LENGTH, FINISH_STOP, FORMAT_JSON_OBJECT, FORMAT_JSON_SCHEMA,
-                               FORMAT_TEXT, GenRequest)
-from shared.model_registry import ModelRegistry, check_name
+                               FORMAT_TEXT, Chunk, GenRequest)
+from shared.model_registry import check_name
 from shared.proto_gen.llamaship.compiler.v1 import compiler_pb2, compiler_pb2_grpc
 from shared.proto_gen.llamaship.gateway.v1 import gateway_pb2 as pb
 from shared.proto_gen.llamaship.gateway.v1 import gateway_pb2_grpc as pb_grpc
@@ -56,21 +52,23 @@ def request_from_proto(m: pb.GenerateRequest, request_id: str) -> GenRequest:
     )
 
 
+def timing_metadata(end: Chunk) -> tuple[tuple[str, str], ...]:
+    """Where the request's time went (milliseconds, from its end chunk), as trailing metadata."""
+    return (("x-llamaship-queue-ms", f"{end.queue_ms:.1f}"), ("x-llamaship-prefill-ms", f"{end.prefill_ms:.1f}"),
+            ("x-llamaship-decode-ms", f"{end.decode_ms:.1f}"))
+
+
 def _metadata_request_id(context: grpc.aio.ServicerContext) -> str:
     return dict(context.invocation_metadata() or ()).get("x-request-id", "")
 
 
 class GatewayServicer(pb_grpc.GatewayServicer):
-    def __init__(self, r: aioredis.Redis, queue: GenerationQueue, compiler: compiler_pb2_grpc.CompilerStub,
-                 keys: KeyStore | None = None):
-        self.r = r
+    def __init__(self, core: GenerationCore, compiler: compiler_pb2_grpc.CompilerStub, keys: KeyStore | None = None):
+        self.core = core
+        self.r = core.r
         self.keys = keys
-        self.sampler = PromptSampler(r)
-        self._background: set[asyncio.Task] = set()
-        self.queue = queue
         self.compiler = compiler
-        self.registry = ModelRegistry(r)
-        self.admission = Admission(r, self.registry)
+        self.registry = core.registry
 
     def _caller(self, context: grpc.aio.ServicerContext) -> Caller:
         """The caller's identity (the auth interceptor has already checked the key)."""
@@ -89,79 +87,20 @@ class GatewayServicer(pb_grpc.GatewayServicer):
         request_id_var.set(rid)
         caller = self._caller(context)
         if request.resume_cursor:
-            async for out in self._resume(request, rid, caller):
-                yield out
-            return
-        if request.priority not in PRIORITY_FROM_PROTO:
-            raise InvalidArgument(f"priority: unknown value {request.priority}")
-        req = request_from_proto(request, rid)
-        alias = await self.admission.admit(req, caller, context.time_remaining())
-        entry = await self.queue.enqueue(req, alias.pool, alias.context_length)
-        metrics.REQUESTS.labels(alias.pool, req.priority).inc()
-        self._sample(req.model, req.prompt)
-        async for out in self._relay(rid, caller.tenant, alias.pool, entry, "0-0"):
+            chunks = self.core.resume(rid, request.resume_cursor, caller)
+        else:
+            if request.priority not in PRIORITY_FROM_PROTO:
+                raise InvalidArgument(f"priority: unknown value {request.priority}")
+            chunks = self.core.generate(request_from_proto(request, rid), caller, context.time_remaining())
+        async for cursor, chunk in chunks:
+            out = pb.GenerateChunk(request_id=rid, text=chunk.text, token_ids=chunk.token_ids,
+                                   build_id=chunk.build_id, cursor=cursor)
+            if chunk.kind == "end":
+                out.finish_reason = FINISH_TO_PROTO[chunk.finish_reason]
+                out.usage.prompt_tokens = chunk.prompt_tokens
+                out.usage.completion_tokens = chunk.completion_tokens
+                context.set_trailing_metadata(timing_metadata(chunk))
             yield out
-
-    async def _resume(self, request: pb.GenerateRequest, rid: str, caller: Caller) -> AsyncIterator[pb.GenerateChunk]:
-        check_resume(request.request_id, request.resume_cursor)
-        entry = await self.queue.find(rid, caller.tenant)
-        if entry is None:
-            raise NotFound(f"no stream of request {shown(rid)} to resume: unknown, finished, or stopped unrelayed")
-        log.info("resuming the stream after %s", request.resume_cursor)
-        async for out in self._relay(rid, caller.tenant, keys.gen_stream_pool(entry.stream), entry,
-                                     request.resume_cursor):
-            yield out
-
-    async def _relay(self, rid: str, tenant: str, pool: str, entry, after: str) -> AsyncIterator[pb.GenerateChunk]:
-        t0 = time.perf_counter()
-        finished = False
-        first = True
-        last_at = t0
-        try:
-            async for cursor, chunk in self.queue.responses(rid, tenant, pool, entry, after):
-                if chunk.kind == "error":
-                    finished = True
-                    raise from_code_name(chunk.error_code, chunk.error_message)
-                now = time.perf_counter()
-                if first:
-                    metrics.TTFT.labels(pool).observe(now - t0)
-                    first = False
-                elif chunk.token_ids:
-                    per_token = (now - last_at) / len(chunk.token_ids)
-                    for _ in chunk.token_ids:
-                        metrics.INTER_TOKEN.labels(pool).observe(per_token)
-                last_at = now
-                out = pb.GenerateChunk(request_id=rid, text=chunk.text, token_ids=chunk.token_ids,
-                                       build_id=chunk.build_id, cursor=cursor)
-                if chunk.kind == "end":
-                    finished = True
-                    out.finish_reason = FINISH_TO_PROTO[chunk.finish_reason]
-                    out.usage.prompt_tokens = chunk.prompt_tokens
-                    out.usage.completion_tokens = chunk.completion_tokens
-                    metrics.TOKENS.labels(pool).inc(chunk.completion_tokens)
-                if out.text or out.token_ids or chunk.kind == "end":
-                    yield out
-        except (asyncio.CancelledError, GeneratorExit):
-            log.info("client went away; cancelling the request")
-            raise
-        finally:
-            if not finished:
-                await asyncio.shield(self.queue.abandon(rid, tenant, entry))
-            depth = await asyncio.shield(self.queue.depth(pool))
-            for priority, n in depth.items():
-                metrics.QUEUE_DEPTH.labels(pool, priority).set(n)
-
-    def _sample(self, model: str, prompt: str) -> None:
-        """Offer the prompt to the model's sample (if it opted in), off the request's path."""
-        async def offer() -> None:
-            try:
-                await self.sampler.offer(model, prompt, time.monotonic())
-            except Exception as exc:  # noqa: BLE001 - sampling must never fail a request; the prompt is not logged
-                log.warning("prompt sampling failed: %s", type(exc).__name__)
-
-        task = asyncio.get_running_loop().create_task(offer())
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
 
     async def SetPromptSampling(self, request: pb.PromptSampling, context) -> pb.PromptSampling:
         check_name(request.model)
@@ -184,18 +123,12 @@ class GatewayServicer(pb_grpc.GatewayServicer):
     async def CancelGeneration(self, request: pb.CancelGenerationRequest, context) -> pb.CancelGenerationResponse:
         if not request.request_id:
             raise InvalidArgument("request_id: required")
-        rid = check_request_id(request.request_id)
-        found = await self.queue.cancel(rid, self._caller(context).tenant)
-        return pb.CancelGenerationResponse(found=bool(found))
+        return pb.CancelGenerationResponse(found=await self.core.cancel(request.request_id, self._caller(context)))
 
     # -- models ----------------------------------------------------------------------------
     async def ListModels(self, request: pb.ListModelsRequest, context) -> pb.ListModelsResponse:
-        caller = self._caller(context)
-        aliases, access, replicas = await asyncio.gather(
-            catalog.list_aliases(self.r), self.registry.all_access(),
-            catalog.live_replicas(self.r))
         out = pb.ListModelsResponse()
-        for view in visible_models(aliases, access, replicas, caller):
+        for view in await self.core.models(self._caller(context)):
             a = view.alias
             m = out.models.add(name=a.name, build_id=a.build_id, recipe=a.recipe, pool=a.pool,
                                context_length=a.context_length, max_batch=a.max_batch, published_at=a.published_at,
