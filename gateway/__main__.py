@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import sys
 from pathlib import Path
@@ -9,6 +10,7 @@ from pathlib import Path
 from gateway.auth import AuthInterceptor, KeyStore, KeysFileError
 from gateway.gen_queue import GenerationQueue
 from gateway.generation import GenerationCore
+from gateway.http.server import HttpServer
 from gateway.servicer import GatewayServicer
 from shared import config, internal_tls, redis_conn
 from shared.grpc_server import add_health_and_reflection, bind, create_server, set_serving
@@ -49,19 +51,25 @@ async def serve(settings: config.Settings) -> None:
     health = add_health_and_reflection(server, [SERVICE])
     port = bind(server, settings.host, settings.gateway_port, tls)
     await server.start()
+    http = None
+    if settings.http_port:
+        http = HttpServer(core, keys, settings.host, settings.http_port, settings.tls_cert_file, settings.tls_key_file)
+        log.info("OpenAI-compatible HTTP front on %s:%d", settings.host, await http.start())
     await set_serving(health, [SERVICE], True)
     metrics_port = start_metrics_server(settings.host, settings.metrics_port)
     if not settings.api_keys_file:
         log.warning("no API keys configured: the gateway is open to anyone who can reach %s", settings.host)
     log.info("gateway listening on %s:%d (compiler at %s)%s", settings.host, port, settings.compiler_address,
              f", metrics on :{metrics_port}" if metrics_port else "")
+    if http is not None:
+        print(f"LLAMASHIP_HTTP {settings.host}:{http.port}", flush=True)
     print(f"LLAMASHIP_READY gateway {settings.host}:{port}", flush=True)
 
     stop = shutdown_event()
     await stop.wait()
     log.info("shutting down: finishing open streams")
     await set_serving(health, [SERVICE], False)
-    await server.stop(grace=10)
+    await asyncio.gather(server.stop(grace=10), *([http.stop()] if http is not None else []))
     await channel.close()
     await r.aclose()
 
