@@ -345,6 +345,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Start Redis (embedded unless --redis-url), the compiler, cpu serving replica(s) and "
                                    "the gateway as processes on loopback; stop them all on Ctrl-C or SIGTERM.")
     p.add_argument("--gateway-port", type=int, default=50051)
+    p.add_argument("--http-port", type=int, default=0,
+                   help="serve the OpenAI-compatible HTTP API (/v1/chat/completions, ...) on this port too (default: off)")
     p.add_argument("--compiler-port", type=int, default=0, help="default: any free port")
     p.add_argument("--serving-port", type=int, default=0,
                    help="first replica's port, the next ones follow it (default: any free ports)")

@@ -44,7 +44,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         env={k: str(Path(v).resolve()) for k, v in (("LLAMASHIP_API_KEYS_FILE", args.api_keys_file),
                                                       ("LLAMASHIP_TLS_CERT_FILE", args.tls_cert_file),
                                                       ("LLAMASHIP_TLS_KEY_FILE", args.tls_key_file)) if v}
-        | internal_env,
+        | internal_env | ({"LLAMASHIP_HTTP_PORT": str(args.http_port)} if args.http_port else {}),
     )
     stack = Stack(cfg)
     stop = threading.Event()
@@ -121,5 +121,8 @@ def _print_stack(stack, args: argparse.Namespace) -> None:
     print(f"gateway ready at {stack.gateway_address} ({auth}{', TLS' if args.tls_cert_file else ''}"
           f"{'; mTLS between services' if cfg.env.get('LLAMASHIP_INTERNAL_TLS_CA') else ''}). "
           f"Crashed services are restarted; Ctrl-C stops.", flush=True)
+    if args.http_port:
+        scheme = "https" if args.tls_cert_file else "http"
+        print(f"OpenAI-compatible API at {scheme}://{cfg.host}:{args.http_port}/v1", flush=True)
 
 

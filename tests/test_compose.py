@@ -71,6 +71,8 @@ def test_addresses_between_services_match():
         assert host == name and port == env["LLAMASHIP_SERVING_PORT"]
     published = SERVICES["gateway"]["ports"][0].rsplit(":", 1)[1]
     assert published == gw["LLAMASHIP_GATEWAY_PORT"]
+    # the OpenAI-compatible HTTP front is on and published on its port
+    assert f"127.0.0.1:{gw['LLAMASHIP_HTTP_PORT']}:{gw['LLAMASHIP_HTTP_PORT']}" in SERVICES["gateway"]["ports"]
     assert set(COMPOSE["volumes"]) >= {"store"}
 
 
