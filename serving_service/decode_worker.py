@@ -190,11 +190,11 @@ class _Scheduler:
 
 
 def _iteration_scheduler(build_dir: str, provider: str | None, threads: int, max_rows: int, conn: Connection,
-                         genai: dict):
+                         genai: dict, kv_budget_bytes: int = 0):
     from serving_service.iteration.model import DecoderModel
     from serving_service.iteration.scheduler import IterationScheduler
 
-    model = DecoderModel(build_dir, provider, threads or usable_cores(), max_rows)
+    model = DecoderModel(build_dir, provider, threads or usable_cores(), max_rows, kv_budget_bytes=kv_budget_bytes)
     eos = genai.get("eos_token_id", [])
     sched = IterationScheduler(model, conn, frozenset(eos if isinstance(eos, list) else [eos]))
     sched.warm()  # the first request must not pay for lazy set-up
@@ -210,13 +210,13 @@ def resolve_engine(engine: str, provider: str | None) -> str:
 
 
 def worker_main(build_dir: str, provider: str | None, threads: int, max_rows: int, conn: Connection,
-                engine: str = "genai") -> None:
+                engine: str = "genai", kv_budget_bytes: int = 0) -> None:
     engine = resolve_engine(engine, provider)
     try:
         with open(f"{build_dir}/genai_config.json") as f:
             genai = json.load(f)["model"]
         if engine == "iteration":
-            sched = _iteration_scheduler(build_dir, provider, threads, max_rows, conn, genai)
+            sched = _iteration_scheduler(build_dir, provider, threads, max_rows, conn, genai, kv_budget_bytes)
         else:
             og, model = _load_model(build_dir, provider, threads)
             sched = _Scheduler(og, model, conn, genai, max_rows)
@@ -257,9 +257,12 @@ class DecodeWorker:
 
     @classmethod
     async def start(cls, build_id: str, build_dir: str, provider: str | None, threads: int, max_rows: int = 1,
-                    pool: str = "cpu", timeout_s: float = 300.0, engine: str = "genai") -> "DecodeWorker":
+                    pool: str = "cpu", timeout_s: float = 300.0, engine: str = "genai",
+                    kv_budget_bytes: int = 0) -> "DecodeWorker":
+        """`kv_budget_bytes` bounds the KV memory the iteration engine commits (0: no bound)."""
         parent, child = _CTX.Pipe()
-        proc = _CTX.Process(target=worker_main, args=(build_dir, provider, threads, max_rows, child, engine), daemon=True,
+        proc = _CTX.Process(target=worker_main, args=(build_dir, provider, threads, max_rows, child, engine,
+                                                      kv_budget_bytes), daemon=True,
                             name=f"decode-{build_id}")
         proc.start()
         child.close()

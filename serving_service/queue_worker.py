@@ -80,7 +80,7 @@ class QueueWorker:
         return self.engine.slots - len(self.tasks)
 
     def _free_kv_bytes(self) -> int:
-        return self.engine.kv_budget_bytes - sum(h.kv_bytes for h in self.tasks.values())
+        return self.engine.free_kv_bytes([h.kv_bytes for h in self.tasks.values()])
 
     def kv_reserved_bytes(self) -> int:
         return sum(h.kv_bytes for h in self.tasks.values())

@@ -51,13 +51,24 @@ class Conn(list):
         self.append((self.round, msg))
 
 
-def scheduler(build: Path, max_rows: int = 4, prefill_chunk: int = 256, eos=(2,), start_len: int = 1024
-              ) -> tuple[IterationScheduler, Conn]:
+def scheduler(build: Path, max_rows: int = 4, prefill_chunk: int = 256, eos=(2,), start_len: int = 1024,
+              kv_budget_tokens: int = 0) -> tuple[IterationScheduler, Conn]:
+    """`kv_budget_tokens`: the KV budget, in tokens of this build (0: none)."""
     conn = Conn()
-    sched = IterationScheduler(DecoderModel(build, None, 1, max_rows, start_len=start_len), conn, frozenset(eos),
-                               prefill_chunk)
+    budget = kv_budget_tokens * kv_bytes_per_token(build)
+    sched = IterationScheduler(DecoderModel(build, None, 1, max_rows, start_len=start_len, kv_budget_bytes=budget),
+                               conn, frozenset(eos), prefill_chunk)
     sched.warm()
     return sched, conn
+
+
+def kv_bytes_per_token(build: Path) -> int:
+    """As the replica counts it (float32 keys and values of every layer on CPU)."""
+    import json
+
+    from serving_service.engine import kv_bytes_per_token as per_token
+
+    return per_token(json.loads((build / "genai_config.json").read_text())["model"], None)
 
 
 def start(rid: str, prompt: list[int], new: int, **sampling) -> tuple:

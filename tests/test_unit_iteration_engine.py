@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import pytest
 
-from tests.iteration_helpers import (drive, genai_build, genai_greedy, prompts, rounds_of, scheduler, start,
-                                     tokens_by_row)
+from tests.iteration_helpers import (drive, genai_build, genai_greedy, kv_bytes_per_token, prompts, rounds_of,
+                                     scheduler, start, tokens_by_row)
 
 NEW = 24
 
@@ -182,15 +182,78 @@ async def _decode_worker_child(builds):
         worker.close()
 
 
-def test_rows_join_only_while_the_slots_fit_their_kv_reservations(builds):
+def _alone(build, prompt, new) -> list[int]:
+    sched, conn = scheduler(build, eos=())
+    drive(sched, conn, {0: [start("x", prompt, new)]})
+    return tokens_by_row(conn)["x"]
+
+
+def test_short_rows_join_beside_a_long_one_at_once_when_the_kv_budget_holds_them(builds):
     build = builds["fp32"]
     short, long = prompts(2048, (6, 30), seed=11)
-    sched, conn = scheduler(build, max_rows=4, eos=(), start_len=16)
-    # start share: 4 slots x 16 tokens = 64. "l" needs 30 + 100 = 130 tokens: the slots grow to 256.
-    # "s" (6 + 20 = 26 tokens) would make 2 x 256 = 512 tokens, beyond 130 + 26 reserved: it waits
-    # until "l" leaves; "t", which reserved 400 tokens, could have joined but keeps its turn
-    drive(sched, conn, {0: [start("l", long, 100)], 2: [start("s", short, 20)],
-                        3: [("start", "t", short, {"max_length": len(short) + 20, "do_sample": False}, 400)]})
-    l_rounds, s_rounds, t_rounds = rounds_of(conn, "l"), rounds_of(conn, "s"), rounds_of(conn, "t")
-    assert min(s_rounds) > max(l_rounds) and min(t_rounds) >= min(s_rounds)
-    assert len(tokens_by_row(conn)["s"]) == 20
+    # "l" needs 30 + 100 tokens: the slots grow from 16 to 256. Three short rows at 256 tokens
+    # each beside it make 4 x 256 = 1024 tokens, within the budget: each joins the round it arrives
+    sched, conn = scheduler(build, max_rows=4, eos=(), start_len=16, kv_budget_tokens=1024)
+    drive(sched, conn, {0: [start("l", long, 100)], 2: [start("s0", short, 20)], 3: [start("s1", short, 20)],
+                        4: [start("s2", short, 20)]})
+    l_rounds = rounds_of(conn, "l")
+    for i, arrived in enumerate((2, 3, 4)):
+        s_rounds = rounds_of(conn, f"s{i}")
+        assert min(s_rounds) == arrived and max(s_rounds) < max(l_rounds)
+    got = tokens_by_row(conn)
+    assert got["l"] == _alone(build, long, 100) and got["s0"] == got["s2"] == _alone(build, short, 20)
+    assert sched.model.kv.shape.max_len == 16  # back to the start length once idle
+
+
+def test_a_row_waits_while_the_kv_budget_cannot_hold_it_beside_a_long_one(builds):
+    build = builds["fp32"]
+    short, long = prompts(2048, (6, 30), seed=11)
+    # "l" takes a 256-token slot; "s" beside it would make 2 x 256 = 512 tokens, beyond the
+    # 400-token budget: it waits until "l" leaves, then runs, its tokens as alone
+    sched, conn = scheduler(build, max_rows=4, eos=(), start_len=16, kv_budget_tokens=400)
+    drive(sched, conn, {0: [start("l", long, 100)], 2: [start("s", short, 20)]})
+    l_rounds, s_rounds = rounds_of(conn, "l"), rounds_of(conn, "s")
+    assert min(s_rounds) == max(l_rounds) + 1
+    assert tokens_by_row(conn)["s"] == _alone(build, short, 20)
+
+
+def test_kv_budget_that_cannot_hold_the_slots_is_refused_at_load_and_growth_stays_within_it(builds):
+    from serving_service.iteration.model import DecoderModel
+
+    build = builds["fp32"]
+    per_token = kv_bytes_per_token(build)
+    with pytest.raises(ValueError, match="KV budget .* cannot hold 4 slots of 64 tokens"):
+        DecoderModel(build, None, 1, 4, kv_budget_bytes=100 * per_token)
+    # a budget below 4 x 1024 tokens starts the slots shorter instead of committing too much
+    model = DecoderModel(build, None, 1, 4, kv_budget_bytes=1000 * per_token)
+    assert model.kv.shape.max_len == 250
+    assert not model.kv.fit(600, rows=2)  # 2 x 600 > 1000: refused, nothing allocated
+    assert model.kv.shape.max_len == 250
+    assert model.kv.fit(600, rows=1) and model.kv.shape.max_len == 1000  # doubled to 1000, the budget, not 2000
+    assert not model.kv.fit(1200, rows=1)
+
+
+def test_decode_worker_refuses_a_kv_budget_too_small_for_its_slots(builds):
+    import asyncio
+
+    from serving_service.decode_worker import DecodeWorker, DecodeWorkerError
+
+    async def go():
+        with pytest.raises(DecodeWorkerError, match="KV budget"):
+            await DecodeWorker.start("tiny", str(builds["fp32"]), None, 1, 4, engine="iteration",
+                                     kv_budget_bytes=10 * kv_bytes_per_token(builds["fp32"]))
+
+    asyncio.run(go())
+
+
+def test_replica_admission_matches_what_the_iteration_engine_commits():
+    from serving_service.engine import Engine
+
+    it = Engine(None, "cpu", 4, kv_budget_bytes=1000, serving_engine="iteration")
+    assert it.free_kv_bytes([]) == 1000
+    assert it.free_kv_bytes([400]) == 500  # two rows fit while each needs at most half
+    assert it.free_kv_bytes([600]) == 0  # a second row would double 600: nothing else fits
+    assert it.free_kv_bytes([100, 200]) == 333
+    genai = Engine(None, "cpu", 4, kv_budget_bytes=1000, serving_engine="genai")
+    assert genai.free_kv_bytes([600]) == 400 and genai.free_kv_bytes([100, 200]) == 700
+    assert Engine(None, "cuda", 4, kv_budget_bytes=1000, serving_engine="auto").free_kv_bytes([600]) == 400

@@ -8,11 +8,14 @@ GroupQueryAttention, which takes each row's length from the attention mask.
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 
 from serving_service.iteration.kv import START_LEN, KVBuffers, KVShape
+
+MIN_START_LEN = 64  # a budget that cannot give every slot this many tokens is refused at load
 
 _NP = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64,
        "tensor(int32)": np.int32}
@@ -28,7 +31,7 @@ def _providers(provider: str | None) -> list:
 
 class DecoderModel:
     def __init__(self, build_dir: str | Path, provider: str | None, threads: int, max_rows: int,
-                 max_len: int | None = None, start_len: int = START_LEN):
+                 max_len: int | None = None, start_len: int = START_LEN, kv_budget_bytes: int = 0):
         import onnxruntime as ort
 
         build_dir = Path(build_dir)
@@ -53,8 +56,13 @@ class DecoderModel:
         kv_type = _NP[types[self.kv_names[0][0][0]]]
         self.device = "cuda" if provider == "cuda" else "cpu"
         limit = int(max_len or self.context_length)
-        self.kv = KVBuffers(KVShape(layers, int(dec["num_key_value_heads"]), int(dec["head_size"]),
-                                    min(limit, start_len), max_rows, limit), kv_type, self.device)
+        shape = KVShape(layers, int(dec["num_key_value_heads"]), int(dec["head_size"]), min(limit, start_len),
+                        max_rows, limit)
+        if kv_budget_bytes:  # start shorter when every slot at the start length would not fit
+            per_slot = kv_budget_bytes // (shape.token_bytes * np.dtype(kv_type).itemsize * max_rows)
+            if per_slot < shape.max_len:
+                shape = replace(shape, max_len=max(per_slot, min(MIN_START_LEN, limit)))
+        self.kv = KVBuffers(shape, kv_type, self.device, budget_bytes=kv_budget_bytes or None)
         self._ort_kv_type = kv_type
         self._bindings: dict[tuple[int, int], object] = {}
         self._generation = self.kv.generation

@@ -31,7 +31,6 @@ class _Row:
     prompt: list[int]
     max_new: int
     sampler: Sampler
-    reserved: int = 0  # KV tokens the replica's admission reserved for it
     slot: int = -1
     prefilled: int = 0  # prompt tokens in the KV
     produced: int = 0
@@ -57,7 +56,8 @@ class IterationScheduler:
     def warm(self) -> None:
         """A prefill into every slot, then a decode step over all of them, so that no request pays
         for lazy set-up. GroupQueryAttention writes a slot's whole buffer on its first prefill, so
-        this is also where the KV memory is committed: max_rows x max_len tokens (kv.py)."""
+        this is also where the KV memory is committed: max_rows x max_len tokens (kv.py), which
+        the model checked against the budget when it made the buffers."""
         rows = self.model.shape.max_rows
         for slot in range(rows):
             self.model.forward(slot, np.asarray([[1, 2]]), np.ones((1, 2), np.int64))
@@ -80,20 +80,20 @@ class IterationScheduler:
                 return True
             self.conn.send(("step", [], [rid]))
         elif msg[0] == "start":
-            _, rid, prompt_ids, options, reserved = msg
+            _, rid, prompt_ids, options, _reserved = msg  # admission bounds memory itself (admit)
             options = dict(options)
             max_new = int(options.pop("max_length")) - len(prompt_ids)
-            self.waiting.append(_Row(rid, list(prompt_ids), max_new, Sampler(options),
-                                     max(int(reserved), len(prompt_ids) + max_new)))
+            self.waiting.append(_Row(rid, list(prompt_ids), max_new, Sampler(options)))
         return True
 
     def admit(self) -> None:
         """Give waiting rows a slot, first come first served; the slots grow to hold the longest.
 
-        KV admission as the replica accounts it: every slot in use holds max_len tokens, so a row
-        joins only while (rows in use) x max_len stays within what admission reserved for them
-        (or the slots' start size, the engine's fixed share). A row that does not fit waits for
-        rows to leave; one alone always starts."""
+        The bound is the KV memory the buffers commit (kv.py): a row joins while (rows in use + 1)
+        x the slot length it needs stays within the replica's KV budget, so short rows join beside
+        a long one whenever the budget holds them all at the long one's length. A row that does not
+        fit waits for rows to leave; one alone always starts (the replica refused any request
+        larger than the whole budget)."""
         kv = self.model.kv
         while self.waiting and kv.free:
             row = self.waiting[0]
@@ -103,11 +103,12 @@ class IterationScheduler:
                 self.conn.send(("error", row.rid, f"a sequence of {len(row.prompt)} prompt tokens and {row.max_new} "
                                                   f"new ones does not fit {kv.shape.limit} tokens"))
                 continue
-            allowed = max(kv.start_len * kv.shape.max_rows, row.reserved + sum(r.reserved for r in self.rows.values()))
-            if self.rows and (len(self.rows) + 1) * kv.length_for(need) > allowed:
+            rows = len(self.rows) + 1
+            fits = kv.fits_budget(need, rows)
+            if self.rows and not fits:
                 return
+            kv.fit(need, rows if fits else None)
             self.waiting.pop(0)
-            kv.fit(need)
             row.slot = kv.take()
             self.rows[row.rid] = row
 
