@@ -238,3 +238,28 @@ def test_503_when_no_replica_is_live(front):
     raw = _post(front, "/chat/completions", {"model": "demo", "messages": [{"role": "user", "content": "x"}],
                                              "stream": True})
     assert raw.status == 503 and json.loads(raw.read())["error"]["type"] == "service_unavailable"
+
+
+def test_http_front_serves_tls_with_the_gateways_certificate(tmp_path):
+    """--tls-cert-file covers the HTTP front too: HTTPS works with the CA, plain HTTP does not."""
+    import ssl
+    import subprocess
+
+    from llamaship.stack import Stack, StackConfig, free_port
+
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost",
+                    "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
+                   check=True, capture_output=True)
+    port = free_port()
+    cfg = StackConfig(store=tmp_path / "store", log_dir=tmp_path / "logs", serving_ports=[],
+                      env={"LLAMASHIP_HTTP_PORT": str(port), "LLAMASHIP_TLS_CERT_FILE": str(cert),
+                           "LLAMASHIP_TLS_KEY_FILE": str(key)})
+    with Stack(cfg):
+        ctx = ssl.create_default_context(cafile=str(cert))
+        with urllib.request.urlopen(f"https://localhost:{port}/v1/models", context=ctx, timeout=10) as r:
+            assert json.loads(r.read()) == {"object": "list", "data": []}
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        with pytest.raises((http.client.HTTPException, ConnectionError)):
+            conn.request("GET", "/v1/models")
+            conn.getresponse()
