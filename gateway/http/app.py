@@ -20,7 +20,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from gateway import metrics
-from gateway.admission import check_request_id
+from gateway.admission import check_request_id, unknown_model
 from gateway.auth import KeyStore
 from gateway.generation import GenerationCore
 from gateway.http.errors import RequestError, Unauthenticated, error_body, error_response
@@ -126,7 +126,6 @@ class HttpFront:
             for m in await self._model_objects(request):
                 if m["id"] == name:
                     return JSONResponse(m)
-            from gateway.admission import unknown_model
             raise unknown_model(name)
         except LlamashipError as exc:
             return error_response(exc)
