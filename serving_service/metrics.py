@@ -14,6 +14,10 @@ BUILD_LOAD = Histogram("llamaship_serving_build_load_seconds", "Verify + load + 
 FAILOVERS = Counter("llamaship_serving_failovers_total", "Requests continued after their replica stopped", ["pool"])
 ADMISSION_WAITS = Counter("llamaship_serving_admission_waits_total",
                           "Times the next queued request had to wait because the KV budget was taken", ["pool"])
+PREFIX_ROUTED = Counter("llamaship_serving_prefix_routed_picks_total",
+                        "Requests taken from the queue, by the gateway's prefix routing: preferred here, preferred "
+                        "for another replica (taken after its grace, or that replica was full or gone), or none",
+                        ["pool", "preferred"])
 KV_RESERVED = Gauge("llamaship_serving_kv_reserved_bytes", "KV-cache bytes reserved by running requests", ["pool"])
 BATCH_ROWS = Histogram("llamaship_serving_batch_rows", "Sequences that produced a token in one decode step of a cohort",
                        ["pool"], buckets=(1, 2, 4, 8, 16, 32, 64))

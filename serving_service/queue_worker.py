@@ -18,7 +18,7 @@ import redis.asyncio as aioredis
 from shared import catalog
 from shared.errors import LlamashipError
 from shared.generation import Chunk, GenRequest
-from shared.request_protocol import Picked, PoolQueue, Requests, redis_now_ms
+from shared.request_protocol import Held, Picked, PoolQueue, Requests, redis_now_ms
 from shared.telemetry import request_id_var
 from serving_service import metrics
 from serving_service.engine import Engine
@@ -34,8 +34,10 @@ class _Holding:
 
 class QueueWorker:
     def __init__(self, r: aioredis.Redis, engine: Engine, replica_id: str, stream_interval_s: float = 0.0,
-                 fair_slots: bool = True, headroom_s: float = 0.0):
+                 fair_slots: bool = True, headroom_s: float = 0.0, prefix_grace_s: float = 0.0):
         self.r = r
+        self.prefix_grace_s = prefix_grace_s
+        self._full_reported = False
         self.engine = engine
         self.replica_id = replica_id
         self.stream_interval_s = stream_interval_s
@@ -51,6 +53,9 @@ class QueueWorker:
         await self._resume_own()
         while True:
             outcome = await self._take_what_fits()
+            if isinstance(outcome, Held):  # look again once the request is free for every replica
+                bell = await self.queue.wait_bell(bell, min(1000, outcome.wait_ms + 1))
+                continue
             if outcome == "full":
                 # every slot or the KV budget is taken: wait for a request to end
                 self._wake.clear()
@@ -59,20 +64,27 @@ class QueueWorker:
                 continue
             bell = await self.queue.wait_bell(bell, 1000)
 
-    async def _take_what_fits(self) -> str:
+    async def _take_what_fits(self) -> str | Held:
         """Take requests while a slot and the KV budget allow: "empty" when nothing waits,
-        "full" when the next request must wait for capacity."""
+        "full" when the next request must wait for capacity, Held while a request waits for the
+        replica its prefix prefers."""
         while True:
             if self._free_slots() <= 0:
+                if not self._full_reported:  # requests preferred for this replica go elsewhere at once
+                    await self.queue.report_room(self.replica_id, 0)
+                    self._full_reported = True
                 return "full"
+            self._full_reported = False  # the pick reports the free slots
             picked = await self.queue.pick(self.replica_id, self._free_kv_bytes(), self.engine.kv_budget_bytes,
                                            self.engine.kv_bytes_per_token(), self.running_by_tenant(),
-                                           self.fair_slots, self.engine.slots, self.headroom_s)
-            if picked is None:
-                return "empty"
+                                           self.fair_slots, self.engine.slots, self.headroom_s, self.prefix_grace_s)
+            if picked is None or isinstance(picked, Held):
+                return picked or "empty"
             if picked == "WAIT":
                 metrics.ADMISSION_WAITS.labels(self.engine.pool).inc()
                 return "full"
+            routed = "none" if not picked.preferred else "here" if picked.preferred == self.replica_id else "other"
+            metrics.PREFIX_ROUTED.labels(self.engine.pool, routed).inc()
             self._spawn(picked, resume=False)
 
     def _free_slots(self) -> int:

@@ -128,6 +128,7 @@ _DECLARED = [
     Setting("tls_key_file", str, "", "PEM private key of the gateway's TLS certificate."),
     Setting("relay_lease_s", float, 10.0, "A request no gateway relays for this long (its gateway died and no client resumed it) is stopped by its replica.", check=_positive),
     Setting("failover_timeout_s", float, 15.0, "Seconds a stream whose replica stopped waits for another replica to continue it before UNAVAILABLE.", check=_positive),
+    Setting("prefix_route_chars", int, 512, "Prefix routing: a prompt (or chat) at least this many characters long is preferred for one live replica of its pool chosen by its first this-many characters (rendezvous hashing), so prompts that share a prefix meet that prefix's cached KV there; 0 = off.", check=_non_negative),
     # Compiler
     Setting("compiler_port", int, 50052, "Compiler gRPC port.", flag="--port", check=_port),
     Setting("work_dir", str, "", "Scratch directory for builds in progress (default: <store>/.work)."),
@@ -147,12 +148,14 @@ _DECLARED = [
     Setting("kv_budget_mb", int, 0, "KV-cache memory a replica may commit to running requests; it takes a request only when the request's worst-case KV need fits. 0 = a quarter of the machine's memory.", check=_non_negative),
     Setting("threads", int, 0, "Intra-op threads per ONNX Runtime session; 0 = one per CPU core this process may run on (ONNX Runtime's own default can be a single thread).", check=_non_negative),
     Setting("serving_engine", str, "genai", "Decode engine: iteration (sequences join and leave one running batch between any two decode steps; ONNX Runtime driven directly), genai (onnxruntime-genai static-batch cohorts), or auto (iteration on the cpu pool, where it decodes a trickle of arrivals faster; genai on cuda, where it is not measured yet). The default stays genai while the iteration engine's KV admission (every slot holds the longest row's length) can make short requests wait for a long one to finish.", check=_serving_engine),
+    Setting("prefix_cache_mb", int, 256, "Iteration engine: MiB of the KV budget that keep prompt prefixes' KV (64-token blocks, least recently used evicted first), so a prompt that starts like an earlier one skips that part of its prefill; at most a quarter of kv_budget_mb; 0 = off.", check=_non_negative),
     Setting("stream_interval_ms", float, 0.0, "Least time between two chunks of one stream; tokens decoded meanwhile share a chunk (the first token is never held). 0 sends each as soon as it exists.", check=_non_negative),
     Setting("replica_id", str, "", "Stable name of this replica (default: pool-host-pid)."),
     Setting("heartbeat_s", float, 2.0, "Seconds between a replica's heartbeats; replica_stale_s must be at least twice this.", check=_positive),
     Setting("tenant_fair_slots", bool, True, "While requests of more than one tenant wait, a replica gives each tenant at most its share of running slots (slots / tenants with work, at least one).", ),
     Setting("tenant_headroom_s", float, 300.0, "With tenant_fair_slots: while another tenant has sent this pool work within this many seconds, one tenant may not take a replica's last free slot (so a newcomer does not wait for a long request to end). 0 turns the headroom off.", check=_non_negative),
     Setting("advertise_address", str, "", "Address other services reach this replica at (default: host:port)."),
+    Setting("prefix_grace_ms", float, 50.0, "Prefix routing: a request the gateway preferred for another replica that has free slots is left to it for this many milliseconds after its enqueue before this replica may take it; 0 = take it at once.", check=_non_negative),
 ]
 
 SETTINGS: dict[str, Setting] = {s.name: s for s in _DECLARED}
@@ -164,12 +167,12 @@ REDIS = ("redis_url", "redis_cluster_nodes", "redis_sentinels", "redis_sentinel_
 INTERNAL_TLS = ("internal_tls_ca", "internal_tls_cert", "internal_tls_key", "internal_tls_server_name")
 COMMON = (*REDIS, *STORE, *INTERNAL_TLS, "host", "log_level", "metrics_port")
 GATEWAY = (*COMMON, "gateway_port", "http_port", "compiler_address", "queue_max_depth", "tenant_max_requests", "queue_timeout_s",
-           "failover_timeout_s", "relay_lease_s", "api_keys_file", "tls_cert_file", "tls_key_file")
+           "failover_timeout_s", "relay_lease_s", "api_keys_file", "tls_cert_file", "tls_key_file", "prefix_route_chars")
 COMPILER = (*COMMON, "compiler_port", "work_dir", "job_lease_s", "max_attempts", "checkpoint_roots",
             "upload_quota_gib", "upload_max_active", "upload_expiry_s", "upload_min_free_gib", "job_poll_s",
             "upload_sweep_s")
-SERVING = (*COMMON, "serving_port", "pool", "slots", "kv_budget_mb", "threads", "serving_engine", "stream_interval_ms", "replica_stale_s", "replica_id",
-           "advertise_address", "heartbeat_s", "tenant_fair_slots", "tenant_headroom_s")
+SERVING = (*COMMON, "serving_port", "pool", "slots", "kv_budget_mb", "threads", "serving_engine", "prefix_cache_mb", "stream_interval_ms", "replica_stale_s", "replica_id",
+           "advertise_address", "heartbeat_s", "tenant_fair_slots", "tenant_headroom_s", "prefix_grace_ms")
 
 
 def _stale_vs_heartbeat(values: dict[str, Any]) -> None:

@@ -16,6 +16,7 @@ Gen queue     STREAM ls:{pool:<pool>}:gen:<prio>:<tenant>  requests of one tenan
 Gen streams   SET    ls:{pool:<pool>}:genidx         the pool's queue streams
 Tenant ring   LIST   ls:{pool:<pool>}:genring:<prio> tenants with waiting requests, in round-robin order
 Doorbell      STREAM ls:{pool:<pool>}:genbell        one entry per enqueue: wakes idle replicas
+Room          HASH   ls:{pool:<pool>}:room           replica -> "<free slots> <valid until ms>" (prefix routing)
 Last acked    STRING ls:{pool:<pool>}:acked          the last enqueue WAITed for (on Redis Cluster: a write to WAIT on)
 One request (slot {req:<sid>}):
 Request claim STRING ls:{req:<sid>}:rid              a request id in use (not reused for 10 minutes): stream, entry
@@ -125,6 +126,11 @@ def gen_tenant_ring(pool: str, priority: str) -> str:
 
 def gen_doorbell(pool: str) -> str:
     return f"{pool_slot(pool)}genbell"
+
+
+def gen_room(pool: str) -> str:
+    """Each replica's free slots as its last pick saw them (shared.request_protocol, prefix routing)."""
+    return f"{pool_slot(pool)}room"
 
 
 def gen_acked(pool: str) -> str:
