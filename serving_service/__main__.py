@@ -39,7 +39,7 @@ async def serve(settings: config.Settings) -> None:
     r = redis_conn.connect(settings)
     await redis_conn.wait_ready(r, redis_conn.describe(settings))
     engine = Engine(store, settings.pool, settings.slots, settings.threads, kv_budget_bytes(settings.kv_budget_mb),
-                    serving_engine=settings.serving_engine)
+                    serving_engine=settings.serving_engine, prefix_cache_mb=settings.prefix_cache_mb)
 
     server = create_server()
     replica_id = settings.replica_id or f"{settings.pool}-{socket.gethostname()}-{os.getpid()}"

@@ -13,7 +13,8 @@ join and leave between any two steps.
 
 Messages, parent -> child: ("start", rid, prompt_ids, search_options, reserved_tokens),
 ("cancel", rid), ("stop",). child -> parent: ("ready",) | ("failed", reason), then
-("step", [(rid, token), ...], [finished rid, ...]) and ("error", rid, reason).
+("step", [(rid, token), ...], [finished rid, ...]), ("error", rid, reason) and, from the iteration
+engine's prefix cache, ("prefix", {counter: total}) whenever its totals change.
 """
 
 from __future__ import annotations
@@ -190,13 +191,16 @@ class _Scheduler:
 
 
 def _iteration_scheduler(build_dir: str, provider: str | None, threads: int, max_rows: int, conn: Connection,
-                         genai: dict, kv_budget_bytes: int = 0):
+                         genai: dict, kv_budget_bytes: int = 0, prefix_cache_bytes: int = 0):
     from serving_service.iteration.model import DecoderModel
     from serving_service.iteration.scheduler import IterationScheduler
 
-    model = DecoderModel(build_dir, provider, threads or usable_cores(), max_rows, kv_budget_bytes=kv_budget_bytes)
+    # the prefix cache's share comes out of the KV budget
+    slots_budget = max(1, kv_budget_bytes - prefix_cache_bytes) if kv_budget_bytes else 0
+    model = DecoderModel(build_dir, provider, threads or usable_cores(), max_rows, kv_budget_bytes=slots_budget)
     eos = genai.get("eos_token_id", [])
-    sched = IterationScheduler(model, conn, frozenset(eos if isinstance(eos, list) else [eos]))
+    sched = IterationScheduler(model, conn, frozenset(eos if isinstance(eos, list) else [eos]),
+                               prefix_cache_bytes=prefix_cache_bytes)
     sched.warm()  # the first request must not pay for lazy set-up
     return sched
 
@@ -210,13 +214,14 @@ def resolve_engine(engine: str, provider: str | None) -> str:
 
 
 def worker_main(build_dir: str, provider: str | None, threads: int, max_rows: int, conn: Connection,
-                engine: str = "genai", kv_budget_bytes: int = 0) -> None:
+                engine: str = "genai", kv_budget_bytes: int = 0, prefix_cache_bytes: int = 0) -> None:
     engine = resolve_engine(engine, provider)
     try:
         with open(f"{build_dir}/genai_config.json") as f:
             genai = json.load(f)["model"]
         if engine == "iteration":
-            sched = _iteration_scheduler(build_dir, provider, threads, max_rows, conn, genai, kv_budget_bytes)
+            sched = _iteration_scheduler(build_dir, provider, threads, max_rows, conn, genai, kv_budget_bytes,
+                                         prefix_cache_bytes)
         else:
             og, model = _load_model(build_dir, provider, threads)
             sched = _Scheduler(og, model, conn, genai, max_rows)
@@ -253,16 +258,18 @@ class DecodeWorker:
         self.proc = proc
         self.conn = conn
         self.streams: dict[str, asyncio.Queue] = {}
+        self.prefix_stats: dict[str, int] = {}  # the prefix cache's totals (iteration engine)
         self.closed = False
 
     @classmethod
     async def start(cls, build_id: str, build_dir: str, provider: str | None, threads: int, max_rows: int = 1,
                     pool: str = "cpu", timeout_s: float = 300.0, engine: str = "genai",
-                    kv_budget_bytes: int = 0) -> "DecodeWorker":
-        """`kv_budget_bytes` bounds the KV memory the iteration engine commits (0: no bound)."""
+                    kv_budget_bytes: int = 0, prefix_cache_bytes: int = 0) -> "DecodeWorker":
+        """`kv_budget_bytes` bounds the KV memory the iteration engine commits (0: no bound);
+        `prefix_cache_bytes` of it hold its prefix cache (0: no cache)."""
         parent, child = _CTX.Pipe()
         proc = _CTX.Process(target=worker_main, args=(build_dir, provider, threads, max_rows, child, engine,
-                                                      kv_budget_bytes), daemon=True,
+                                                      kv_budget_bytes, prefix_cache_bytes), daemon=True,
                             name=f"decode-{build_id}")
         proc.start()
         child.close()
@@ -301,6 +308,9 @@ class DecodeWorker:
                     for rid in msg[2]:
                         if (queue := self.streams.get(rid)) is not None:
                             queue.put_nowait(("done", None))
+                elif msg[0] == "prefix":
+                    metrics.prefix_cache(self.pool, self.build_id, self.prefix_stats, msg[1])
+                    self.prefix_stats = msg[1]
                 elif (queue := self.streams.get(msg[1])) is not None:
                     queue.put_nowait(("error", DecodeWorkerError(f"decode failed on build {self.build_id}: {msg[2]}")))
         except (EOFError, OSError):
@@ -335,6 +345,7 @@ class DecodeWorker:
         if self.closed:
             return
         self.closed = True
+        metrics.forget_prefix_cache(self.pool, self.build_id)
         try:
             asyncio.get_running_loop().remove_reader(self.conn.fileno())
         except (RuntimeError, ValueError, OSError):

@@ -61,19 +61,22 @@ class LoadedBuild:
 
 
 async def load_build(store: BuildStore, name: str, build_id: str, pool: str, threads: int = 0,
-                     max_rows: int = 1, serving_engine: str = "genai", kv_budget_bytes: int = 0) -> LoadedBuild:
+                     max_rows: int = 1, serving_engine: str = "genai", kv_budget_bytes: int = 0,
+                     prefix_cache_bytes: int = 0) -> LoadedBuild:
     """Verify a build from the store and start (load and warm) its decode worker."""
     t0 = time.perf_counter()
     await asyncio.to_thread(store.pin, build_id)
     try:
-        return await _load_pinned(store, name, build_id, pool, threads, max_rows, t0, serving_engine, kv_budget_bytes)
+        return await _load_pinned(store, name, build_id, pool, threads, max_rows, t0, serving_engine, kv_budget_bytes,
+                                  prefix_cache_bytes)
     except BaseException:
         store.unpin(build_id)
         raise
 
 
 async def _load_pinned(store: BuildStore, name: str, build_id: str, pool: str, threads: int, max_rows: int,
-                       t0: float, serving_engine: str = "genai", kv_budget_bytes: int = 0) -> LoadedBuild:
+                       t0: float, serving_engine: str = "genai", kv_budget_bytes: int = 0,
+                       prefix_cache_bytes: int = 0) -> LoadedBuild:
     manifest = await asyncio.to_thread(store.verify, build_id, full=True)
     if manifest.target_pool != pool:
         raise InvalidArgument(f"build {build_id} targets pool {manifest.target_pool}, not {pool}")
@@ -84,7 +87,8 @@ async def _load_pinned(store: BuildStore, name: str, build_id: str, pool: str, t
     # a cohort holds at most the build's max batch (the compile request's limit) and the slots
     worker = await DecodeWorker.start(build_id, str(path), POOLS[pool].genai_provider, threads,
                                       max(1, min(max_rows, manifest.max_batch or 1)), pool,
-                                      engine=serving_engine, kv_budget_bytes=kv_budget_bytes)
+                                      engine=serving_engine, kv_budget_bytes=kv_budget_bytes,
+                                      prefix_cache_bytes=prefix_cache_bytes)
     loaded = LoadedBuild(name, manifest, worker, tokenizer, frozenset(eos if isinstance(eos, list) else [eos]),
                          int(genai["vocab_size"]), kv_bytes_per_token(genai, POOLS[pool].genai_provider),
                          unpin=lambda: store.unpin(build_id))
@@ -121,6 +125,7 @@ class Engine:
     threads: int = 0
     kv_budget_bytes: int = 1 << 62
     serving_engine: str = "genai"
+    prefix_cache_mb: int = 0  # the iteration engine's prefix cache, within the KV budget
     builds: dict[str, LoadedBuild] = field(default_factory=dict)
     active: int = 0
 
@@ -131,14 +136,23 @@ class Engine:
     def kv_bytes_per_token(self) -> dict[str, int]:
         return {name: b.kv_bytes_per_token for name, b in self.builds.items()}
 
+    @property
+    def iteration(self) -> bool:
+        return resolve_engine(self.serving_engine, POOLS[self.pool].genai_provider) == "iteration"
+
+    @property
+    def prefix_cache_bytes(self) -> int:
+        """The prefix cache's share of the KV budget: prefix_cache_mb, at most a quarter of it."""
+        return min(self.prefix_cache_mb << 20, self.kv_budget_bytes // 4) if self.iteration else 0
+
     def free_kv_bytes(self, held: list[int]) -> int:
         """The most KV bytes the next request may need and still be taken, while running requests
         hold `held`. genai: what their reservations leave. iteration: its buffers commit every
         running slot at the longest row's length (iteration/kv.py), so n + 1 rows fit while none
         needs more than budget / (n + 1); that is also the bound its admission applies."""
-        if resolve_engine(self.serving_engine, POOLS[self.pool].genai_provider) != "iteration":
+        if not self.iteration:
             return self.kv_budget_bytes - sum(held)
-        share = self.kv_budget_bytes // (len(held) + 1)
+        share = (self.kv_budget_bytes - self.prefix_cache_bytes) // (len(held) + 1)
         return share if max(held, default=0) <= share else 0
 
     def kv_reservation(self, req: GenRequest) -> int:
@@ -160,7 +174,7 @@ class Engine:
             if current is not None and current.build_id == build_id and not current.worker.closed:
                 return None
             loaded = await load_build(self.store, name, build_id, self.pool, self.threads, self.slots,
-                                      self.serving_engine, self.kv_budget_bytes)
+                                      self.serving_engine, self.kv_budget_bytes, self.prefix_cache_bytes)
             self.builds[name] = loaded
             if current is not None:
                 current.retired = True

@@ -52,12 +52,12 @@ class Conn(list):
 
 
 def scheduler(build: Path, max_rows: int = 4, prefill_chunk: int = 256, eos=(2,), start_len: int = 1024,
-              kv_budget_tokens: int = 0) -> tuple[IterationScheduler, Conn]:
+              kv_budget_tokens: int = 0, prefix_cache_bytes: int = 0) -> tuple[IterationScheduler, Conn]:
     """`kv_budget_tokens`: the KV budget, in tokens of this build (0: none)."""
     conn = Conn()
     budget = kv_budget_tokens * kv_bytes_per_token(build)
     sched = IterationScheduler(DecoderModel(build, None, 1, max_rows, start_len=start_len, kv_budget_bytes=budget),
-                               conn, frozenset(eos), prefill_chunk)
+                               conn, frozenset(eos), prefill_chunk, prefix_cache_bytes=prefix_cache_bytes)
     sched.warm()
     return sched, conn
 
@@ -92,6 +92,8 @@ def drive(sched: IterationScheduler, conn: Conn, arrivals: dict[int, list[tuple]
 def tokens_by_row(conn: Conn) -> dict[str, list[int]]:
     out: dict[str, list[int]] = {}
     for _, msg in conn:
+        if msg[0] == "prefix":
+            continue
         assert msg[0] == "step", msg
         for rid, token in msg[1]:
             out.setdefault(rid, []).append(token)

@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from serving_service.iteration.model import DecoderModel
+from serving_service.iteration.prefix_cache import PrefixCache
 from serving_service.iteration.sampler import Sampler
 
 PREFILL_CHUNK = 256
@@ -47,11 +48,15 @@ class _Row:
 
 
 class IterationScheduler:
-    def __init__(self, model: DecoderModel, conn: Any, eos: frozenset[int], prefill_chunk: int = PREFILL_CHUNK):
+    def __init__(self, model: DecoderModel, conn: Any, eos: frozenset[int], prefill_chunk: int = PREFILL_CHUNK,
+                 prefix_cache_bytes: int = 0):
         self.model, self.conn, self.eos = model, conn, eos
         self.prefill_chunk = max(1, prefill_chunk)
         self.waiting: list[_Row] = []
         self.rows: dict[str, _Row] = {}  # rows holding a slot, in arrival order
+        # the cache copies KV in and out of the slots through host memory: CPU buffers only
+        self.prefix = PrefixCache(prefix_cache_bytes) if prefix_cache_bytes and model.kv.device == "cpu" else None
+        self._prefix_sent: dict = {}
 
     def warm(self) -> None:
         """A prefill into every slot, then a decode step over all of them, so that no request pays
@@ -111,6 +116,22 @@ class IterationScheduler:
             self.waiting.pop(0)
             row.slot = kv.take()
             self.rows[row.rid] = row
+            if self.prefix is not None:
+                self._from_cache(row)
+
+    def _from_cache(self, row: _Row) -> None:
+        """Copy the cached KV of the row's longest cached prefix into its slot: its prefill
+        starts after it."""
+        cached = self.prefix.lookup(row.prompt)
+        if cached:
+            n = cached[0].shape[1]
+            for i, part in enumerate(cached):
+                self.model.kv.array(i // 2, i % 2)[row.slot, :, :n] = part
+            row.prefilled = n
+
+    def _to_cache(self, row: _Row) -> None:
+        kv = self.model.kv
+        self.prefix.store(row.prompt, [kv.array(i // 2, i % 2)[row.slot] for i in range(2 * kv.shape.layers)])
 
     def round(self) -> None:
         tokens: list[tuple[str, int]] = []
@@ -119,6 +140,9 @@ class IterationScheduler:
         self._decode(tokens, finished)
         if tokens or finished:
             self.conn.send(("step", tokens, finished))
+        if self.prefix is not None and self.prefix.stats.as_dict() != self._prefix_sent:
+            self._prefix_sent = self.prefix.stats.as_dict()
+            self.conn.send(("prefix", self._prefix_sent))
         if not self.rows and not self.waiting:
             self.model.kv.reset()
 
@@ -137,6 +161,8 @@ class IterationScheduler:
                 continue
             row.prefilled, budget = end, budget - n
             if end == len(row.prompt):
+                if self.prefix is not None:
+                    self._to_cache(row)
                 self._emit(row, row.sampler(logits[0, -1]), tokens, finished)
 
     def _decode(self, tokens: list, finished: list) -> None:
