@@ -29,7 +29,7 @@ async def serve(settings: config.Settings) -> None:
     await redis_conn.wait_ready(r, redis_conn.describe(settings))
     channel = internal_tls.channel(settings.compiler_address, internal)
     queue = GenerationQueue(r, settings.queue_max_depth, settings.queue_timeout_s, settings.failover_timeout_s,
-                            settings.tenant_max_requests, settings.relay_lease_s)
+                            settings.tenant_max_requests, settings.relay_lease_s, settings.prefix_route_chars)
     interceptors = []
     keys = None
     if settings.api_keys_file:

@@ -8,6 +8,8 @@ from typing import AsyncIterator
 
 import redis.asyncio as aioredis
 
+from gateway import metrics
+from gateway.prefix_routing import PrefixRouter
 from shared import catalog
 from shared import redis_keys as keys
 from shared.errors import AlreadyExists, ResourceExhausted, Unavailable, shown
@@ -17,8 +19,9 @@ from shared.request_protocol import DuplicateRequest, Entry, PoolQueue, QueueFul
 
 class GenerationQueue:
     def __init__(self, r: aioredis.Redis, max_depth: int, wait_timeout_s: float, failover_timeout_s: float = 15.0,
-                 tenant_max: int = 0, relay_lease_s: float = 10.0):
+                 tenant_max: int = 0, relay_lease_s: float = 10.0, prefix_route_chars: int = 0):
         self.r = r
+        self.router = PrefixRouter(prefix_route_chars, lambda: catalog.live_replicas(r))
         self.relay_lease_s = relay_lease_s
         self.max_depth = max_depth
         self.tenant_max = tenant_max or max_depth
@@ -37,11 +40,14 @@ class GenerationQueue:
 
     async def enqueue(self, req: GenRequest, pool: str, context_length: int) -> Entry:
         """Append the request unless the pool's or the tenant's queue is full (checked and added
-        atomically). `req.request_id` is the client's id, scoped to `req.tenant` in Redis."""
+        atomically). `req.request_id` is the client's id, scoped to `req.tenant` in Redis. A long
+        prompt prefers the replica its prefix routes to (gateway.prefix_routing)."""
+        preferred = await self.router.preferred(req, pool)
         try:
-            return await self.pool(pool).enqueue(
+            entry = await self.pool(pool).enqueue(
                 req, cost=cost_tokens(req.prompt, req.max_tokens, context_length),
-                max_depth=self.max_depth, tenant_max=self.tenant_max, relay_lease_s=self.relay_lease_s)
+                max_depth=self.max_depth, tenant_max=self.tenant_max, relay_lease_s=self.relay_lease_s,
+                preferred=preferred)
         except QueueFull as exc:
             if exc.scope == "tenant":
                 raise ResourceExhausted(
@@ -54,6 +60,9 @@ class GenerationQueue:
         except DuplicateRequest:
             raise AlreadyExists(f"request_id {shown(req.request_id)} was used in the last "
                                 f"{keys.RESPONSE_TTL_S // 60} minutes; use a new id for a new request") from None
+        if preferred:
+            metrics.PREFIX_ROUTED.labels(pool).inc()
+        return entry
 
     async def find(self, request_id: str, tenant: str) -> Entry | None:
         """The queue entry of a request `tenant` started and whose stream can still be resumed."""

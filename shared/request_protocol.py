@@ -47,6 +47,9 @@ from shared.resilience import is_lost_group
 PRIORITIES = ("interactive", "batch")  # served strictly in this order
 GROUP = keys.GEN_GROUP
 RECLAIM_MIN_IDLE_MS = 1000  # when two replicas race to claim the same entries, only the first wins
+# A replica's free-slot report (the room hash) is valid this long; every pick renews it, and an
+# idle replica picks at least once a second (its doorbell wait times out), a full one reports 0.
+ROOM_TTL_MS = 3000
 
 _LUA_COMMON = """
 local function field(flat, name)
@@ -98,7 +101,8 @@ return 1
 
 # Then the pool's (its slot): KEYS: streams set, tenant ring, stream, doorbell, then every stream
 # of the pool. ARGV: request json, max depth, tenant max, tenant part, cost, model, tenant stream
-# suffix, group, scoped id. Returns the entry id, or FULL / TENANT_FULL / RETRY.
+# suffix, group, scoped id, preferred replica ("" none). Returns the entry id, or FULL /
+# TENANT_FULL / RETRY.
 _ENQUEUE = _LUA_DECLARED + """
 if undeclared(KEYS[1]) then return 'RETRY' end
 local total, mine = 0, 0
@@ -114,7 +118,12 @@ if redis.call('EXISTS', KEYS[3]) == 0 then
   redis.call('XGROUP', 'CREATE', KEYS[3], ARGV[8], '0', 'MKSTREAM')
 end
 redis.call('SADD', KEYS[1], KEYS[3])
-local id = redis.call('XADD', KEYS[3], '*', 'req', ARGV[1], 'cost', ARGV[5], 'model', ARGV[6], 'sid', ARGV[9])
+local id
+if ARGV[10] ~= '' then
+  id = redis.call('XADD', KEYS[3], '*', 'req', ARGV[1], 'cost', ARGV[5], 'model', ARGV[6], 'sid', ARGV[9], 'pref', ARGV[10])
+else
+  id = redis.call('XADD', KEYS[3], '*', 'req', ARGV[1], 'cost', ARGV[5], 'model', ARGV[6], 'sid', ARGV[9])
+end
 if not redis.call('LPOS', KEYS[2], ARGV[4]) then redis.call('RPUSH', KEYS[2], ARGV[4]) end
 redis.call('XADD', KEYS[4], 'MAXLEN', '~', '100', '*', 'id', id)
 return id
@@ -122,12 +131,19 @@ return id
 
 # ARGV: group, consumer, free KV bytes, JSON {model: KV bytes per token} of the models the
 # replica serves, whole KV budget, fair slots (1/0), the replica's slots, JSON {tenant part:
-# requests it runs here}, headroom window ms (0: off), then per priority (highest first): its ring
-# key and stream key prefix. KEYS: streams set, the rings, then every stream of the pool.
+# requests it runs here}, headroom window ms (0: off), prefix grace ms, room report ttl ms, then
+# per priority (highest first): its ring key and stream key prefix. KEYS: streams set, room hash,
+# the rings, then every stream of the pool.
 # Headroom: while another tenant has sent this pool work within the window, one tenant may not
 # take a replica's last free slot (a newcomer then never waits for a long request to end).
-# Returns {} (nothing to take), {'WAIT'} (the next request does not fit), or {stream, id, req,
-# sid, tenant part}, or {'RETRY'} (the pool has a stream not in KEYS).
+# Prefix routing: an entry preferred for another replica (the gateway's choice for its prompt
+# prefix, whose KV that replica caches) is left to it for the grace after its enqueue, while that
+# replica reports free slots in the room hash (replica -> "<free slots> <valid until ms>", written
+# by every pick). A stream's entries are delivered in order, so a held entry holds its tenant's
+# stream for this replica for at most the grace.
+# Returns {} (nothing to take), {'WAIT'} (the next request does not fit), {'HOLD', ms} (nothing
+# to take now; an entry held for its preferred replica is free for all in ms), or {stream, id,
+# req, sid, tenant part, preferred replica}, or {'RETRY'} (the pool has a stream not in KEYS).
 _PICK = _LUA_COMMON + _LUA_DECLARED + """
 if undeclared(KEYS[1]) then return {'RETRY'} end
 local group, consumer = ARGV[1], ARGV[2]
@@ -140,7 +156,7 @@ if ARGV[6] == '1' then
   for t, c in pairs(running) do
     if tonumber(c) > 0 then with_work[t] = true; n = n + 1 end
   end
-  for p = 10, #ARGV, 2 do
+  for p = 12, #ARGV, 2 do
     for _, t in ipairs(redis.call('LRANGE', ARGV[p], 0, -1)) do
       if not waiting[t] and declared[ARGV[p + 1] .. t] and next_waiting(ARGV[p + 1] .. t, group) then
         waiting[t] = true
@@ -179,9 +195,38 @@ local function others_active(tenant)
   end
   return false
 end
+local grace, room_ttl = tonumber(ARGV[10]), tonumber(ARGV[11])
+local now_ms = nil
+local function clock()
+  if now_ms == nil then
+    local t = redis.call('TIME')
+    now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  end
+  return now_ms
+end
+local function has_room(replica)
+  local v = redis.call('HGET', KEYS[2], replica)
+  if not v then return false end
+  local n, valid = string.match(v, '^(%-?%d+) (%d+)$')
+  if not n or tonumber(valid) < clock() then
+    redis.call('HDEL', KEYS[2], replica)
+    return false
+  end
+  return tonumber(n) > 0
+end
+local hold_ms = nil
+-- is the entry left to the replica its prefix prefers (still within the grace, and it has room)?
+local function preferred_elsewhere(entry)
+  local pref = field(entry[2], 'pref')
+  if not pref or pref == '' or pref == consumer or grace <= 0 then return false end
+  local left = grace - (clock() - tonumber(string.match(entry[1], '^(%d+)')))
+  if left <= 0 or not has_room(pref) then return false end
+  if hold_ms == nil or left < hold_ms then hold_ms = left end
+  return true
+end
 local function take(share)
   local held = false
-  for p = 10, #ARGV, 2 do
+  for p = 12, #ARGV, 2 do
     local ring, prefix = ARGV[p], ARGV[p + 1]
     for _ = 1, redis.call('LLEN', ring) do
       local tenant = redis.call('LINDEX', ring, 0)
@@ -189,6 +234,8 @@ local function take(share)
       local entry = declared[stream] and next_waiting(stream, group)
       if not entry then
         redis.call('LPOP', ring)
+      elseif preferred_elsewhere(entry) then
+        redis.call('LMOVE', ring, ring, 'LEFT', 'RIGHT')
       elseif share and tonumber(running[tenant] or 0) >= share then
         held = true
         redis.call('LMOVE', ring, ring, 'LEFT', 'RIGHT')
@@ -201,7 +248,7 @@ local function take(share)
         if verdict == 'take' then
           local got = redis.call('XREADGROUP', 'GROUP', group, consumer, 'COUNT', 1, 'STREAMS', stream, '>')
           local e = got[1][2][1]
-          return {stream, e[1], field(e[2], 'req') or '', field(e[2], 'sid') or '', tenant}
+          return {stream, e[1], field(e[2], 'req') or '', field(e[2], 'sid') or '', tenant, field(e[2], 'pref') or ''}
         end
       end
     end
@@ -211,7 +258,12 @@ end
 local got = take(share)
 -- every tenant with work waiting is at its share: a free slot is still better used than idle
 if got == true then got = take(nil) end
-if got == true or got == false then return {} end
+local free_slots = tonumber(ARGV[7]) - total - ((got == true or got == false or got[1] == 'WAIT') and 0 or 1)
+redis.call('HSET', KEYS[2], consumer, free_slots .. ' ' .. (clock() + room_ttl))
+if got == true or got == false then
+  if hold_ms then return {'HOLD', tostring(hold_ms)} end
+  return {}
+end
 return got
 """
 
@@ -310,9 +362,17 @@ class Picked:
     request_json: str
     sid: str  # scoped request id ("" from gateways older than the scoping: derive it from the request)
     tenant: str  # the tenant's key part
+    preferred: str = ""  # the replica the gateway preferred for the prompt's prefix ("" none)
 
     def scoped_id(self, req: GenRequest) -> str:
         return self.sid or keys.request_scope(req.tenant, req.request_id)
+
+
+@dataclass(frozen=True)
+class Held:
+    """Nothing to take now: a request is left to the replica its prefix prefers for `wait_ms` more."""
+
+    wait_ms: int
 
 
 class QueueFull(Exception):
@@ -361,6 +421,7 @@ class PoolQueue:
         self._reclaim = r.register_script(_RECLAIM)
         self._finish = r.register_script(_FINISH)
         self.streams_key = keys.gen_streams(pool)
+        self.room_key = keys.gen_room(pool)
         self.bell = keys.gen_doorbell(pool)
         self._known: list[str] = []  # the pool's streams as last read (scripts declare them as KEYS)
 
@@ -375,7 +436,8 @@ class PoolQueue:
         raise RuntimeError(f"the streams of pool {self.pool!r} kept changing during {_RETRIES} tries")
 
     async def enqueue(self, req: GenRequest, *, cost: int, max_depth: int, tenant_max: int,
-                      relay_lease_s: float = 10.0) -> Entry:
+                      relay_lease_s: float = 10.0, preferred: str = "") -> Entry:
+        """`preferred`: the replica to leave the request to for the pick's grace (prefix routing)."""
         if req.priority not in PRIORITIES:
             raise ValueError(f"unknown priority {req.priority!r}")
         sid = keys.request_scope(req.tenant, req.request_id)
@@ -388,7 +450,7 @@ class PoolQueue:
             result = await self._declared(
                 self._enqueue, [self.streams_key, keys.gen_tenant_ring(self.pool, req.priority), stream, self.bell],
                 [req.to_json(), max_depth, tenant_max, keys.tenant_part(req.tenant), cost, req.model,
-                 keys.gen_stream_tenant_suffix(req.tenant), GROUP, sid])
+                 keys.gen_stream_tenant_suffix(req.tenant), GROUP, sid, preferred])
         except BaseException:
             await self._release(claim, lease)
             raise
@@ -422,27 +484,38 @@ class PoolQueue:
 
     async def pick(self, consumer: str, free_kv_bytes: int, kv_budget_bytes: int, kv_bytes_per_token: dict[str, int],
                    running: dict[str, int] | None = None, fair_slots: bool = False, slots: int = 1,
-                   headroom_s: float = 0.0) -> Picked | str | None:
+                   headroom_s: float = 0.0, prefix_grace_s: float = 0.0) -> Picked | Held | str | None:
         """Take the next request for `consumer` among those for the models in `kv_bytes_per_token`:
         a Picked, "WAIT" (the next one does not fit the free KV budget) or None (nothing to take).
         With `fair_slots`, while more than one tenant has work waiting, a tenant that runs its
         share of `slots` (`running`: tenant key part -> requests this replica runs) is passed
         over, unless every waiting tenant is at its share; and while another tenant has sent the pool
         work in the last `headroom_s` seconds, a tenant that runs everything here may not take
-        the last free slot."""
+        the last free slot. A request the gateway preferred for another replica with free slots
+        (prefix routing) is left to it for `prefix_grace_s` after its enqueue: Held says how long.
+        Every pick reports this replica's free slots after it (the room hash)."""
         if not kv_bytes_per_token:
             return None
         args: list = [GROUP, consumer, int(free_kv_bytes), json.dumps(kv_bytes_per_token), int(kv_budget_bytes),
-                      "1" if fair_slots else "0", int(slots), json.dumps(running or {}), int(headroom_s * 1000)]
+                      "1" if fair_slots else "0", int(slots), json.dumps(running or {}), int(headroom_s * 1000),
+                      int(prefix_grace_s * 1000), ROOM_TTL_MS]
         rings = [keys.gen_tenant_ring(self.pool, priority) for priority in PRIORITIES]
         for ring, priority in zip(rings, PRIORITIES):
             args += [ring, keys.gen_stream(self.pool, priority, "")]
-        result = await self._declared(self._pick, [self.streams_key, *rings], args)
+        result = await self._declared(self._pick, [self.streams_key, self.room_key, *rings], args)
         if not result:
             return None
         if result[0] == "WAIT":
             return "WAIT"
-        return Picked(Entry(result[0], result[1]), result[2], result[3], result[4])
+        if result[0] == "HOLD":
+            return Held(int(result[1]))
+        return Picked(Entry(result[0], result[1]), result[2], result[3], result[4], result[5] if len(result) > 5 else "")
+
+    async def report_room(self, consumer: str, free_slots: int) -> None:
+        """Tell the pool's replicas how many slots `consumer` has free (a full replica says 0, so a
+        request preferred for it is not left waiting for the grace)."""
+        now = await redis_now_ms(self.r, self.room_key)
+        await self.r.hset(self.room_key, consumer, f"{int(free_slots)} {now + ROOM_TTL_MS}")
 
     async def reclaim(self, stream: str, consumer: str, dead: str, free_slots: int, free_kv_bytes: int,
                       kv_budget_bytes: int, kv_bytes_per_token: dict[str, int]) -> list[Picked]:
