@@ -57,6 +57,10 @@ class PermissionDenied(LlamashipError):
     code = grpc.StatusCode.PERMISSION_DENIED
 
 
+class FailedPrecondition(LlamashipError):
+    code = grpc.StatusCode.FAILED_PRECONDITION
+
+
 def shown(value: object, limit: int = 80) -> str:
     """A caller's input as an error message may echo it: repr, cut to `limit` characters."""
     text = repr(value)
