@@ -27,8 +27,8 @@ from shared.store import BuildStore, Manifest
 from shared.tenancy import Caller
 from compiler_service import checkpoint as ckpt
 from compiler_service.offload import in_child
-from compiler_service import (auto_precision, llama4_auto, llama4_checkpoint, llama4_runner, profiling, quality, recipes,
-                              request_checks, sources)
+from compiler_service import (auto_precision, chat_templates, llama4_auto, llama4_checkpoint, llama4_runner,
+                              profiling, quality, recipes, request_checks, sources)
 from compiler_service.uploads import UploadStore
 from compiler_service.builder_runner import BuildCancelled, run_builder
 from compiler_service.memory import PeakRss
@@ -192,6 +192,11 @@ class CompilePipeline:
             builder_details, llama4_report = await self._build(source, recipe, req, staging, job_dir, context_length,
                                                                builder, progress, should_cancel, stop)
             build_seconds = time.perf_counter() - t0
+            try:  # the replicas render chat messages with it (serving_service.chat_template)
+                builder_details["chat_template"] = await asyncio.to_thread(
+                    chat_templates.store_in_build, source.path, staging)
+            except chat_templates.ChatTemplateError as exc:
+                raise CompileError(str(exc)) from None
 
             await progress("configure", 0.0, f"context length {context_length}, max batch {req.max_batch}")
             await asyncio.to_thread(configure, staging, context_length)

@@ -23,6 +23,33 @@ from typing import Callable
 STAMP = ".llamaship-make-model.json"
 DEFAULT_DIR = Path(__file__).resolve().parent.parent / ".llamaship" / "demo" / "demo-model"
 BOS, EOS, PAD = "<s>", "</s>", "<pad>"
+# A chat template in the Llama 3 format (header markers, end-of-turn marker, a dated system
+# header); the demo tokenizer spells the markers with ordinary tokens.
+LLAMA3_CHAT_TEMPLATE = (
+    "{{- bos_token }}\n"
+    "{%- if messages and messages[0]['role'] == 'system' %}\n"
+    "    {%- set system_text = messages[0]['content'] | trim %}\n"
+    "    {%- set messages = messages[1:] %}\n"
+    "{%- else %}\n"
+    "    {%- set system_text = '' %}\n"
+    "{%- endif %}\n"
+    "{{- '<|start_header_id|>system<|end_header_id|>\\n\\n' }}\n"
+    "{{- 'Today Date: ' + strftime_now('%d %b %Y') + '\\n\\n' }}\n"
+    "{{- system_text + '<|eot_id|>' }}\n"
+    "{%- for message in messages %}\n"
+    "    {%- if message['role'] not in ('user', 'assistant') %}\n"
+    "        {{- raise_exception('Unknown role: ' + message['role']) }}\n"
+    "    {%- endif %}\n"
+    "    {%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}\n"
+    "        {{- raise_exception('Roles must alternate user/assistant after an optional system message') }}\n"
+    "    {%- endif %}\n"
+    "    {{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' }}\n"
+    "    {{- message['content'] | trim + '<|eot_id|>' }}\n"
+    "{%- endfor %}\n"
+    "{%- if add_generation_prompt %}\n"
+    "    {{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}\n"
+    "{%- endif %}\n"
+)
 
 
 @dataclass(frozen=True)
@@ -95,6 +122,7 @@ def write_tokenizer_files(tok, out: Path) -> None:
                 "add_eos_token": False,
                 "clean_up_tokenization_spaces": False,
                 "model_max_length": 4096,
+                "chat_template": LLAMA3_CHAT_TEMPLATE,
             },
             indent=2,
         )
@@ -102,6 +130,17 @@ def write_tokenizer_files(tok, out: Path) -> None:
     (out / "special_tokens_map.json").write_text(
         json.dumps({"bos_token": BOS, "eos_token": EOS, "pad_token": PAD}, indent=2)
     )
+
+
+def add_chat_template(out: Path) -> None:
+    """Give a demo model made before chat templates its template (the weights do not change)."""
+    path = out / "tokenizer_config.json"
+    config = json.loads(path.read_text())
+    if "chat_template" not in config:
+        config["chat_template"] = LLAMA3_CHAT_TEMPLATE
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(config, indent=2))
+        tmp.replace(path)
 
 
 def made_with(stamp: Path, digest: str) -> bool:
@@ -122,6 +161,7 @@ def make_model(
     """Write (or reuse) the demo checkpoint in `out_dir`; returns the directory."""
     out = Path(out_dir)
     if not force and made_with(out / STAMP, spec.digest()):
+        add_chat_template(out)
         return out
 
     import torch

@@ -39,11 +39,12 @@ class PromptTokenizer:
         """True when `prompt` cannot possibly fit `context_length` tokens (checked without tokenizing)."""
         return len(prompt.encode()) > context_length * self.max_bytes_per_token
 
-    def encode(self, prompt: str) -> list[int]:
+    def encode(self, prompt: str, add_special_tokens: bool = True) -> list[int]:
         """Thread-friendly: the batch entry point releases the GIL while it works (`encode` holds it
-        throughout, which stalls the event loop even from a worker thread)."""
-        ids = self._encode_batch([prompt])[0].ids
-        if self.bos_id is not None:
+        throughout, which stalls the event loop even from a worker thread).
+        `add_special_tokens=False` for text a chat template rendered: it holds its BOS as text."""
+        ids = self._encode_batch([prompt], add_special_tokens=add_special_tokens)[0].ids
+        if self.bos_id is not None and add_special_tokens:
             ids = [self.bos_id, *ids]
         return ids
 

@@ -3,6 +3,7 @@ logit parity of a build (onnxruntime directly) against transformers, prefill the
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -11,6 +12,35 @@ import numpy as np
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
                "high_freq_factor": 4.0, "original_max_position_embeddings": 16}
+
+
+# A chat template in the Llama 4 format (header markers, <|eot|>, text parts of a content list).
+LLAMA4_CHAT_TEMPLATE = (
+    "{{- bos_token }}\n"
+    "{%- for message in messages %}\n"
+    "    {%- if message['role'] not in ('system', 'user', 'assistant') %}\n"
+    "        {{- raise_exception('Unknown role: ' + message['role']) }}\n"
+    "    {%- endif %}\n"
+    "    {{- '<|header_start|>' + message['role'] + '<|header_end|>\\n\\n' }}\n"
+    "    {%- if message['content'] is string %}\n"
+    "        {{- message['content'] | trim }}\n"
+    "    {%- else %}\n"
+    "        {%- for part in message['content'] if part['type'] == 'text' %}\n"
+    "            {{- part['text'] | trim }}\n"
+    "        {%- endfor %}\n"
+    "    {%- endif %}\n"
+    "    {{- '<|eot|>' }}\n"
+    "{%- endfor %}\n"
+    "{%- if add_generation_prompt %}\n"
+    "    {{- '<|header_start|>assistant<|header_end|>\\n\\n' }}\n"
+    "{%- endif %}\n"
+)
+
+
+def add_chat_template(checkpoint: Path, template: str = LLAMA4_CHAT_TEMPLATE) -> None:
+    path = checkpoint / "tokenizer_config.json"
+    config = json.loads(path.read_text())
+    path.write_text(json.dumps({**config, "chat_template": template}, indent=2))
 
 
 def tiny_config(**overrides) -> dict:
@@ -36,6 +66,7 @@ def make_checkpoint(out: Path, demo_model: Path, seed: int = 0, **overrides):
     model.save_pretrained(out)
     for name in TOKENIZER_FILES:
         shutil.copyfile(demo_model / name, out / name)
+    add_chat_template(out)
     return model
 
 
