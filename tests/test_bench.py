@@ -56,6 +56,15 @@ def test_every_contender_and_metric_is_present(report):
         assert cpu["direct"]["bench (direct ORT)"] > 0
         assert {"serving-cpu-0", "gateway", "redis", "client (bench)"} <= set(cpu["stack"])
         assert all(v >= 0 for v in cpu["stack"].values())
+        serving = r["serving"]  # Poisson arrivals at three rates, the reference lines, the shared prefix
+        assert [p["rate_per_s"] for p in serving["poisson"]] == sorted(p["rate_per_s"] for p in serving["poisson"])
+        for p in serving["poisson"]:
+            assert not p["errors"] and p["tokens"] == plan["serving_requests"] * plan["serving_new_tokens"]
+            assert 0 < p["ttft_ms_p50"] <= p["ttft_ms_p99"] and p["aggregate_tps"] > 0
+        assert serving["static_batch_16"]["tokens"] == 16 * plan["serving_new_tokens"]
+        assert serving["og_engine"].get("tokens") == plan["serving_requests"] * plan["serving_new_tokens"]
+        sp = serving["shared_prefix"]
+        assert sp["requests"] == plan["prefix_turns"] and sp["shared_ttft_ms_p50"] > 0 and sp["distinct_ttft_ms_p50"] > 0
     assert {"gateway", "compiler", "serving-cpu-0", "redis"} <= set(data["peak_rss_mb"])
 
 

@@ -7,6 +7,8 @@ import re
 import shutil
 from pathlib import Path
 
+from llamaship.bench import serving_report
+
 README_START, README_END = "<!-- bench:start -->", "<!-- bench:end -->"
 ITL_FLOOR_MS = 0.01  # log-scale floor
 MINUS = "\u2212"
@@ -50,6 +52,7 @@ def evaluate(report: dict) -> None:
                 "itl_ms_added_p50": r["stack"]["short"]["itl_ms_p50"] - r["direct"]["short"]["itl_ms_p50"],
                 "decode_tps_ratio": _safe_div(r["stack"]["short"]["decode_tps"], r["direct"]["short"]["decode_tps"]),
             }
+            serving_report.evaluate(r)
             c = {x["concurrency"]: x["aggregate_tps"] for x in r["concurrency"]}
             r["concurrency_scaling_16_vs_1"] = _safe_div(c.get(16, float("nan")), c.get(1, float("nan")))
     report["claims"] = _claims(report)
@@ -176,6 +179,7 @@ def _targets(report: dict) -> list[dict]:
                 out.append(_t(mname, recipe, f"{recipe} decode ≥ 70% of the bandwidth limit", r["roofline_fraction"], 0.70))
             out.append(_t(mname, recipe, "aggregate tokens/s at concurrency 16 ≥ 2× concurrency 1",
                           r["concurrency_scaling_16_vs_1"], 2.0))
+        out += serving_report.targets(mname, model, _t)
     return out
 
 
@@ -245,6 +249,7 @@ def markdown(report: dict, chart_prefix: str = "") -> str:
             for rc, r in model["recipes"].items() if "error" not in r)]
         lines += _llama4_table(mname, model)
         lines += _concurrency_table(model)
+        lines += serving_report.table(model)
         lines += _quality_table(model)
         procs = sorted({k for r in model["recipes"].values() if "error" not in r
                         for k in r["cpu_ms_per_token"]["stack"]})

@@ -18,6 +18,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from llamaship.bench import measure as m
+from llamaship.bench import serving as bs
 from shared.proto_gen.llamaship.compiler.v1 import compiler_pb2
 from llamaship.bench import models as bm
 from llamaship.bench.models import bench_checkpoint
@@ -42,6 +43,12 @@ class Plan:
         self.concurrency = (1, 4, 16)
         self.conc_tokens = 16 if quick else 64
         self.torch_reps = 2 if quick else 3
+        # serving workloads (llamaship.bench.serving)
+        self.serving_requests = 16 if quick else 48
+        self.serving_prompt_tokens = 32
+        self.serving_new_tokens = 16 if quick else 64
+        self.prefix_tokens = 512
+        self.prefix_turns = 4 if quick else 8
 
     def recipes_for(self, model: str) -> list[str]:
         """Llama 4 builds have no hybrid-int8 (and on cpu no fp16): the plan's recipes that Llama 4 has."""
@@ -199,7 +206,9 @@ def _measure_recipe(plan: Plan, client, stack, name: str, build_dir: Path, tok, 
               "long": [m.stack_run(client, name, prompts["long"], plan.new_tokens) for _ in range(plan.reps_long)]}
     conc = [m.concurrent_tps(lambda: GatewayClient(stack.gateway_address), name, prompts["short"], plan.conc_tokens, c)
             for c in plan.concurrency]
+    serving = bs.measure(plan, lambda: GatewayClient(stack.gateway_address), name, build_dir, tok, threads)
     return {
+        "serving": serving,
         "direct": {k: m.summarize(v) for k, v in d_runs.items()},
         "direct_padded": {"pad_to": pad_to, **m.summarize(p_runs)},
         "stack": {k: m.summarize(v) for k, v in s_runs.items()},
