@@ -88,7 +88,12 @@ class IterationScheduler:
             _, rid, prompt_ids, options, _reserved = msg  # admission bounds memory itself (admit)
             options = dict(options)
             max_new = int(options.pop("max_length")) - len(prompt_ids)
-            self.waiting.append(_Row(rid, list(prompt_ids), max_new, Sampler(options)))
+            try:
+                sampler = Sampler(options)
+            except Exception as exc:  # noqa: BLE001 - a grammar the build's tokenizer cannot take
+                self.conn.send(("error", rid, f"{type(exc).__name__}: {exc}"))
+                return True
+            self.waiting.append(_Row(rid, list(prompt_ids), max_new, sampler))
         return True
 
     def admit(self) -> None:
