@@ -37,7 +37,8 @@ class QueueWorker:
                  fair_slots: bool = True, headroom_s: float = 0.0, prefix_grace_s: float = 0.0):
         self.r = r
         self.prefix_grace_s = prefix_grace_s
-        self._full_reported = False
+        self._room: int | None = None  # free slots as this replica last reported them (prefix routing)
+        self._background: set[asyncio.Task] = set()
         self.engine = engine
         self.replica_id = replica_id
         self.stream_interval_s = stream_interval_s
@@ -70,14 +71,13 @@ class QueueWorker:
         replica its prefix prefers."""
         while True:
             if self._free_slots() <= 0:
-                if not self._full_reported:  # requests preferred for this replica go elsewhere at once
-                    await self.queue.report_room(self.replica_id, 0)
-                    self._full_reported = True
+                if self._room != 0:  # requests preferred for this replica go elsewhere at once
+                    await self._report_room(0)
                 return "full"
-            self._full_reported = False  # the pick reports the free slots
             picked = await self.queue.pick(self.replica_id, self._free_kv_bytes(), self.engine.kv_budget_bytes,
                                            self.engine.kv_bytes_per_token(), self.running_by_tenant(),
                                            self.fair_slots, self.engine.slots, self.headroom_s, self.prefix_grace_s)
+            self._room = self._free_slots() - isinstance(picked, Picked)  # as the pick reported it
             if picked is None or isinstance(picked, Held):
                 return picked or "empty"
             if picked == "WAIT":
@@ -114,6 +114,18 @@ class QueueWorker:
     def _done(self, task: asyncio.Task) -> None:
         self.tasks.pop(task, None)
         self._wake.set()
+        if self._room == 0 and self._free_slots() > 0:
+            report = asyncio.get_running_loop().create_task(self._report_room(self._free_slots()))
+            self._background.add(report)
+            report.add_done_callback(self._background.discard)
+
+    async def _report_room(self, free: int) -> None:
+        """Tell the pool this replica's free slots (prefix routing); best effort."""
+        self._room = free
+        try:
+            await self.queue.report_room(self.replica_id, free)
+        except Exception as exc:  # noqa: BLE001 - the report expires by itself; the next pick renews it
+            log.warning("reporting free slots failed: %s", type(exc).__name__)
 
     async def _resume_own(self) -> None:
         """Entries still pending under this replica's name were taken by an earlier process with
@@ -215,6 +227,8 @@ class QueueWorker:
                 if chunk.kind == "end":  # prefill: until the first chunk; decode: from it to the end
                     chunk.queue_ms, chunk.prefill_ms = float(max(0, waited_ms)), (first_at - started) * 1000
                     chunk.decode_ms = (loop.time() - first_at) * 1000
+                    if self._room == 0:  # this slot is free once the end is written: keep its prefixes here
+                        await self._report_room(1)
                 stop = await self._write(req.request_id, chunk)
                 if chunk.kind == "end":
                     outcome = chunk.finish_reason
