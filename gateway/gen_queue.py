@@ -45,7 +45,7 @@ class GenerationQueue:
         preferred = await self.router.preferred(req, pool)
         try:
             entry = await self.pool(pool).enqueue(
-                req, cost=cost_tokens(req.prompt, req.max_tokens, context_length),
+                req, cost=cost_tokens(req.text_for_cost, req.max_tokens, context_length),
                 max_depth=self.max_depth, tenant_max=self.tenant_max, relay_lease_s=self.relay_lease_s,
                 preferred=preferred)
         except QueueFull as exc:

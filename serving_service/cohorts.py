@@ -13,7 +13,9 @@ Rows share a cohort only when that cannot change what they produce:
   would depend on its neighbours and could not be replayed exactly after a failover;
 - no row whose prompt holds the pad token (right padding is masked by that id);
 - the cohort's KV cache (rows x longest max_length) stays within the KV its rows reserved,
-  so batching never commits more memory than admission accounted for.
+  so batching never commits more memory than admission accounted for;
+- no row with structured output: onnxruntime-genai's guidance (llguidance inside) constrains a
+  whole generator, so such a row decodes in a cohort of its own.
 """
 
 from __future__ import annotations
@@ -28,9 +30,16 @@ class Waiting:
     max_new: int  # tokens this sequence may generate
     options: dict  # its search options (sampling); lengths are set per cohort
     reserved_tokens: int  # KV tokens admission reserved for it
+    guidance: dict | None = None  # structured output (serving_service.constraints), out of the options
+
+    def __post_init__(self) -> None:
+        if "guidance" in self.options:
+            self.options = dict(self.options)
+            self.guidance = self.options.pop("guidance") or None
 
     def batchable(self, pad_token_id: int | None) -> bool:
-        return not self.options.get("do_sample") and (pad_token_id is None or pad_token_id not in self.prompt_ids)
+        return not self.options.get("do_sample") and self.guidance is None and \
+            (pad_token_id is None or pad_token_id not in self.prompt_ids)
 
 
 @dataclass

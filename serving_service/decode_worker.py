@@ -136,6 +136,8 @@ class _Scheduler:
         try:
             params = og.GeneratorParams(self.model)
             params.set_search_options(**plan.rows[0].options, max_length=plan.max_length, batch_size=len(plan.rows))
+            if plan.rows[0].guidance:  # a constrained row decodes alone (cohorts)
+                params.set_guidance("json_schema", plan.rows[0].guidance["schema"])
             gen = og.Generator(self.model, params)
             if len(plan.rows) == 1:
                 gen.append_tokens(plan.rows[0].prompt_ids)

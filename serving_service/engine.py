@@ -22,7 +22,10 @@ from shared.generation import FINISH_EOS, FINISH_LENGTH, FINISH_STOP, Chunk, Gen
 from shared.pools import POOLS
 from shared.store import BuildStore, Manifest
 from serving_service.decode_worker import DecodeWorker, resolve_engine, usable_cores
+from serving_service.chat_template import ChatTemplate, render_for
+from serving_service.constraints import guidance_options
 from serving_service.text import IncrementalDetokenizer, PromptTokenizer, StopMatcher
+from shared import json_output
 
 log = logging.getLogger("llamaship.serving.engine")
 MAX_TOKENS_PER_CHUNK = 64
@@ -41,6 +44,8 @@ class LoadedBuild:
     active: int = 0
     retired: bool = False  # replaced by a newer build: closes once its last stream ends
     unpin: Callable[[], None] = lambda: None  # the store keeps a served build's files (cache, gc)
+    chat_template: ChatTemplate | None = None  # renders messages; None: the build has none
+    build_dir: str = ""
 
     @property
     def build_id(self) -> str:
@@ -92,6 +97,7 @@ async def _load_pinned(store: BuildStore, name: str, build_id: str, pool: str, t
     loaded = LoadedBuild(name, manifest, worker, tokenizer, frozenset(eos if isinstance(eos, list) else [eos]),
                          int(genai["vocab_size"]), kv_bytes_per_token(genai, POOLS[pool].genai_provider),
                          unpin=lambda: store.unpin(build_id))
+    loaded.chat_template, loaded.build_dir = await asyncio.to_thread(ChatTemplate.load, path), str(path)
     loaded.load_seconds = time.perf_counter() - t0
     return loaded
 
@@ -104,6 +110,15 @@ def kv_bytes_per_token(genai_model: dict, provider: str | None) -> int:
 
 
 def _search_options(loaded: LoadedBuild, req: GenRequest, max_length: int) -> dict:
+    options = _sampling_options(loaded, req, max_length)
+    schema = json_output.schema_text(req.response_format, req.json_schema)
+    if schema is not None:  # structured output: a token mask in the decode worker
+        options["guidance"] = guidance_options(schema, f"{loaded.build_dir}/tokenizer.json", loaded.vocab_size,
+                                               loaded.eos_ids)
+    return options
+
+
+def _sampling_options(loaded: LoadedBuild, req: GenRequest, max_length: int) -> dict:
     if req.greedy:
         return {"max_length": max_length, "do_sample": False}
     return {
@@ -161,7 +176,7 @@ class Engine:
         loaded = self.builds.get(req.model)
         if loaded is None:
             return 0
-        return cost_tokens(req.prompt, req.max_tokens, loaded.context_length) * loaded.kv_bytes_per_token
+        return cost_tokens(req.text_for_cost, req.max_tokens, loaded.context_length) * loaded.kv_bytes_per_token
 
     def served(self) -> dict[str, str]:
         return {name: b.build_id for name, b in self.builds.items()}
@@ -232,14 +247,18 @@ class Engine:
         validate(req, loaded.context_length)
         if req.top_k > loaded.vocab_size:
             raise InvalidArgument(f"top_k: {req.top_k} is larger than the model's vocabulary ({loaded.vocab_size} tokens)")
-        if loaded.tokenizer.too_long(req.prompt, loaded.context_length):
-            raise InvalidArgument(f"prompt: {len(req.prompt)} characters cannot fit the build's context length "
+        # messages: the chat template's text holds its own BOS, so no special tokens are added
+        prompt = await asyncio.to_thread(render_for, loaded.chat_template, req.messages, req.model) \
+            if req.messages else req.prompt
+        what = "messages (rendered with the chat template)" if req.messages else "prompt"
+        if loaded.tokenizer.too_long(prompt, loaded.context_length):
+            raise InvalidArgument(f"{what}: {len(prompt)} characters cannot fit the build's context length "
                                   f"{loaded.context_length} tokens")
         # Tokenizing a long prompt takes long enough to stall every other stream on this replica.
-        prompt_ids = await asyncio.to_thread(loaded.tokenizer.encode, req.prompt)
+        prompt_ids = await asyncio.to_thread(loaded.tokenizer.encode, prompt, not req.messages)
         if len(prompt_ids) >= loaded.context_length:
             raise InvalidArgument(
-                f"prompt: {len(prompt_ids)} tokens does not fit the build's context length {loaded.context_length}"
+                f"{what}: {len(prompt_ids)} tokens does not fit the build's context length {loaded.context_length}"
             )
         if self.active >= self.slots:
             raise ResourceExhausted(f"replica is running {self.active}/{self.slots} requests", retry_after_s=0.5)
@@ -253,7 +272,7 @@ class Engine:
         loaded.active += 1
         try:
             queue = loaded.worker.submit(req.request_id, prompt_ids, _search_options(loaded, req, max_length),
-                                         cost_tokens(req.prompt, req.max_tokens, loaded.context_length))
+                                         cost_tokens(req.text_for_cost, req.max_tokens, loaded.context_length))
             while True:
                 # Take every token already decoded, so a slow reader gets them in one chunk.
                 items = [await queue.get()]

@@ -6,7 +6,7 @@ import json
 import math
 from dataclasses import asdict, dataclass, field
 
-from shared import wire
+from shared import json_output, wire
 from shared.errors import InvalidArgument
 
 FINISH_LENGTH, FINISH_EOS, FINISH_STOP = "length", "eos", "stop"
@@ -17,7 +17,9 @@ MAX_PROMPT_CHARS = 1_000_000
 MAX_MESSAGES = 256
 MAX_ROLE_CHARS = 32
 MAX_SCHEMA_CHARS = 64 * 1024
-FORMAT_TEXT, FORMAT_JSON_OBJECT, FORMAT_JSON_SCHEMA = "text", "json_object", "json_schema"
+TEMPLATE_BYTES_PER_MESSAGE = 128
+FORMAT_TEXT = "text"
+FORMAT_JSON_OBJECT, FORMAT_JSON_SCHEMA = json_output.FORMAT_JSON_OBJECT, json_output.FORMAT_JSON_SCHEMA
 
 
 @dataclass
@@ -43,6 +45,16 @@ class GenRequest:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+    @property
+    def text_for_cost(self) -> str:
+        """What bounds the prompt's tokens before it is tokenized (request_protocol.cost_tokens): the
+        prompt, or the messages' contents with room for what a chat template writes around each
+        (headers, markers, a dated system turn); the replica knows the exact count once it renders."""
+        if not self.messages:
+            return self.prompt
+        room = TEMPLATE_BYTES_PER_MESSAGE * (len(self.messages) + 1)
+        return "".join(m.get("content", "") for m in self.messages) + " " * room
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -115,6 +127,7 @@ def _validate_format(req: GenRequest) -> None:
             raise InvalidArgument(f"response_format.json_schema: not JSON ({exc})") from None
         if not isinstance(schema, (dict, bool)):
             raise InvalidArgument("response_format.json_schema: must be a JSON object")
+        json_output.grammar(json_output.schema_text(req.response_format, req.json_schema))
     elif req.json_schema:
         raise InvalidArgument("response_format.json_schema: only with a json_schema format")
 

@@ -5,6 +5,9 @@ tokens whatever rows share its batch (failover replay depends on this).
 Sampling follows the search options the engine sends (shared.generation's fields):
 logits / temperature, softmax, keep the top_k most likely tokens (0 or the vocabulary size: all),
 then the smallest set of those whose probability reaches top_p, renormalize and draw.
+
+A row with structured output (options["guidance"], serving_service.constraints) first drops every
+token its grammar forbids, then picks as above and feeds the pick back to the grammar.
 """
 
 from __future__ import annotations
@@ -19,8 +22,20 @@ class Sampler:
         self.top_k = int(options.get("top_k", 0))
         self.top_p = float(options.get("top_p", 1.0))
         self.rng = None if self.greedy else np.random.default_rng(int(options.get("random_seed", 0)))
+        self.constraint = None
+        if options.get("guidance"):
+            from serving_service.constraints import Constraint
+
+            self.constraint = Constraint(options["guidance"])
 
     def __call__(self, logits: np.ndarray) -> int:
+        if self.constraint is None:
+            return self._pick(logits)
+        token = self._pick(self.constraint.mask(logits))
+        self.constraint.consume(token)
+        return token
+
+    def _pick(self, logits: np.ndarray) -> int:
         if self.greedy:
             return int(np.argmax(logits))
         scaled = logits.astype(np.float64) / max(self.temperature, 1e-6)
