@@ -9,7 +9,7 @@ import socket
 import sys
 import time
 
-from shared import catalog, config, internal_tls, redis_conn
+from shared import catalog, config, cpu_budget, internal_tls, redis_conn
 from shared.grpc_server import add_health_and_reflection, bind, create_server, set_serving
 from shared.proto_gen.llamaship.serving.v1 import serving_pb2, serving_pb2_grpc
 from shared.store import open_store
@@ -38,7 +38,8 @@ async def serve(settings: config.Settings) -> None:
     store = open_store(settings).ensure()
     r = redis_conn.connect(settings)
     await redis_conn.wait_ready(r, redis_conn.describe(settings))
-    engine = Engine(store, settings.pool, settings.slots, settings.threads, kv_budget_bytes(settings.kv_budget_mb),
+    threads = settings.threads or cpu_budget.decode_threads()  # the CPUs a container really has (quota, affinity)
+    engine = Engine(store, settings.pool, settings.slots, threads, kv_budget_bytes(settings.kv_budget_mb),
                     serving_engine=settings.serving_engine, prefix_cache_mb=settings.prefix_cache_mb)
 
     server = create_server()
