@@ -100,12 +100,12 @@ class Tail(threading.Thread):
         return self.writers[0]
 
 
-def request(stubs, first: int, request_id: str, prompt: str, max_tokens: int) -> Outcome:
+def request(stubs, first: int, request_id: str, prompt: str, max_tokens: int, budget_s: float = REQUEST_S) -> Outcome:
     """Generate until the stream ends: an attempt the gateway refuses (UNAVAILABLE before any chunk)
     is sent again with the same request id (ALREADY_EXISTS: it did land, so it is resumed); a stream
     cut after chunks is resumed from its cursor through the other gateway."""
     out, cursor, gw = Outcome(), "", first
-    deadline = time.monotonic() + REQUEST_S
+    deadline = time.monotonic() + budget_s
     while time.monotonic() < deadline:
         stub = stubs[gw % len(stubs)]
         try:
@@ -347,19 +347,25 @@ def test_a_restarted_replica_rejoins_and_serves(hosts):
         assert any(REPLICAS[victim] in t.writers for t in tails), [t.writers[:1] for t in tails]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "known defect (serving_service/queue_worker.py): a Redis ConnectionError while a replica writes a chunk "
+class RequestsLost(AssertionError):
+    pass
+
+
+@pytest.mark.xfail(strict=True, raises=RequestsLost, reason=(
+    "known defects: (1) serving_service/queue_worker.py: a Redis ConnectionError while a replica writes a chunk "
     "during the failover ends the request with INTERNAL and removes its queue entry, instead of leaving it "
-    "pending and continuing it from what its stream holds once Redis answers again"))
+    "pending and continuing it from what its stream holds once Redis answers; (2) shared/request_protocol.py "
+    "PoolQueue.enqueue: when the enqueue fails and releasing the claim fails too, the id stays claimed for "
+    "RESPONSE_TTL_S: a retry with the same id answers ALREADY_EXISTS while a resume answers 'lost by the queue'"))
 def test_no_acknowledged_request_is_lost_when_a_redis_primary_dies(hosts):
     """The primary of the pool's queue slot is SIGKILLed under load (8 requests through d and e)."""
     net, cluster, table = hosts.net, hosts.cluster, hosts.table
     with logs_on_failure(net):
         pool_key = keys.gen_streams("cpu")
         primary = cluster.master_of(pool_key)
-        jobs = [(request, (hosts.stubs, i, uuid.uuid4().hex, PROMPTS[i % 2], SHORT)) for i in range(8)]
+        jobs = [(request, (hosts.stubs, i, uuid.uuid4().hex, PROMPTS[i % 2], SHORT, 45.0)) for i in range(8)]
         load: list[Outcome] = []
-        loading = threading.Thread(target=lambda: load.extend(in_threads(jobs, REQUEST_S)))
+        loading = threading.Thread(target=lambda: load.extend(in_threads(jobs, 60)))
         loading.start()
         time.sleep(1.0)
         net.kill(cluster.process_of(primary), signal.SIGKILL)
@@ -367,12 +373,13 @@ def test_no_acknowledged_request_is_lost_when_a_redis_primary_dies(hosts):
         promoted = wait_for(lambda: _new_primary(cluster, pool_key, primary), "the cluster to fail over", 30)
         host, port = next((h, p) for h, a in net.addr.items() for p in cluster.PORTS if f"{a}:{p}" == primary)
         cluster.start_node(host, port)  # the old primary comes back as the new one's replica
-        loading.join(REQUEST_S + 10)
+        loading.join(70)
         assert not loading.is_alive()
         cluster.wait_replicas_synced(30)
         assert cluster.master_of(pool_key) == promoted
         problems = account(table, load, [hosts.refs[i % 2][:SHORT] for i in range(8)], "requests lost (Redis failover)")
-        assert not problems, f"acknowledged requests lost: {problems}"
+        if problems:
+            raise RequestsLost(f"requests not completed token-exact: {problems}")
 
 
 def test_fault_table(hosts):
