@@ -41,7 +41,7 @@ PORT_SETTING = {"gateway": "gateway_port", "compiler_service": "compiler_port", 
 # boto3 reads for the S3 store, and the pod IP the advertise address is built from.
 OTHER_ENV = {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL", "AWS_REGION", "POD_IP"}
 # Secrets the deployment references and the README tells the operator to create.
-SECRETS = {"llamaship-redis", "llamaship-s3", "llamaship-api-keys", "llamaship-gateway-tls"}
+SECRETS = {"llamaship-redis", "llamaship-s3", "llamaship-api-keys", "llamaship-gateway-tls", "llamaship-internal-tls"}
 IMAGE_TARGET = {"gateway": "runtime", "compiler_service": "compiler", ("serving_service", "cpu"): "runtime",
                 ("serving_service", "cuda"): "runtime-cuda"}
 
@@ -173,7 +173,7 @@ variants = pytest.mark.parametrize("overlay,component", VARIANTS,
 
 
 def test_the_overlays_and_their_pools():
-    assert {"cpu", "cuda"} <= set(OVERLAYS) and "gateway-tls" in COMPONENTS
+    assert {"cpu", "cuda"} <= set(OVERLAYS) and {"gateway-tls", "internal-tls"} <= set(COMPONENTS)
     for overlay in OVERLAYS:
         docs = render(overlay)
         pools = sorted(_pool(docs, c) for _, _, c, m in _containers(docs) if m == "serving_service")
@@ -243,11 +243,22 @@ def test_ports_and_probes_match_the_services(overlay, component):
         assert ports["metrics"] == int(env["LLAMASHIP_METRICS_PORT"]) \
             == int(dep["spec"]["template"]["metadata"]["annotations"]["prometheus.io/port"]), where
         tls = bool(env.get("LLAMASHIP_TLS_CERT_FILE"))
+        mtls = bool(env.get("LLAMASHIP_INTERNAL_TLS_CA")) and module != "gateway"  # the gateway's public port: no mTLS
+        if env.get("LLAMASHIP_INTERNAL_TLS_CA"):  # all three files, from the internal TLS Secret
+            files = [env.get(f"LLAMASHIP_INTERNAL_TLS_{k}") for k in ("CA", "CERT", "KEY")]
+            assert all(files), f"{where}: {files}"
+            for f in files:
+                volume = _volume_at(spec, c, f)
+                assert volume and volume.get("secret", {}).get("secretName") == "llamaship-internal-tls", f"{where}: {f}"
+                assert f.rsplit("/", 1)[1] in ("ca.crt", "tls.crt", "tls.key"), f"{where}: {f} is not a key of the Secret"
         probes = ["readinessProbe", "livenessProbe"] + (["startupProbe"] if module == "serving_service" else [])
         for kind in probes:
             probe = c.get(kind)
             assert probe, f"{where}: no {kind}"
-            if tls:  # the kubelet's gRPC probe cannot speak TLS
+            if mtls:  # the kubelet's gRPC probe cannot present a certificate: our own check, over mTLS
+                assert "grpc" not in probe and probe.get("exec", {}).get("command") == [
+                    "python", "-m", "llamaship.healthcheck", "--internal-tls", f"127.0.0.1:{port}"], f"{where}: {kind}"
+            elif tls:  # the kubelet's gRPC probe cannot speak TLS
                 assert probe.get("tcpSocket", {}).get("port") == port and "grpc" not in probe, f"{where}: {kind}"
             else:
                 assert probe.get("grpc", {}).get("port") == port, f"{where}: {kind} {probe} is not grpc.health.v1 on {port}"
