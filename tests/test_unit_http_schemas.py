@@ -8,7 +8,7 @@ import pytest
 
 from gateway.http.errors import RequestError, error_body
 from gateway.http.schemas import REFUSED, Answer, parse
-from shared.errors import NotFound, ResourceExhausted
+from shared.errors import FailedPrecondition, NotFound, ResourceExhausted
 from shared.generation import Chunk
 
 
@@ -74,6 +74,7 @@ def test_errors_in_openai_shape():
     assert status == 404 and body["error"]["code"] == "model_not_found"
     status, body = error_body(ResourceExhausted("full", retry_after_s=1.0))
     assert status == 429 and body["error"]["type"] == "rate_limit_error"
+    assert error_body(FailedPrecondition("the build has no chat template"))[0] == 400
     status, body = error_body(RequestError("n: only n=1", "n", "unsupported_parameter"))
     assert (status, body["error"]["param"], body["error"]["type"]) == (400, "n", "invalid_request_error")
 
