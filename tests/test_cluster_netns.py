@@ -48,7 +48,7 @@ pytestmark = pytest.mark.integration
 HOSTS = ["s3", "r1", "r2", "r3", "a", "b", "c", "d", "e"]
 REPLICAS = {"b": "cpu-b", "c": "cpu-c"}
 PROMPTS = ["def main(argv):\n    ", "class Parser:\n    def __init__(self"]
-LONG = 400  # tokens of the streams cut mid-way
+STREAM_S = 10.0  # how long the streams cut mid-way should run: their length follows the decode speed
 SHORT = 64  # tokens of the requests under the Redis failover
 REQUEST_S = 120.0  # the most one request (with its retries and resumes) may take
 
@@ -176,6 +176,7 @@ class Hosts:
     gateways: list[str]
     build_id: str
     refs: list[list[int]]  # each prompt's greedy tokens, alone
+    long: int  # tokens of the streams cut mid-way
     start_replica: object
     table: dict[str, int]
     victim: str = ""  # the host cut off in the first test, restarted in the second
@@ -258,12 +259,17 @@ def _start(net: Network, tmp, demo_model, channels: list) -> Hosts:
         wait_for(serving(client, job.build_id, set(REPLICAS.values())), "both replicas to serve the build", 60)
     for host in "bc":
         assert (tmp / "cache" / host / "builds" / job.build_id / "model.onnx").is_file()
-    refs = [o.ids for o in in_threads([(request, (stubs, i, uuid.uuid4().hex, p, LONG))
+    # the decode speed here (shared machines vary several-fold) sets the long streams' length
+    t0 = time.monotonic()
+    probe = request(stubs, 0, uuid.uuid4().hex, PROMPTS[0], 2 * SHORT)
+    assert probe.finished, probe.error
+    long = int(min(3000, max(300, len(probe.ids) / (time.monotonic() - t0) * STREAM_S)))
+    refs = [o.ids for o in in_threads([(request, (stubs, i, uuid.uuid4().hex, p, long))
                                        for i, p in enumerate(PROMPTS)], REQUEST_S)]
-    assert all(len(r) > SHORT for r in refs), [len(r) for r in refs]
+    assert all(len(r) > 2 * SHORT for r in refs), [len(r) for r in refs]
     table = {"requests sent": 0, "streams held": 0, "faults injected": 0, "refused at the door, retried": 0,
              "streams resumed": 0, "requests lost": 0}
-    return Hosts(net, cluster, stubs, gateways, job.build_id, refs, start_replica, table)
+    return Hosts(net, cluster, stubs, gateways, job.build_id, refs, long, start_replica, table)
 
 
 def serving(client, build_id: str, replica_ids: set[str]):
@@ -295,7 +301,7 @@ def test_a_stream_continues_token_exact_when_its_replica_is_cut_off(hosts):
         tails = [Tail(hosts.cluster.nodes, rid) for rid in rids]
         results: list[Outcome] = []
         streaming = threading.Thread(target=lambda: results.extend(in_threads(
-            [(request, (hosts.stubs, i, rid, p, LONG)) for i, (rid, p) in enumerate(zip(rids, PROMPTS))],
+            [(request, (hosts.stubs, i, rid, p, hosts.long)) for i, (rid, p) in enumerate(zip(rids, PROMPTS))],
             REQUEST_S)))
         streaming.start()
         victim_id = tails[0].wait_writer(30)
@@ -305,10 +311,14 @@ def test_a_stream_continues_token_exact_when_its_replica_is_cut_off(hosts):
         survivor_id = REPLICAS[survivor]
         time.sleep(0.5)
         net.link_down(victim)
-        table["faults injected"] += 1
-        held = [t for t in tails if victim_id in t.writers]
-        wait_for(lambda: all(survivor_id in t.writers for t in held), f"{survivor_id} to take the streams over", 40)
-        net.link_up(victim)
+        try:
+            table["faults injected"] += 1
+            held = [t for t in tails if victim_id in t.writers]
+            assert all(t.is_alive() for t in held), "a stream ended before its replica was cut off"
+            wait_for(lambda: all(survivor_id in t.writers for t in held), f"{survivor_id} to take the streams over",
+                     40)
+        finally:
+            net.link_up(victim)
         streaming.join(REQUEST_S + 10)
         assert not streaming.is_alive()
         table["streams held"] += len(held)
@@ -351,7 +361,8 @@ class RequestsLost(AssertionError):
     pass
 
 
-@pytest.mark.xfail(strict=True, raises=RequestsLost, reason=(
+# Not strict: whether a chunk write meets the few seconds of failover varies from run to run.
+@pytest.mark.xfail(strict=False, raises=RequestsLost, reason=(
     "known defects: (1) serving_service/queue_worker.py: a Redis ConnectionError while a replica writes a chunk "
     "during the failover ends the request with INTERNAL and removes its queue entry, instead of leaving it "
     "pending and continuing it from what its stream holds once Redis answers; (2) shared/request_protocol.py "
@@ -363,9 +374,9 @@ def test_no_acknowledged_request_is_lost_when_a_redis_primary_dies(hosts):
     with logs_on_failure(net):
         pool_key = keys.gen_streams("cpu")
         primary = cluster.master_of(pool_key)
-        jobs = [(request, (hosts.stubs, i, uuid.uuid4().hex, PROMPTS[i % 2], SHORT, 45.0)) for i in range(8)]
+        jobs = [(request, (hosts.stubs, i, uuid.uuid4().hex, PROMPTS[i % 2], SHORT, 30.0)) for i in range(8)]
         load: list[Outcome] = []
-        loading = threading.Thread(target=lambda: load.extend(in_threads(jobs, 60)))
+        loading = threading.Thread(target=lambda: load.extend(in_threads(jobs, 45)))
         loading.start()
         time.sleep(1.0)
         net.kill(cluster.process_of(primary), signal.SIGKILL)
@@ -373,7 +384,7 @@ def test_no_acknowledged_request_is_lost_when_a_redis_primary_dies(hosts):
         promoted = wait_for(lambda: _new_primary(cluster, pool_key, primary), "the cluster to fail over", 30)
         host, port = next((h, p) for h, a in net.addr.items() for p in cluster.PORTS if f"{a}:{p}" == primary)
         cluster.start_node(host, port)  # the old primary comes back as the new one's replica
-        loading.join(70)
+        loading.join(55)
         assert not loading.is_alive()
         cluster.wait_replicas_synced(30)
         assert cluster.master_of(pool_key) == promoted
