@@ -19,6 +19,11 @@ setup: $(STAMP)
 	    $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq redis-server redis-sentinel redis-tools; \
 	  else echo "setup: install Redis 7 (redis-server, redis-sentinel, redis-cli) for the Redis tests"; fi; \
 	fi
+	@# iproute2's `ip` for the multi-host test (network namespaces; tests/test_cluster_netns.py), where missing
+	@if ! command -v ip >/dev/null && command -v apt-get >/dev/null; then \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq iproute2; \
+	fi
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
