@@ -3,6 +3,7 @@ responses while watching the request's replica, cancel, resume."""
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from typing import AsyncIterator
 
@@ -17,6 +18,20 @@ from shared.generation import Chunk, GenRequest
 from shared.request_protocol import DuplicateRequest, Entry, PoolQueue, QueueFull, Requests, cost_tokens
 
 
+def coalesced(chunks: list[tuple[str, Chunk]]) -> list[tuple[str, Chunk]]:
+    """Consecutive token chunks read together (the reader was behind) as one chunk, under the
+    last one's cursor: fewer messages to send while behind, and never a token held back."""
+    out: list[tuple[str, Chunk]] = []
+    for cursor, chunk in chunks:
+        if out and chunk.kind == "tokens" and out[-1][1].kind == "tokens" and out[-1][1].build_id == chunk.build_id:
+            prev = out[-1][1]
+            out[-1] = (cursor, dataclasses.replace(prev, text=prev.text + chunk.text,
+                                                   token_ids=prev.token_ids + chunk.token_ids))
+        else:
+            out.append((cursor, chunk))
+    return out
+
+
 class GenerationQueue:
     def __init__(self, r: aioredis.Redis, max_depth: int, wait_timeout_s: float, failover_timeout_s: float = 15.0,
                  tenant_max: int = 0, relay_lease_s: float = 10.0, prefix_route_chars: int = 0):
@@ -29,6 +44,7 @@ class GenerationQueue:
         self.failover_timeout_s = failover_timeout_s
         self.requests = Requests(r)
         self._pools: dict[str, PoolQueue] = {}
+        self._leased: set[str] = set()  # requests just enqueued: the enqueue started their relay lease
 
     def pool(self, pool: str) -> PoolQueue:
         if pool not in self._pools:
@@ -62,6 +78,9 @@ class GenerationQueue:
                                 f"{keys.RESPONSE_TTL_S // 60} minutes; use a new id for a new request") from None
         if preferred:
             metrics.PREFIX_ROUTED.labels(pool).inc()
+        if len(self._leased) > 100_000:  # entries of requests whose relay never started
+            self._leased.clear()
+        self._leased.add(keys.request_scope(req.tenant, req.request_id))
         return entry
 
     async def find(self, request_id: str, tenant: str) -> Entry | None:
@@ -92,7 +111,10 @@ class GenerationQueue:
         sid = keys.request_scope(tenant, request_id)
         last = after
         waited_since = last_data = renewed = time.monotonic()
-        await self.requests.renew_relay(sid, self.relay_lease_s)
+        if sid in self._leased:  # one round trip less before the first token
+            self._leased.discard(sid)
+        else:
+            await self.requests.renew_relay(sid, self.relay_lease_s)
         lost_since: float | None = None
         while True:
             if time.monotonic() - renewed > self.relay_lease_s / 3:
@@ -127,7 +149,7 @@ class GenerationQueue:
                         )
                 continue
             last_data = time.monotonic()
-            for last, chunk in chunks:
+            for last, chunk in coalesced(chunks):
                 yield last, chunk
                 if chunk.kind in ("end", "error"):
                     await self.requests.relay_ended(sid)

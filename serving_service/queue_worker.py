@@ -18,7 +18,7 @@ import redis.asyncio as aioredis
 from shared import catalog
 from shared.errors import LlamashipError
 from shared.generation import Chunk, GenRequest
-from shared.request_protocol import Held, Picked, PoolQueue, Requests, redis_now_ms
+from shared.request_protocol import Held, Picked, PoolQueue, Requests
 from shared.telemetry import request_id_var
 from serving_service import metrics
 from serving_service.engine import Engine
@@ -163,11 +163,12 @@ class QueueWorker:
         request_id_var.set(sid)
         interrupted = False
         try:
-            if await self.requests.take_ownership(sid, self.replica_id):
+            cancelled, now_ms = await self.requests.take_ownership_at(sid, self.replica_id, entry)
+            if cancelled:
                 log.info("skipping request cancelled while queued")
                 await self._write(sid, Chunk("error", error_code="CANCELLED", error_message="cancelled before it started"))
                 return
-            waited_ms = await redis_now_ms(self.r, entry.stream) - entry.enqueued_ms
+            waited_ms = now_ms - entry.enqueued_ms
             if not resume and req.deadline_s is not None and waited_ms > req.deadline_s * 1000:
                 log.info("dropping request whose deadline passed while queued")
                 await self._write(sid, Chunk("error", error_code="DEADLINE_EXCEEDED",

@@ -152,7 +152,8 @@ class Chunk:
     decode_ms: float = 0.0
 
     def to_fields(self) -> dict[str, str]:
-        return {"c": json.dumps(asdict(self))}
+        # Only the fields set: one is written per token or few, and a reader defaults the rest (shared.wire).
+        return {"c": json.dumps({k: v for k, v in self.__dict__.items() if v or k == "kind"})}
 
     @classmethod
     def from_fields(cls, fields: dict[str, str]) -> "Chunk":

@@ -666,11 +666,24 @@ class Requests:
 
     async def take_ownership(self, sid: str, consumer: str) -> bool:
         """Make `consumer` the stream's only writer; True if the request was cancelled meanwhile."""
+        return (await self.take_ownership_at(sid, consumer, None))[0]
+
+    async def take_ownership_at(self, sid: str, consumer: str, entry: Entry | None) -> tuple[bool, int]:
+        """take_ownership, and Redis's clock (ms) as `entry`'s stream sees it (0 without an entry):
+        one round trip on a single server; on Redis Cluster the clock is asked of the queue's primary."""
+        cluster = redis_conn.is_cluster(self.r)
         async with self.r.pipeline(transaction=False) as pipe:
             pipe.set(keys.stream_owner(sid), consumer, ex=keys.RESPONSE_TTL_S)
             pipe.exists(keys.cancel_flag(sid))
-            _, cancelled = await pipe.execute()
-        return bool(cancelled)
+            if entry is not None and not cluster:
+                pipe.time()
+            out = await pipe.execute()
+        if entry is None:
+            return bool(out[1]), 0
+        if cluster:
+            return bool(out[1]), await redis_now_ms(self.r, entry.stream)
+        sec, usec = out[2]
+        return bool(out[1]), int(sec) * 1000 + int(usec) // 1000
 
     async def write(self, sid: str, consumer: str, chunk: Chunk) -> str:
         """Append a chunk to the response stream if `consumer` still owns it.
