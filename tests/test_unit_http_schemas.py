@@ -87,3 +87,37 @@ def test_answer_shapes():
     first = Answer("chat", "rid", "m").piece("h", None, True, first=True)
     assert first["choices"][0]["delta"] == {"role": "assistant", "content": "h"} and first["usage"] is None
     assert Answer("completion", "rid", "m").usage_piece(end)["choices"] == []
+
+
+def _request(headers: dict[str, str]):
+    from starlette.requests import Request
+
+    return Request({"type": "http", "method": "POST", "path": "/v1/completions",
+                    "headers": [(k.lower().encode(), v.encode()) for k, v in headers.items()]})
+
+
+def test_bearer_keys_scopes_and_acting_for_a_tenant(tmp_path):
+    from gateway.auth import KeyStore, create_key
+    from gateway.http.app import acting_as, caller_of
+    from gateway.http.errors import Unauthenticated
+    from shared.errors import PermissionDenied
+    from shared.tenancy import OPEN, Caller
+
+    path = tmp_path / "keys.json"
+    gen, comp, admin = create_key(path, "acme", ["generate"]), create_key(path, "acme", ["compile"]), \
+        create_key(path, "ops", ["admin"])
+    keys = KeyStore.load(path)
+    assert caller_of(None, _request({}), "generate") == OPEN  # no keys configured: the open tenant
+    assert caller_of(keys, _request({"Authorization": f"Bearer {gen}"}), "generate") == Caller("acme", admin=False)
+    for headers in ({}, {"Authorization": "Bearer lsk_nope"}, {"Authorization": gen}):
+        with pytest.raises(Unauthenticated):
+            caller_of(keys, _request(headers), None)
+    with pytest.raises(PermissionDenied):
+        caller_of(keys, _request({"Authorization": f"Bearer {comp}"}), "generate")
+    assert caller_of(keys, _request({"Authorization": f"Bearer {comp}"}), None).tenant == "acme"  # /v1/models
+    ops = caller_of(keys, _request({"Authorization": f"Bearer {admin}"}), "generate")
+    assert acting_as(ops, "acme") == Caller("acme", admin=False) and acting_as(ops, "") == ops
+    acme = Caller("acme", admin=False)
+    assert acting_as(acme, "acme") == acme
+    with pytest.raises(PermissionDenied):
+        acting_as(acme, "beta")
