@@ -8,7 +8,7 @@ import pytest
 
 from gateway.http.errors import RequestError, error_body
 from gateway.http.schemas import REFUSED, Answer, parse
-from shared.errors import FailedPrecondition, NotFound, ResourceExhausted
+from shared.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
 from shared.generation import Chunk
 
 
@@ -116,7 +116,10 @@ def test_bearer_keys_scopes_and_acting_for_a_tenant(tmp_path):
         caller_of(keys, _request({"Authorization": f"Bearer {comp}"}), "generate")
     assert caller_of(keys, _request({"Authorization": f"Bearer {comp}"}), None).tenant == "acme"  # /v1/models
     ops = caller_of(keys, _request({"Authorization": f"Bearer {admin}"}), "generate")
-    assert acting_as(ops, "acme") == Caller("acme", admin=False) and acting_as(ops, "") == ops
+    assert acting_as(ops, "acme") == Caller("acme", admin=True) and acting_as(ops, "") == ops
+    assert acting_as(OPEN, "end-user-7").tenant == "end-user-7"  # an open gateway: any name, all models
+    with pytest.raises(InvalidArgument):
+        acting_as(ops, "no spaces allowed")
     acme = Caller("acme", admin=False)
     assert acting_as(acme, "acme") == acme
     with pytest.raises(PermissionDenied):

@@ -54,15 +54,16 @@ def caller_of(keys: KeyStore | None, request: Request, scope: str | None) -> Cal
 
 
 def acting_as(caller: Caller, user: str) -> Caller:
-    """OpenAI's `user` names the tenant the request runs as (its model access, queue share and
-    fairness): an admin key (or an open gateway) may act for any tenant, any other key only for
-    its own."""
+    """OpenAI's `user` names the tenant the request is queued and counted under (tenant queue
+    limit, fair share of slots, request-id scope): an admin key (or an open gateway, whose one
+    caller is admin) may name any tenant, any other key only its own. Model access stays the key's."""
     if not user or user == caller.tenant:
         return caller
     if not caller.admin:
         raise PermissionDenied(f"user: this key may act only for its own tenant {caller.tenant!r} "
                                "(acting for another tenant needs an admin key)")
-    return Caller(user, admin=False)
+    check_request_id(user, "user")  # bounded, printable, no spaces: it names Redis keys
+    return Caller(user, admin=caller.admin)
 
 
 async def until_disconnect(request: Request, work: Awaitable[T]) -> T:
