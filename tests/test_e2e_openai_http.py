@@ -222,6 +222,24 @@ def test_429_with_retry_after_then_disconnects_cancel_and_free_the_slots(front):
     assert flood.completions.create(model="demo", prompt=PROMPT, max_tokens=2).usage.completion_tokens == 2
 
 
+def test_structured_output_over_http(front):
+    """response_format reaches the replica's constrained decoding: the output parses and fits the schema."""
+    schema = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 12},
+                                               "age": {"type": "integer", "minimum": 0, "maximum": 150}},
+              "required": ["name", "age"], "additionalProperties": False}
+    chat = sdk(front).chat.completions.create(
+        model="demo", messages=[{"role": "user", "content": "A person as JSON."}], max_tokens=64, temperature=0,
+        response_format={"type": "json_schema", "json_schema": {"name": "person", "schema": schema, "strict": True}})
+    person = json.loads(chat.choices[0].message.content)
+    assert set(person) == {"name", "age"} and isinstance(person["age"], int) and 0 <= person["age"] <= 150
+    assert chat.choices[0].finish_reason == "stop"
+    free = sdk(front).completions.create(model="demo", prompt=PROMPT, max_tokens=16, temperature=0)
+    out = sdk(front).completions.create(model="demo", prompt=PROMPT, max_tokens=16, temperature=0,
+                                        extra_body={"response_format": {"type": "json_object"}})
+    # the demo model rambles: within 16 tokens a JSON object is begun, where the free text is not one
+    assert out.choices[0].text.startswith("{") and not free.choices[0].text.lstrip().startswith("{")
+
+
 def test_503_when_no_replica_is_live(front):
     """Last in this module: it stops the only replica."""
     stack = front["stack"]
@@ -263,21 +281,3 @@ def test_http_front_serves_tls_with_the_gateways_certificate(tmp_path):
         with pytest.raises((http.client.HTTPException, ConnectionError)):
             conn.request("GET", "/v1/models")
             conn.getresponse()
-
-
-def test_structured_output_over_http(front):
-    """response_format reaches the replica's constrained decoding: the output parses and fits the schema."""
-    schema = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 12},
-                                               "age": {"type": "integer", "minimum": 0, "maximum": 150}},
-              "required": ["name", "age"], "additionalProperties": False}
-    chat = sdk(front).chat.completions.create(
-        model="demo", messages=[{"role": "user", "content": "A person as JSON."}], max_tokens=64, temperature=0,
-        response_format={"type": "json_schema", "json_schema": {"name": "person", "schema": schema, "strict": True}})
-    person = json.loads(chat.choices[0].message.content)
-    assert set(person) == {"name", "age"} and isinstance(person["age"], int) and 0 <= person["age"] <= 150
-    assert chat.choices[0].finish_reason == "stop"
-    free = sdk(front).completions.create(model="demo", prompt=PROMPT, max_tokens=16, temperature=0)
-    out = sdk(front).completions.create(model="demo", prompt=PROMPT, max_tokens=16, temperature=0,
-                                        extra_body={"response_format": {"type": "json_object"}})
-    # the demo model rambles: within 16 tokens a JSON object is begun, where the free text is not one
-    assert out.choices[0].text.startswith("{") and not free.choices[0].text.lstrip().startswith("{")
