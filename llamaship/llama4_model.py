@@ -25,6 +25,27 @@ from llamaship.demo_model import made_with
 
 STAMP = ".llamaship-make-llama4.json"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+# A chat template in the Llama 4 format (header markers, <|eot|>, text parts of a content list).
+LLAMA4_CHAT_TEMPLATE = (
+    "{{- bos_token }}\n"
+    "{%- for message in messages %}\n"
+    "    {%- if message['role'] not in ('system', 'user', 'assistant') %}\n"
+    "        {{- raise_exception('Unknown role: ' + message['role']) }}\n"
+    "    {%- endif %}\n"
+    "    {{- '<|header_start|>' + message['role'] + '<|header_end|>\\n\\n' }}\n"
+    "    {%- if message['content'] is string %}\n"
+    "        {{- message['content'] | trim }}\n"
+    "    {%- else %}\n"
+    "        {%- for part in message['content'] if part['type'] == 'text' %}\n"
+    "            {{- part['text'] | trim }}\n"
+    "        {%- endfor %}\n"
+    "    {%- endif %}\n"
+    "    {{- '<|eot|>' }}\n"
+    "{%- endfor %}\n"
+    "{%- if add_generation_prompt %}\n"
+    "    {{- '<|header_start|>assistant<|header_end|>\\n\\n' }}\n"
+    "{%- endif %}\n"
+)
 PUBLISHED_MAX_POSITIONS = 10_485_760  # Llama 4 Scout's config.json
 # Scout's rotary: llama3 scaling with these factors (high == low, which transformers warns about)
 LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 16.0, "low_freq_factor": 1.0,
@@ -119,6 +140,16 @@ def _quirk(config: dict, spec: Llama4Spec) -> dict:
     return config
 
 
+def set_chat_template(checkpoint: Path) -> None:
+    """The Llama 4 style template in place of the demo tokenizer's (Llama 3 style) one."""
+    path = checkpoint / "tokenizer_config.json"
+    config = json.loads(path.read_text())
+    if config.get("chat_template") != LLAMA4_CHAT_TEMPLATE:
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps({**config, "chat_template": LLAMA4_CHAT_TEMPLATE}, indent=2))
+        tmp.replace(path)
+
+
 def make_llama4(out_dir: str | Path, spec: Llama4Spec | None = None, *, force: bool = False, **fields) -> Path:
     """Write (or reuse, if made with the same spec) a random Llama 4 checkpoint in `out_dir`.
     Keyword fields override `spec` (e.g. moe_layers=(1, 3), conditional=True)."""
@@ -128,6 +159,7 @@ def make_llama4(out_dir: str | Path, spec: Llama4Spec | None = None, *, force: b
                                                        for k, v in fields.items()})
     out = Path(out_dir)
     if not force and made_with(out / STAMP, spec.digest()):
+        set_chat_template(out)
         return out
 
     import torch
@@ -176,6 +208,7 @@ def make_llama4(out_dir: str | Path, spec: Llama4Spec | None = None, *, force: b
     cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True))
     for name in TOKENIZER_FILES:
         shutil.copyfile(tok_dir / name, tmp / name)
+    set_chat_template(tmp)
     (tmp / STAMP).write_text(json.dumps({"digest": spec.digest(), "spec": asdict(spec)}, indent=2, default=str))
     if out.exists():
         shutil.rmtree(out)

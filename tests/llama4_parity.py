@@ -9,32 +9,11 @@ from pathlib import Path
 
 import numpy as np
 
+from llamaship.llama4_model import LLAMA4_CHAT_TEMPLATE
+
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
                "high_freq_factor": 4.0, "original_max_position_embeddings": 16}
-
-
-# A chat template in the Llama 4 format (header markers, <|eot|>, text parts of a content list).
-LLAMA4_CHAT_TEMPLATE = (
-    "{{- bos_token }}\n"
-    "{%- for message in messages %}\n"
-    "    {%- if message['role'] not in ('system', 'user', 'assistant') %}\n"
-    "        {{- raise_exception('Unknown role: ' + message['role']) }}\n"
-    "    {%- endif %}\n"
-    "    {{- '<|header_start|>' + message['role'] + '<|header_end|>\\n\\n' }}\n"
-    "    {%- if message['content'] is string %}\n"
-    "        {{- message['content'] | trim }}\n"
-    "    {%- else %}\n"
-    "        {%- for part in message['content'] if part['type'] == 'text' %}\n"
-    "            {{- part['text'] | trim }}\n"
-    "        {%- endfor %}\n"
-    "    {%- endif %}\n"
-    "    {{- '<|eot|>' }}\n"
-    "{%- endfor %}\n"
-    "{%- if add_generation_prompt %}\n"
-    "    {{- '<|header_start|>assistant<|header_end|>\\n\\n' }}\n"
-    "{%- endif %}\n"
-)
 
 
 def add_chat_template(checkpoint: Path, template: str = LLAMA4_CHAT_TEMPLATE) -> None:
