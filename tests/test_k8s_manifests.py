@@ -269,7 +269,11 @@ def test_ports_and_probes_match_the_services(overlay, component):
         sp = mine[0]["spec"]["ports"]
         grpc = [p for p in sp if p["name"] == "grpc"]
         assert grpc and grpc[0]["port"] == port and grpc[0]["targetPort"] in ("grpc", port), f"{where}: {sp}"
-        if module == "gateway":
+        if module == "gateway":  # the OpenAI-compatible HTTP API: env, container port and Service agree
+            http_port = int(env["LLAMASHIP_HTTP_PORT"])
+            assert {"name": "http", "containerPort": http_port} in c["ports"], f"{where}: {c['ports']}"
+            http = [p for p in sp if p["name"] == "http"]
+            assert http and http[0]["targetPort"] in ("http", http_port), f"{where}: {sp}"
             host, _, cport = env["LLAMASHIP_COMPILER_ADDRESS"].rpartition(":")
             compiler = [s for s in services if s["metadata"]["name"] == host]
             assert compiler and int(cport) == config.SETTINGS["compiler_port"].default
