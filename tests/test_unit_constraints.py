@@ -105,3 +105,17 @@ def test_schema_text_is_compact_unless_the_schema_says():
         {"type": "object", "x-guidance": {"whitespace_flexible": True}})))
     assert own["x-guidance"] == {"whitespace_flexible": True}
     assert json_output.schema_text("text", "") is None
+
+
+def test_genai_cohorts_keep_a_constrained_row_alone():
+    """onnxruntime-genai's guidance constrains a whole generator: a constrained row gets a cohort of
+    its own, and its guidance leaves the search options (set_guidance takes it)."""
+    from serving_service.cohorts import Waiting, plan_cohorts
+
+    guided = {"schema": '{"type": "object"}', "tokenizer": "t.json", "vocab_size": VOCAB, "eos": [EOS]}
+    rows = [Waiting("a", [1, 5], 8, {"do_sample": False}, 10),
+            Waiting("b", [1, 6], 8, {"do_sample": False, "guidance": guided}, 10),
+            Waiting("c", [1, 7], 8, {"do_sample": False}, 10)]
+    assert rows[1].guidance == guided and "guidance" not in rows[1].options
+    plans = plan_cohorts(rows, max_rows=4, pad_token_id=0, context_length=64)
+    assert sorted(sorted(w.rid for w in p.rows) for p in plans) == [["a", "c"], ["b"]]
