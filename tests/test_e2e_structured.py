@@ -89,7 +89,6 @@ def test_constrained_and_free_rows_together(client, demo_model):
         assert out.token_ids == alone[i % len(jobs)].token_ids
         if "response_format" in job:
             _check(out, job["response_format"], demo_model)
-    assert not together[3].text.lstrip().startswith("{\"name\"")  # the free rows are not constrained
 
 
 def test_a_schema_llguidance_cannot_compile_is_invalid_argument(client):
