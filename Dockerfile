@@ -9,7 +9,7 @@ COPY llamaship ./llamaship
 
 FROM base AS runtime
 RUN pip install "grpcio>=1.70" "grpcio-health-checking>=1.70" "grpcio-reflection>=1.70" "protobuf>=5.29" \
-        "onnxruntime-genai>=0.18" "tokenizers>=0.21" "redis>=5" "prometheus-client>=0.20" "numpy>=1.26" \
+        "onnxruntime-genai>=0.18" "tokenizers>=0.21" "redis>=5" "hiredis>=3" "prometheus-client>=0.20" "numpy>=1.26" \
         "boto3>=1.35"
 COPY serving_service ./serving_service
 COPY gateway ./gateway
