@@ -37,7 +37,7 @@ from compiler_service.failures import CompileError, QualityGateFailed
 from compiler_service.verify import configure, inspect_graph, smoke_test
 
 log = logging.getLogger("llamaship.compiler.pipeline")
-BUILD_FORMAT = 2  # 2: mixed recipes through per-node overrides, q/k/v kept fused
+BUILD_FORMAT = 3  # 2: mixed recipes through per-node overrides, q/k/v kept fused; 3: the chat template travels in the build
 DEFAULT_MAX_SEQ = 4096
 DEFAULT_MAX_BATCH = 32
 
