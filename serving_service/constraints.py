@@ -10,21 +10,45 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
+import threading
 
 import numpy as np
 
 log = logging.getLogger("llamaship.serving.constraints")
 
 
-@functools.lru_cache(maxsize=4)
+_building = threading.Lock()  # one build of a tokenizer at a time: a prewarm and a request never both build it
+
+
 def tokenizer(tokenizer_json: str, vocab_size: int, eos: tuple[int, ...]):
     """llguidance's tokenizer for a build: its vocabulary padded to the model's logits, the build's
     end-of-sequence ids as the tokens that end a complete output."""
+    with _building:
+        return _tokenizer(os.path.abspath(tokenizer_json), vocab_size, eos)
+
+
+@functools.lru_cache(maxsize=4)
+def _tokenizer(tokenizer_json: str, vocab_size: int, eos: tuple[int, ...]):
     import llguidance
 
     with open(tokenizer_json, encoding="utf-8") as f:
         text = f.read()
     return llguidance.LLTokenizer(text, n_vocab=vocab_size, eos_token=list(eos))
+
+
+def prewarm(tokenizer_json: str, vocab_size: int, eos: frozenset[int]) -> threading.Thread:
+    """Build a build's tokenizer in the background at load (seconds for a large vocabulary), so
+    the first constrained request does not stall every row of its batch while it is built."""
+    def build() -> None:
+        try:
+            tokenizer(tokenizer_json, vocab_size, tuple(sorted(eos)))
+        except Exception:  # noqa: BLE001 - the first constrained request reports it
+            log.warning("could not prepare structured output for %s", tokenizer_json, exc_info=True)
+
+    thread = threading.Thread(target=build, name="llguidance-tokenizer", daemon=True)
+    thread.start()
+    return thread
 
 
 def guidance_options(schema: str, tokenizer_json: str, vocab_size: int, eos: frozenset[int]) -> dict:
@@ -38,7 +62,7 @@ class Constraint:
 
         from shared.json_output import grammar
 
-        tok = tokenizer(guidance["tokenizer"], int(guidance["vocab_size"]), tuple(guidance["eos"]))
+        tok = tokenizer(guidance["tokenizer"], int(guidance["vocab_size"]), tuple(sorted(guidance["eos"])))
         self.eos = list(guidance["eos"])
         self.matcher = llguidance.LLMatcher(tok, grammar(guidance["schema"]))
         if self.matcher.is_error():

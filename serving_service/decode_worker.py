@@ -28,10 +28,11 @@ import threading
 from collections import Counter
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
+from pathlib import Path
 from typing import Any
 
 from shared.errors import Unavailable
-from serving_service import metrics
+from serving_service import constraints, metrics
 from serving_service.cohorts import CohortPlan, Waiting, padded_prompts, plan_cohorts
 from serving_service.graph_facts import pads_rows_safely
 
@@ -204,6 +205,8 @@ def _iteration_scheduler(build_dir: str, provider: str | None, threads: int, max
     sched = IterationScheduler(model, conn, frozenset(eos if isinstance(eos, list) else [eos]),
                                prefix_cache_bytes=prefix_cache_bytes)
     sched.warm()  # the first request must not pay for lazy set-up
+    if Path(build_dir, "tokenizer.json").exists():
+        constraints.prewarm(str(Path(build_dir, "tokenizer.json")), int(genai["vocab_size"]), sched.eos)
     return sched
 
 

@@ -119,3 +119,21 @@ def test_genai_cohorts_keep_a_constrained_row_alone():
     assert rows[1].guidance == guided and "guidance" not in rows[1].options
     plans = plan_cohorts(rows, max_rows=4, pad_token_id=0, context_length=64)
     assert sorted(sorted(w.rid for w in p.rows) for p in plans) == [["a", "c"], ["b"]]
+
+
+def test_a_prewarmed_tokenizer_is_the_one_a_constrained_row_uses(tmp_path, demo_model):
+    """The decode worker builds the tokenizer at load (constraints.prewarm), under the path
+    spelling it has; a request names the same file its own way and must not build it again."""
+    import shutil
+
+    from serving_service import constraints
+
+    path = tmp_path / "build" / "tokenizer.json"
+    path.parent.mkdir()
+    shutil.copy(demo_model / "tokenizer.json", path)
+    constraints.prewarm(str(path), VOCAB, frozenset({EOS})).join(60)
+    before = constraints._tokenizer.cache_info()
+    guidance = guidance_options(json.dumps(SCHEMA), f"{tmp_path}/build/../build/tokenizer.json", VOCAB, frozenset({EOS}))
+    Constraint(guidance)
+    after = constraints._tokenizer.cache_info()
+    assert (after.hits, after.misses) == (before.hits + 1, before.misses)
