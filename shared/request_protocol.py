@@ -391,6 +391,7 @@ class NotReplicated(RedisConnectionError):
 
 
 _RETRIES = 8  # rounds of "the pool gained a stream meanwhile" before giving up (each one reads the set)
+_PENDING_CLAIM_S = 30  # the id's claim until its enqueue is acknowledged (then RESPONSE_TTL_S)
 
 
 def cost_tokens(prompt: str, max_tokens: int, context_length: int) -> int:
@@ -444,7 +445,10 @@ class PoolQueue:
         stream = keys.gen_stream(self.pool, req.priority, req.tenant)
         claim, lease = keys.request_claim(sid), keys.relay_lease(sid)
         # Two hash slots, two atomic steps: the request's id (and relay lease), then the pool's queue.
-        if not await self._claim(keys=[claim, lease], args=[keys.RESPONSE_TTL_S, lease_seconds(relay_lease_s)]):
+        # A short claim first: if the enqueue fails and so does its release (the primary died), the
+        # id frees itself soon; _replicated extends it to RESPONSE_TTL_S once the entry is acknowledged.
+        pending_s = _PENDING_CLAIM_S + math.ceil(redis_conn.durability(self.r)[1] / 1000)
+        if not await self._claim(keys=[claim, lease], args=[pending_s, lease_seconds(relay_lease_s)]):
             raise DuplicateRequest(req.request_id)
         try:
             result = await self._declared(
