@@ -14,6 +14,9 @@ import logging
 from collections import Counter
 
 import redis.asyncio as aioredis
+from redis.exceptions import ClusterDownError, TryAgainError
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from shared import catalog
 from shared.errors import LlamashipError
@@ -24,6 +27,14 @@ from serving_service import metrics
 from serving_service.engine import Engine
 
 log = logging.getLogger("llamaship.serving.queue")
+
+# What redis-py raises while a primary is unreachable or a Cluster fails over (about 2 s).
+_REDIS_LOST = (RedisConnectionError, RedisTimeoutError, ClusterDownError, TryAgainError)
+_REDIS_LOST_WAIT_S = 30.0  # how long a request waits for Redis to answer again before it is left pending
+
+
+class _RedisGone(Exception):
+    """Redis did not answer within _REDIS_LOST_WAIT_S: the request's entry is left pending."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -181,7 +192,10 @@ class QueueWorker:
                                   f"replica's budget ({self.engine.kv_budget_bytes >> 20} MiB); lower max_tokens or "
                                   "shorten the prompt"))
                 return
-            await self._generate(dataclasses.replace(req, request_id=sid), resume, waited_ms)
+            await self._generate_through_failover(dataclasses.replace(req, request_id=sid), resume, waited_ms)
+        except _RedisGone:
+            log.error("Redis did not answer for %.0f s: the request is left pending", _REDIS_LOST_WAIT_S)
+            interrupted = True
         except LlamashipError as exc:
             metrics.REQUESTS.labels(self.engine.pool, exc.code.name.lower()).inc()
             await self._write(sid, Chunk("error", error_code=exc.code.name, error_message=exc.message,
@@ -198,6 +212,22 @@ class QueueWorker:
         finally:
             if not interrupted:
                 await self.queue.finish(entry, self.replica_id)
+
+    async def _generate_through_failover(self, req: GenRequest, resume: bool, waited_ms: int) -> None:
+        """Redis lost mid-request (a primary died): wait for it with backoff, then continue the
+        request from what its stream holds (token-exact replay), never ending it with an error."""
+        loop = asyncio.get_running_loop()
+        deadline, delay = loop.time() + _REDIS_LOST_WAIT_S, 0.05
+        while True:
+            try:
+                return await self._generate(req, resume, waited_ms)
+            except _REDIS_LOST as exc:
+                if loop.time() >= deadline:
+                    raise _RedisGone() from exc
+                log.warning("Redis lost while generating (%s): continuing from the stream once it answers",
+                            type(exc).__name__)
+                await asyncio.sleep(delay)
+                delay, resume = min(delay * 2, 1.0), True
 
     async def _generate(self, req: GenRequest, resume: bool, waited_ms: int) -> None:
         """Stream `req` (its request_id is the scoped id) to its response stream."""
