@@ -64,7 +64,7 @@ async def serve(settings: config.Settings) -> None:
     await watcher.load_current()
     await heartbeat()
     worker = QueueWorker(r, engine, replica_id, settings.stream_interval_ms / 1000, settings.tenant_fair_slots,
-                         settings.tenant_headroom_s, settings.prefix_grace_ms / 1000)
+                         settings.tenant_headroom_s, settings.prefix_grace_ms / 1000, settings.redis_lost_wait_s)
     await set_serving(health, [SERVICE], True)
     log.info("replica %s (pool %s) listening on %s:%d%s; serving %s", replica_id, settings.pool, settings.host, port,
              f", metrics on :{metrics_port}" if metrics_port else "", engine.served() or "nothing yet")

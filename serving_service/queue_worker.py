@@ -30,11 +30,10 @@ log = logging.getLogger("llamaship.serving.queue")
 
 # What redis-py raises while a primary is unreachable or a Cluster fails over (about 2 s).
 _REDIS_LOST = (RedisConnectionError, RedisTimeoutError, ClusterDownError, TryAgainError)
-_REDIS_LOST_WAIT_S = 30.0  # how long a request waits for Redis to answer again before it is left pending
 
 
 class _RedisGone(Exception):
-    """Redis did not answer within _REDIS_LOST_WAIT_S: the request's entry is left pending."""
+    """Redis did not answer within redis_lost_wait_s: the request's entry is left pending."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,8 +44,10 @@ class _Holding:
 
 class QueueWorker:
     def __init__(self, r: aioredis.Redis, engine: Engine, replica_id: str, stream_interval_s: float = 0.0,
-                 fair_slots: bool = True, headroom_s: float = 0.0, prefix_grace_s: float = 0.0):
+                 fair_slots: bool = True, headroom_s: float = 0.0, prefix_grace_s: float = 0.0,
+                 redis_lost_wait_s: float = 30.0):
         self.r = r
+        self.redis_lost_wait_s = redis_lost_wait_s
         self.prefix_grace_s = prefix_grace_s
         self._room: int | None = None  # free slots as this replica last reported them (prefix routing)
         self._background: set[asyncio.Task] = set()
@@ -194,7 +195,7 @@ class QueueWorker:
                 return
             await self._generate_through_failover(dataclasses.replace(req, request_id=sid), resume, waited_ms)
         except _RedisGone:
-            log.error("Redis did not answer for %.0f s: the request is left pending", _REDIS_LOST_WAIT_S)
+            log.error("Redis did not answer for %.0f s: the request is left pending", self.redis_lost_wait_s)
             interrupted = True
         except LlamashipError as exc:
             metrics.REQUESTS.labels(self.engine.pool, exc.code.name.lower()).inc()
@@ -217,7 +218,7 @@ class QueueWorker:
         """Redis lost mid-request (a primary died): wait for it with backoff, then continue the
         request from what its stream holds (token-exact replay), never ending it with an error."""
         loop = asyncio.get_running_loop()
-        deadline, delay = loop.time() + _REDIS_LOST_WAIT_S, 0.05
+        deadline, delay = loop.time() + self.redis_lost_wait_s, 0.05
         while True:
             try:
                 return await self._generate(req, resume, waited_ms)

@@ -122,6 +122,7 @@ _DECLARED = [
     Setting("queue_max_depth", int, 256, "Requests in a pool's queue (waiting or running) before Generate answers RESOURCE_EXHAUSTED.", check=_positive),
     Setting("tenant_max_requests", int, 0, "Requests one tenant may have in a pool's queue (waiting or running) before its Generate calls answer RESOURCE_EXHAUSTED; 0 = queue_max_depth.", check=_non_negative),
     Setting("queue_timeout_s", float, 120.0, "Seconds a request may wait for a replica to take it, or a taken request for its next chunk, before UNAVAILABLE.", check=_positive),
+    Setting("redis_lost_wait_s", float, 30.0, "How long a replica whose Redis stops answering mid-request (a primary's failover) waits for it before leaving the request pending; once Redis answers, the request continues from what its stream holds.", check=_positive),
     Setting("replica_stale_s", float, 10.0, "A replica that has not renewed its liveness key for this long (the key's TTL, set by the replica) is treated as gone: its requests are taken over.", check=_positive),
     Setting("api_keys_file", str, "", "JSON file of hashed API keys per tenant (llamaship keys create); empty = no auth (keep the gateway on loopback)."),
     Setting("tls_cert_file", str, "", "PEM certificate chain: serve the gateway over TLS (with --tls-key-file)."),
@@ -171,7 +172,7 @@ GATEWAY = (*COMMON, "gateway_port", "http_port", "compiler_address", "queue_max_
 COMPILER = (*COMMON, "compiler_port", "work_dir", "job_lease_s", "max_attempts", "checkpoint_roots",
             "upload_quota_gib", "upload_max_active", "upload_expiry_s", "upload_min_free_gib", "job_poll_s",
             "upload_sweep_s")
-SERVING = (*COMMON, "serving_port", "pool", "slots", "kv_budget_mb", "threads", "serving_engine", "prefix_cache_mb", "stream_interval_ms", "replica_stale_s", "replica_id",
+SERVING = (*COMMON, "serving_port", "pool", "slots", "kv_budget_mb", "threads", "serving_engine", "prefix_cache_mb", "stream_interval_ms", "replica_stale_s", "redis_lost_wait_s", "replica_id",
            "advertise_address", "heartbeat_s", "tenant_fair_slots", "tenant_headroom_s", "prefix_grace_ms")
 
 
