@@ -315,9 +315,16 @@ class RedisClusterOnHosts:
                 time.sleep(0.1)
 
     def wait_replicas_synced(self, timeout_s: float = 60.0) -> None:
-        replicas = [a for a in self.addresses if "role:slave" in self.cli_out(a, "INFO", "replication")]
-        if len(replicas) != len(self.hosts):
-            raise RuntimeError(f"Redis Cluster: {len(replicas)} replicas, expected {len(self.hosts)}")
+        # a restarted old primary reloads its nodes.conf as a primary and turns replica only once
+        # gossip tells it of the failover: the count is waited for too, not read once
+        deadline = time.monotonic() + timeout_s
+        while True:
+            replicas = [a for a in self.addresses if "role:slave" in self.cli_out(a, "INFO", "replication")]
+            if len(replicas) == len(self.hosts):
+                break
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"Redis Cluster: {len(replicas)} replicas, expected {len(self.hosts)}")
+            time.sleep(0.2)
         self.wait(lambda a: "master_link_status:up" in self.cli_out(a, "INFO", "replication"),
                   "the replicas' sync", timeout_s, replicas)
 
