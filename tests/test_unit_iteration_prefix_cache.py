@@ -42,16 +42,27 @@ def test_a_shared_512_token_prefix_is_not_prefilled_again_and_the_tokens_are_the
     drive(off, off_conn, {0: [start("a", first, NEW)], 1: [start("b", second, NEW)]})
     on, on_conn = scheduler(build, eos=(), prefix_cache_bytes=64 << 20)
     fed = _count_prefill(on)
-    drive(on, on_conn, {0: [start("a", first, NEW)]})
+    drive(on, on_conn, {0: [start("t1:a", first, NEW)]})  # the replica's ids are scoped: "<tenant>:<id>"
     assert sum(fed) == len(first)
     fed.clear()
-    drive(on, on_conn, {0: [start("b", second, NEW)]})
-    assert tokens_by_row(on_conn) == tokens_by_row(off_conn)
+    drive(on, on_conn, {0: [start("t1:b", second, NEW)]})
+    assert [t for _, t in sorted(tokens_by_row(on_conn).items())] == [t for _, t in sorted(tokens_by_row(off_conn).items())]
     assert sum(fed) == len(second) - 512  # only the suffix (the system prompt is 8 whole blocks)
     stats = on.prefix.stats
     assert (stats.hits, stats.misses, stats.saved_tokens) == (1, 1, 512)
     assert stats.blocks == len(first) // BLOCK + (len(second) // BLOCK - 8)
     assert [m for _, m in on_conn if m[0] == "prefix"][-1] == ("prefix", stats.as_dict())  # totals to the parent
+
+
+def test_a_tenant_never_hits_another_tenants_prefix(build):
+    """A hit shows as a faster first token: one tenant must not learn what another's prompts start with."""
+    system, turn_a, turn_b = prompts(2048, (512, 23, 31), seed=21)
+    sched, conn = scheduler(build, eos=(), prefix_cache_bytes=64 << 20)
+    drive(sched, conn, {0: [start("t1:a", system + turn_a[1:], NEW)]})
+    drive(sched, conn, {0: [start("t2:a", system + turn_b[1:], NEW)]})
+    assert (sched.prefix.stats.hits, sched.prefix.stats.saved_tokens) == (0, 0)
+    drive(sched, conn, {0: [start("t1:b", system + turn_b[1:], NEW)]})
+    assert (sched.prefix.stats.hits, sched.prefix.stats.saved_tokens) == (1, 512)
 
 
 def test_prefixes_that_differ_in_one_token_do_not_hit_past_it(build):

@@ -43,9 +43,9 @@ class _Block:
         self.nbytes = sum(a.nbytes for a in self.kv)
 
 
-def block_keys(tokens: list[int], block: int = BLOCK) -> list[bytes]:
-    """The keys of every whole block of `tokens`: key i hashes tokens[: (i + 1) * block]."""
-    keys, prev = [], b""
+def block_keys(tokens: list[int], block: int = BLOCK, salt: bytes = b"") -> list[bytes]:
+    """The keys of every whole block of `tokens`: key i hashes salt + tokens[: (i + 1) * block]."""
+    keys, prev = [], salt
     for end in range(block, len(tokens) + 1, block):
         prev = hashlib.blake2b(prev + np.asarray(tokens[end - block:end], np.int64).tobytes(),
                                digest_size=16).digest()
@@ -59,10 +59,10 @@ class PrefixCache:
         self._blocks: OrderedDict[bytes, _Block] = OrderedDict()  # least recently used first
         self.stats = PrefixStats()
 
-    def lookup(self, prompt: list[int]) -> list[np.ndarray]:
+    def lookup(self, prompt: list[int], salt: bytes = b"") -> list[np.ndarray]:
         """The cached KV of the longest cached prefix of `prompt` that leaves at least its last
         token to prefill: per layer and kind, [kv_heads, tokens, head_dim] (empty list: none)."""
-        keys = block_keys(prompt[: len(prompt) - 1], self.block)
+        keys = block_keys(prompt[: len(prompt) - 1], self.block, salt)
         found: list[bytes] = []
         for key in keys:
             if key not in self._blocks:
@@ -79,10 +79,10 @@ class PrefixCache:
         parts = [self._blocks[k].kv for k in found]
         return [np.concatenate([p[i] for p in parts], axis=1) for i in range(len(parts[0]))]
 
-    def store(self, prompt: list[int], kv: list[np.ndarray]) -> None:
+    def store(self, prompt: list[int], kv: list[np.ndarray], salt: bytes = b"") -> None:
         """Keep the whole blocks of `prompt`, whose KV `kv` holds (per layer and kind,
         [kv_heads, >= len(prompt), head_dim]); blocks already cached are only touched."""
-        keys = block_keys(prompt, self.block)
+        keys = block_keys(prompt, self.block, salt)
         for i in reversed(range(len(keys))):
             key = keys[i]
             if key in self._blocks:

@@ -47,6 +47,14 @@ class _Row:
         return self.prefilled + self.produced
 
 
+def _tenant_salt(rid: str) -> bytes:
+    """Cached prefixes are the tenant's own: a hit (a faster first token) must not tell one tenant
+    what another's prompts start with. The replica's ids are scoped ids, "<tenant part>:<id>"
+    (shared.redis_keys.request_scope)."""
+    tenant, scoped, _ = rid.partition(":")
+    return tenant.encode() if scoped else b""
+
+
 class IterationScheduler:
     def __init__(self, model: DecoderModel, conn: Any, eos: frozenset[int], prefill_chunk: int = PREFILL_CHUNK,
                  prefix_cache_bytes: int = 0):
@@ -127,7 +135,7 @@ class IterationScheduler:
     def _from_cache(self, row: _Row) -> None:
         """Copy the cached KV of the row's longest cached prefix into its slot: its prefill
         starts after it."""
-        cached = self.prefix.lookup(row.prompt)
+        cached = self.prefix.lookup(row.prompt, _tenant_salt(row.rid))
         if cached:
             n = cached[0].shape[1]
             for i, part in enumerate(cached):
@@ -136,7 +144,8 @@ class IterationScheduler:
 
     def _to_cache(self, row: _Row) -> None:
         kv = self.model.kv
-        self.prefix.store(row.prompt, [kv.array(i // 2, i % 2)[row.slot] for i in range(2 * kv.shape.layers)])
+        self.prefix.store(row.prompt, [kv.array(i // 2, i % 2)[row.slot] for i in range(2 * kv.shape.layers)],
+                          _tenant_salt(row.rid))
 
     def round(self) -> None:
         tokens: list[tuple[str, int]] = []
